@@ -1,0 +1,1 @@
+"""minirl: a minimal pure-PyTorch reference for RL post-training of LLMs."""
