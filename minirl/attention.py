@@ -1,0 +1,97 @@
+"""Causal attention over packed sequences ("varlen"), with the backend chosen once per run.
+
+A packed batch concatenates several documents into one [T, H, D] tensor; `cu_seqlens` ([B+1], int32)
+marks where each document starts, so no token attends across a document boundary and no padding is
+wasted. Three backends compute the same thing:
+
+- "flash":  flash-attn's `flash_attn_varlen_func` (optional extra, CUDA only);
+- "varlen": torch's own `torch.nn.attention.varlen.varlen_attn` (CUDA only; causal is expressed
+            as a sliding window reaching all the way left and zero to the right, `(-1, 0)`);
+- "sdpa":   `scaled_dot_product_attention` once per document (runs everywhere; the CPU path).
+
+`pick_backend` chooses the first that works on the device, unless an argument or the MINIRL_ATTN
+environment variable forces one.
+"""
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash", "varlen", "sdpa")
+
+
+@dataclass
+class AttnMeta:
+    """What every attention layer needs to know about the packed micro-batch, computed once per batch.
+
+    It is passed explicitly through the model's forward (never kept in module-level state), so a
+    checkpointed layer recomputes with exactly the metadata its forward saw.
+    """
+
+    cu_seqlens: torch.Tensor | None  # [B+1] int32 over the FULL packed sequence (all SP ranks)
+    max_seqlen: int
+    backend: str = "sdpa"
+    sp_group: object = None  # a ProcessGroup: Ulysses sequence parallelism when not None
+    # The peers' way, kept only for the hang reproducer and the benchmark: each attention call
+    # all_gathers the local position_ids to rebuild cu_seqlens (a collective inside recompute).
+    local_position_ids: torch.Tensor | None = None  # [t] set only with in-layer gather
+
+
+def _available(backend: str, device: torch.device) -> bool:
+    if backend == "sdpa":
+        return True
+    if device.type != "cuda":
+        return False
+    if backend == "flash":
+        return importlib.util.find_spec("flash_attn") is not None
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def pick_backend(device: torch.device, requested: str | None = None) -> str:
+    """The backend to use on `device`: `requested`, else $MINIRL_ATTN, else the fastest available."""
+    requested = requested or os.environ.get("MINIRL_ATTN") or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
+        if not _available(requested, device):
+            raise ValueError(f"attention backend {requested!r} is not available on {device} "
+                             f"(flash needs CUDA and flash-attn installed; varlen needs CUDA)")
+        return requested
+    return next(b for b in BACKENDS if _available(b, device))
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
+    """Causal attention within each packed document. q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0))
+    return _sdpa_per_document(q, k, v, cu_seqlens)
+
+
+def _sdpa_per_document(q, k, v, cu_seqlens) -> torch.Tensor:
+    bounds = cu_seqlens.tolist()  # host sync; fine on CPU, which is where this backend runs
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        out.append(od.transpose(0, 1))  # [L, H, D]
+    return torch.cat(out, dim=0)
+
+
+def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries of a packed batch: a document starts wherever its position id is 0.
+
+    position_ids: [T] over the full packed sequence. Returns (cu_seqlens [B+1] int32, max_seqlen).
+    """
+    T = position_ids.numel()
+    starts = torch.nonzero(position_ids == 0).flatten()
+    end = torch.tensor([T], device=position_ids.device)
+    cu_seqlens = torch.cat([starts, end]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync per batch
+    return cu_seqlens, max_seqlen

@@ -1,0 +1,328 @@
+"""One decoder-only transformer for the Llama, Qwen2 and Qwen3 families, as their HF config.json defines them.
+
+The three families differ only in small switches: Qwen2 adds a bias to q/k/v, Qwen3 RMS-normalises
+each head of q and k, Llama 3 rescales RoPE frequencies. Module and parameter names follow the HF
+layout (`model.layers.0.self_attn.q_proj.weight` is `layers.0.self_attn.q_proj.weight` here), so
+loading a checkpoint is a prefix strip (see hf.py).
+
+Two ways to run it:
+- `forward(input_ids, position_ids, meta)` on a PACKED batch, 1-D [T] tokens of several sequences,
+  for training and scoring. Returns hidden states [T, D], or per-token log-probs when given targets.
+- `forward_step(tokens, input_pos, cache)` on a [B, S] batch with a static KV cache, for generation.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minirl.attention import AttnMeta, varlen_attention
+from minirl.logprobs import token_logprobs
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...} is supported
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 (and Llama's attention_bias)
+    qk_norm: bool = False  # Qwen3
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Read an HF config.json dict; anything this model does not implement is a clear error."""
+        mt = hf.get("model_type")
+        if mt not in FAMILIES:
+            raise ValueError(f"unsupported model_type {mt!r}; minirl supports {FAMILIES}")
+        problems = []
+        if hf.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
+        if hf.get("mlp_bias"):
+            problems.append("mlp_bias=true")
+        if hf.get("use_sliding_window"):
+            problems.append("use_sliding_window=true")
+        # transformers >= 5 writes rope_parameters; older files have rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            problems.append(f"rope_type={rope_type!r} (only 'default' and 'llama3')")
+        if problems:
+            raise ValueError(f"{mt} config has options minirl does not support: " + "; ".join(problems))
+        heads = hf["num_attention_heads"]
+        return cls(
+            model_type=mt,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=mt == "qwen3",
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers and vLLM read back as this same model."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        hf = {
+            "architectures": [arch[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope, "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "torch_dtype": "bfloat16",
+        }
+        if self.rope_scaling:
+            hf["rope_scaling"] = rope
+        if self.model_type == "llama":
+            hf["attention_bias"] = self.qkv_bias
+        return hf
+
+
+# ---------------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32, with Llama 3's long-context rescaling when configured.
+
+    Computed on the fly rather than stored as a buffer: `model.to(torch.bfloat16)` would round a
+    buffer, and the rounding visibly shifts positions past a few thousand.
+    """
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+    if not cfg.rope_scaling:
+        return inv
+    s = cfg.rope_scaling
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated.
+    smooth = ((old_len / wavelen) - lo) / (hi - lo)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > old_len / lo, inv / factor, inv)
+    is_mid = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(is_mid, mid, out)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for the given positions (any shape P) -> two [*P, D] tensors in `dtype`."""
+    freqs = positions.float()[..., None] * rope_inv_freq(cfg, positions.device)  # [*P, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [*P, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x [..., H, D] by position; cos/sin are [..., D] (broadcast over H)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (as HF does), scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Static per-layer key/value cache for generation: preallocated once, written in place.
+
+    Row b's token at absolute position p lives at [layer][b, :, p]. Fixed shapes keep the decode step
+    capturable by CUDA graphs.
+    """
+
+    k: torch.Tensor  # [L, B, Hkv, S_max, D]
+    v: torch.Tensor  # [L, B, Hkv, S_max, D]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, Hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, self.n_heads * Hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * Hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * Hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * Hd, D, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(Hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(Hd, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def qkv(self, x, cos, sin):
+        """Project, (Qwen3) normalise per head, rotate. x: [..., D] -> q [..., H, Hd], k/v [..., Hkv, Hd]."""
+        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.n_kv, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, meta: AttnMeta):
+        """Packed: x [t, D] (this rank's slice of the sequence under SP) -> [t, D]."""
+        q, k, v = self.qkv(x, cos, sin)  # [t, H, Hd], [t, Hkv, Hd]
+        if meta.sp_group is None:
+            o = varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, meta.backend)
+        else:
+            from minirl import ulysses
+            o = ulysses.attention(q, k, v, meta)
+        return self.o_proj(o.flatten(-2))
+
+    def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache):
+        """Cached: x [B, S, D] at absolute positions input_pos [B, S]; caches [B, Hkv, S_max, Hd]."""
+        q, k, v = self.qkv(x, cos, sin)  # [B, S, H, Hd]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, Hd]
+        idx = input_pos[:, None, :, None].expand_as(k)  # [B, Hkv, S, Hd]
+        k_cache.scatter_(2, idx, k)
+        v_cache.scatter_(2, idx, v)
+        # A query at position p sees cache slots 0..p of its own row: every slot below p holds that
+        # row's real tokens (prompt, then generated), and stale slots above p are masked out.
+        slots = torch.arange(k_cache.shape[2], device=x.device)
+        mask = slots[None, None, None, :] <= input_pos[:, None, :, None]  # [B, 1, S, S_max]
+        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).flatten(-2))  # [B, S, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer. With `checkpoint=True` it recomputes its activations in backward.
+
+    The checkpoint lives inside the block's own forward, so when FSDP2 wraps the block the checkpointed
+    region is inside the FSDP unit: recompute runs with parameters already unsharded and cast.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.checkpoint = False
+
+    def _forward(self, x, cos, sin, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, meta: AttnMeta):
+        if self.checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False)
+        return self._forward(x, cos, sin, meta)
+
+    def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache):
+        x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        """The [V, D] unembedding matrix (the input embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids, position_ids, meta: AttnMeta, targets=None, temperature=1.0,
+                top_k=0, top_p=1.0, chunk_size=4096):
+        """Packed forward. input_ids/position_ids: [t] (this rank's slice under SP).
+
+        Without targets: hidden states [t, D] after the final norm. With targets [t]: the per-token
+        (log-probs [t], entropy [t]) of the targets under the processed (temperature/top-k/top-p)
+        distribution, computed in chunks so no [t, V] fp32 logits tensor is ever held. The log-probs
+        are computed here, inside forward, so that FSDP2 has the output weight unsharded.
+        """
+        h = self.embed_tokens(input_ids)  # [t, D]
+        cos, sin = rope_cos_sin(self.cfg, position_ids, h.dtype)  # [t, Hd]
+        for layer in self.layers:
+            h = layer(h, cos, sin, meta)
+        h = self.norm(h)
+        if targets is None:
+            return h
+        return token_logprobs(h, self.output_weight(), targets, temperature, top_k, top_p, chunk_size)
+
+    def forward_step(self, tokens, input_pos, cache: KVCache) -> torch.Tensor:
+        """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V] (fp32)."""
+        h = self.embed_tokens(tokens)  # [B, S, D]
+        cos, sin = rope_cos_sin(self.cfg, input_pos, h.dtype)  # [B, S, Hd]
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_step(h, cos, sin, input_pos, cache.k[i], cache.v[i])
+        return (self.norm(h) @ self.output_weight().t()).float()
+
+    def set_checkpointing(self, enabled: bool):
+        """Activation checkpointing on every decoder block (recompute in backward)."""
+        for layer in self.layers:
+            layer.checkpoint = enabled
+
+
+def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None):
+    """Random init for models built from scratch (benchmarks, the embedded default task)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -1,0 +1,125 @@
+"""Verifiable rewards: score a completion against a known answer.
+
+A reward function is any callable `(prompt, completion, answer) -> float`.
+Two are built in (`math`, `exact`); anything else is named as `module:function`,
+where module is a dotted import path or a path to a .py file.
+"""
+
+import importlib
+import importlib.util
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+RewardFn = Callable[[str, str, str], float]
+
+# An optional sign (not after a word or ")", so "3-5" is "3" and "5"), then an
+# integer with thousands commas or plain digits, then a fraction "/d" or decimals.
+_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:/\d+|\.\d+)?")
+_FRAC = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+_TEXT = re.compile(r"\\text\{([^{}]*)\}")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` whose braces balance, or None.
+
+    Nested braces are fine (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`). A box cut
+    off by the generation limit is skipped in favour of an earlier complete one.
+    """
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        body = start + len("\\boxed{")
+        depth, i = 1, body
+        while i < len(text):
+            c = text[i]
+            if c == "\\":  # an escaped character such as \{ is not a brace
+                i += 2
+                continue
+            depth += (c == "{") - (c == "}")
+            if depth == 0:
+                return text[body:i].strip()
+            i += 1
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in `text` ("-1,234.5", "3/4", "42"), or None."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _normalize(s: str) -> str:
+    """Strip the formatting that does not change an answer: $, spaces, \\text{}, a final '.'."""
+    s = _TEXT.sub(r"\1", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\!", "")
+    s = re.sub(r"\s+", "", s).replace("$", "")
+    return s.rstrip(".")
+
+
+def _to_number(s: str) -> Fraction | None:
+    """Parse a normalised answer as an exact number: "1,000", "-2.50", "3/4", "\\frac{3}{4}"."""
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    if m := _FRAC.match(s):
+        s = f"{m[1]}{m[2]}/{m[3]}"
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(pred: str, answer: str) -> bool:
+    """Equal as numbers (relative tolerance 1e-9) if both parse, else as normalised strings."""
+    pred, answer = _normalize(pred), _normalize(answer)
+    a, b = _to_number(pred), _to_number(answer)
+    if a is not None and b is not None:
+        # Fractions keep this exact: "0.5" == "1/2" and no float overflow on huge values.
+        return abs(a - b) <= Fraction(1, 10**9) * max(abs(a), abs(b))
+    return pred == answer
+
+
+def math_reward(prompt: str, completion: str, answer: str) -> float:
+    """1.0 if the final answer (last \\boxed{}, else last number) matches `answer`."""
+    pred = extract_boxed(completion)
+    if pred is None:
+        pred = extract_last_number(completion)
+    if pred is None:
+        return 0.0
+    return 1.0 if answers_match(pred, answer) else 0.0
+
+
+def exact_reward(prompt: str, completion: str, answer: str) -> float:
+    """1.0 if the completion is the answer, up to surrounding whitespace."""
+    return 1.0 if completion.strip() == answer.strip() else 0.0
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"math": math_reward, "exact": exact_reward}
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    """A built-in reward by name, or `module:function` from an import path or .py file."""
+    choices = f"built-in rewards: {', '.join(sorted(BUILTIN_REWARDS))}, or 'module:function'"
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    module_name, _, fn_name = name.rpartition(":")
+    if not module_name or not fn_name:
+        raise ValueError(f"unknown reward {name!r}; {choices}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as e:  # any failure inside user code is a bad reward spec
+        why = f"{type(e).__name__}: {e}"
+        raise ValueError(f"reward {name!r}: cannot import {module_name!r} ({why}); {choices}") from e
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise ValueError(f"reward {name!r}: {module_name!r} has no attribute {fn_name!r}; {choices}")
+    if not callable(fn):
+        raise ValueError(f"reward {name!r}: {module_name}.{fn_name} is not callable; {choices}")
+    return fn
