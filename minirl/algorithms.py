@@ -134,7 +134,7 @@ def policy_loss(
     """
     ratio = torch.exp(logprobs - old_logprobs)  # [T]
     surr = ratio * advantages  # [T]
-    surr_clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_low) * advantages
+    surr_clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high) * advantages
     pg = -torch.minimum(surr, surr_clipped)  # [T]
     # Where the clipped term is the smaller one, it is constant in logprobs: no gradient.
     clipped = surr_clipped < surr  # [T]

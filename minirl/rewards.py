@@ -16,7 +16,7 @@ RewardFn = Callable[[str, str, str], float]
 
 # An optional sign (not after a word or ")", so "3-5" is "3" and "5"), then an
 # integer with thousands commas or plain digits, then a fraction "/d" or decimals.
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:/\d+|\.\d+)?")
+_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:/\d+|\.\d+)?")
 _FRAC = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
 _TEXT = re.compile(r"\\text\{([^{}]*)\}")
 
@@ -30,16 +30,11 @@ def extract_boxed(text: str) -> str | None:
     start = text.rfind("\\boxed{")
     while start != -1:
         body = start + len("\\boxed{")
-        depth, i = 1, body
-        while i < len(text):
-            c = text[i]
-            if c == "\\":  # an escaped character such as \{ is not a brace
-                i += 2
-                continue
-            depth += (c == "{") - (c == "}")
+        depth = 1
+        for i in range(body, len(text)):
+            depth += (text[i] == "{") - (text[i] == "}")
             if depth == 0:
                 return text[body:i].strip()
-            i += 1
         start = text.rfind("\\boxed{", 0, start)
     return None
 

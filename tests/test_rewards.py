@@ -1,0 +1,99 @@
+"""Answer extraction, matching and reward lookup."""
+
+import pytest
+
+from minirl.rewards import (
+    exact_reward,
+    extract_boxed,
+    extract_last_number,
+    get_reward_fn,
+    math_reward,
+)
+
+
+def test_extract_boxed():
+    assert extract_boxed(r"so \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{1} then \boxed{ 2 }") == "2"
+    assert extract_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    # the last box is cut off: fall back to the earlier complete one
+    assert extract_boxed(r"\boxed{7} ... \boxed{\frac{3}{4}") == "7"
+    assert extract_boxed("no box here 5") is None
+
+
+def test_extract_last_number():
+    assert extract_last_number("2 apples and 3 pears, total 5.") == "5"
+    assert extract_last_number("costs $1,234,567 in total") == "1,234,567"
+    assert extract_last_number("it drops to -3.25 degrees") == "-3.25"
+    assert extract_last_number("we get 3-5") == "5"  # a minus after a digit is subtraction
+    assert extract_last_number("ratio is 3/4") == "3/4"
+    assert extract_last_number("1,2,3") == "3"  # not a thousands group
+    assert extract_last_number("no digits") is None
+
+
+@pytest.mark.parametrize(
+    "completion, answer, reward",
+    [
+        (r"The answer is $\boxed{\frac{1}{2}}$.", "0.5", 1.0),
+        (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{3/4}", "0.75", 1.0),
+        (r"\boxed{-\frac{1}{4}}", "-0.25", 1.0),
+        (r"\boxed{2} but maybe 3", "2", 1.0),  # the box wins over the last number
+        ("So she pays $1,200.", "1200", 1.0),
+        ("The total is 1200", "1,200", 1.0),
+        ("x = -7", "-7", 1.0),
+        ("x = 7", "-7", 0.0),
+        ("about 2.50 dollars", "2.5", 1.0),
+        ("The result is 18.0", "18", 1.0),
+        ("0.3333333333", "1/3", 1.0),  # within the 1e-9 relative tolerance
+        ("1000001", "1000000", 0.0),  # but not looser than that
+        (r"\boxed{\text{(B)}}", "(B)", 1.0),  # non-numeric: normalised strings
+        (r"\boxed{x+1}", "x + 1", 1.0),
+        (r"\boxed{x+2}", "x+1", 0.0),
+        ("I don't know.", "4", 0.0),
+    ],
+)
+def test_math_reward(completion, answer, reward):
+    assert math_reward("prompt", completion, answer) == reward
+
+
+def test_exact_reward():
+    assert exact_reward("p", "  Paris\n", "Paris") == 1.0
+    assert exact_reward("p", "paris", "Paris") == 0.0
+    assert exact_reward("p", "Paris.", "Paris") == 0.0
+
+
+def test_get_reward_fn_builtin():
+    assert get_reward_fn("math") is math_reward
+    assert get_reward_fn("exact") is exact_reward
+
+
+def test_get_reward_fn_from_file(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(
+        "def length(prompt, completion, answer):\n"
+        "    return float(len(completion))\n"
+        "NOT_CALLABLE = 3\n"
+    )
+    assert get_reward_fn(f"{path}:length")("p", "abcd", "a") == 4.0
+    with pytest.raises(ValueError, match="no attribute 'missing'"):
+        get_reward_fn(f"{path}:missing")
+    with pytest.raises(ValueError, match="not callable"):
+        get_reward_fn(f"{path}:NOT_CALLABLE")
+
+
+def test_get_reward_fn_from_module():
+    fn = get_reward_fn("minirl.rewards:exact_reward")
+    assert fn("p", "a", "a") == 1.0
+
+
+def test_get_reward_fn_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown reward 'nope'.*exact, math"):
+        get_reward_fn("nope")
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz'.*ModuleNotFoundError"):
+        get_reward_fn("no_such_module_xyz:fn")
+    with pytest.raises(ValueError, match="cannot import .*FileNotFoundError"):
+        get_reward_fn(f"{tmp_path / 'absent.py'}:fn")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    with pytest.raises(ValueError, match="cannot import .*SyntaxError"):
+        get_reward_fn(f"{broken}:f")
