@@ -30,6 +30,9 @@ CHAT_TEMPLATE_HINT = "use --no-chat-template to feed prompts as raw text"
 
 @dataclass
 class Tokenizer:
+    """A model's tokenizer: text <-> ids, chat rendering, and the ids generation needs
+    (stop on any of eos_ids, pad batches with pad_id). Build it with Tokenizer.from_dir."""
+
     backend: tokenizers.Tokenizer
     chat_template: str | None
     special_tokens: dict[str, str]  # e.g. {"eos_token": "<|im_end|>"}; the template sees them by name
