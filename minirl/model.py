@@ -98,7 +98,7 @@ class ModelConfig:
             "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": rope, "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings, "torch_dtype": "bfloat16",
+            "max_position_embeddings": self.max_position_embeddings,
         }
         if self.rope_scaling:
             hf["rope_scaling"] = rope

@@ -1,0 +1,127 @@
+"""Prompt datasets, and packing rollouts into balanced micro-batches.
+
+Two jobs live here because both decide *which tokens go where*:
+- `PromptDataset` reads prompts, tokenizes them once, drops over-long ones, and hands out batches in
+  a seeded order whose position (epoch, index) is saved in checkpoints for an exact resume.
+- `plan_micro_batches` splits a mini-batch of sequences over data-parallel ranks and into packed
+  micro-batches under a token budget, giving every rank the SAME number of micro-batches so the
+  collectives inside forward/backward always pair up across ranks.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from minirl.tokenizer import Tokenizer
+
+
+def read_records(path: str) -> list[dict]:
+    """Rows of a .jsonl (or .parquet, when pyarrow is installed) file; a bad line names file and line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class Prompt:
+    index: int  # row in the file: a stable id for seeding and logs
+    text: str | list  # the prompt as given (string or chat messages)
+    token_ids: list[int]
+    answer: str
+
+
+class PromptDataset:
+    """Tokenized prompts served in a seeded, epoch-wise shuffled order. Same order on every rank."""
+
+    def __init__(self, path, tokenizer: Tokenizer, prompt_field="prompt", answer_field="answer",
+                 chat=True, max_prompt_len=1024, seed=0):
+        rows = read_records(path)
+        self.prompts, too_long = [], 0
+        for i, row in enumerate(rows):
+            if prompt_field not in row:
+                raise ValueError(f"{path}: row {i + 1} has no field {prompt_field!r} (fields: {sorted(row)})")
+            ids = tokenizer.encode_prompt(row[prompt_field], chat=chat)
+            if len(ids) > max_prompt_len:
+                too_long += 1
+                continue
+            self.prompts.append(Prompt(i, row[prompt_field], ids, str(row.get(answer_field, ""))))
+        if not self.prompts:
+            raise ValueError(f"{path}: no usable prompts ({len(rows)} rows, {too_long} longer than {max_prompt_len})")
+        self.dropped = too_long
+        self.seed, self.epoch, self.pos = seed, 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.prompts), generator=g).tolist()
+
+    def next_batch(self, n: int) -> list[Prompt]:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle(self.epoch)
+            out.append(self.prompts[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle(self.epoch)
+
+
+def plan_micro_batches(lengths: list[int], dp_size: int, token_budget: int) -> list[list[list[int]]]:
+    """Assign sequences (by index) to dp ranks and pack each rank's share into micro-batches.
+
+    Returns plan[rank][micro_batch] = list of sequence indices. Deterministic, so every rank computes
+    the same plan from the same lengths with no communication. Sequences go to ranks longest first,
+    each to the rank with the fewest tokens so far (balances compute); each rank then packs first-fit
+    decreasing under `token_budget`. Ranks with fewer micro-batches get empty ones appended: the
+    trainer runs an empty micro-batch as a zero-weight dummy so forward/backward collectives still match.
+    """
+    if max(lengths, default=0) > token_budget:
+        raise ValueError(f"a sequence of {max(lengths)} tokens exceeds micro_batch_tokens={token_budget}; "
+                         f"raise --micro-batch-tokens or lower --max-new-tokens/--max-prompt-len")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    shares, loads = [[] for _ in range(dp_size)], [0] * dp_size
+    for i in order:
+        r = min(range(dp_size), key=lambda k: (loads[k], k))
+        shares[r].append(i)
+        loads[r] += lengths[i]
+    plan = []
+    for share in shares:  # already longest first
+        bins, room = [], []
+        for i in share:
+            fit = next((b for b in range(len(bins)) if room[b] >= lengths[i]), None)
+            if fit is None:
+                bins.append([])
+                room.append(token_budget)
+                fit = len(bins) - 1
+            bins[fit].append(i)
+            room[fit] -= lengths[i]
+        plan.append(bins)
+    n_micro = max(1, max(len(b) for b in plan))
+    return [bins + [[] for _ in range(n_micro - len(bins))] for bins in plan]

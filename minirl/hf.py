@@ -1,0 +1,222 @@
+"""Read and write Hugging Face checkpoint directories (config.json + safetensors).
+
+A directory written here is an ordinary HF model directory: transformers, vLLM and minirl itself load
+it back. Parameter names differ from HF's only by the `model.` prefix (see model.py), so the mapping
+is a prefix strip on load and a prefix add on save; `lm_head.weight` keeps its name, and is absent
+when the embeddings are tied.
+
+Loading checks the checkpoint against the parameter shapes the config implies (computed on the meta
+device, so for free) and fails with one error listing every missing, unexpected or mis-shaped name,
+instead of a half-loaded model. Saving takes an iterator of (name, tensor), so a sharded (FSDP) model
+can hand over one gathered parameter at a time and never holds the whole model in one place.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minirl.model import ModelConfig, Transformer
+
+CONFIG = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Everything besides the weights that a model directory needs for tokenising and generating.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "generation_config.json", "chat_template.jinja", "chat_template.json",
+    "vocab.json", "merges.txt", "tokenizer.model",
+)
+
+
+def _names(names, limit: int = 8) -> str:
+    """A readable, bounded list of names for an error message."""
+    names = sorted(names)
+    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def hf_to_ours(hf_name: str) -> str:
+    return hf_name.removeprefix("model.")
+
+
+def ours_to_hf(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def read_config(model_dir: str) -> ModelConfig:
+    path = os.path.join(model_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG} in {model_dir!r}: not a Hugging Face model directory")
+    with open(path) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Every parameter name of the model `cfg` describes, with its shape (no memory allocated)."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in Transformer(cfg).named_parameters()}
+
+
+def check_state_dict(shapes: dict[str, torch.Size], expected: dict[str, torch.Size], where: str):
+    """Raise one ValueError naming every missing, unexpected and mis-shaped parameter."""
+    problems = []
+    if missing := expected.keys() - shapes.keys():
+        problems.append(f"missing {len(missing)}: {_names(missing)}")
+    if unexpected := shapes.keys() - expected.keys():
+        problems.append(f"unexpected {len(unexpected)}: {_names(unexpected)}")
+    wrong = [f"{n} {list(shapes[n])} (expected {list(expected[n])})"
+             for n in expected.keys() & shapes.keys() if tuple(shapes[n]) != tuple(expected[n])]
+    if wrong:
+        problems.append(f"wrong shape {len(wrong)}: {_names(wrong)}")
+    if problems:
+        raise ValueError(f"{where} does not match the model config: " + "; ".join(problems))
+
+
+def _shard_files(model_dir: str) -> list[str]:
+    """The safetensors files of a checkpoint: the single file, else every shard the index names.
+
+    The single file wins when both exist, as in transformers (`save_pretrained` can leave a stale
+    index behind when it rewrites a sharded directory as one file).
+    """
+    if os.path.isfile(os.path.join(model_dir, SINGLE_FILE)):
+        return [SINGLE_FILE]
+    index = os.path.join(model_dir, INDEX_FILE)
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}")
+    with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not weight_map:
+        raise ValueError(f"{index!r} has no weight_map: not a safetensors index")
+    files = sorted(set(weight_map.values()))
+    if absent := [name for name in files if not os.path.isfile(os.path.join(model_dir, name))]:
+        raise FileNotFoundError(f"{model_dir!r}: {INDEX_FILE} lists shards that are absent: {_names(absent)}")
+    return files
+
+
+def load_state_dict_from_dir(model_dir: str) -> dict[str, torch.Tensor]:
+    """All parameters of an HF checkpoint directory, under our names, as stored (CPU, file dtype).
+
+    Checked against the config: the result has exactly the model's parameter names and shapes.
+    """
+    cfg = read_config(model_dir)
+    state = {}
+    for name in _shard_files(model_dir):
+        path = os.path.join(model_dir, name)
+        try:
+            tensors = load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {path!r} (corrupt or truncated safetensors file): {e}") from None
+        for hf_name, tensor in tensors.items():
+            if "rotary_emb." in hf_name:  # a RoPE buffer some exporters save; recomputed, not loaded
+                continue
+            if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:  # a copy of the embedding
+                continue
+            state[hf_to_ours(hf_name)] = tensor
+    check_state_dict({n: t.shape for n, t in state.items()}, expected_shapes(cfg), f"checkpoint {model_dir!r}")
+    return state
+
+
+def load_model(model_dir: str, device="cpu", dtype=torch.float32) -> Transformer:
+    """Build the model an HF directory describes and load its weights, cast to `dtype` on `device`.
+
+    The model is created on the meta device and materialised with `to_empty`, so parameters are
+    allocated once, straight on `device`, and never randomly initialised only to be overwritten.
+    """
+    cfg = read_config(model_dir)
+    state = load_state_dict_from_dir(model_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.load_state_dict(state)  # copies (and casts) into the allocated parameters
+    return model
+
+
+def save_model(out_dir: str, cfg: ModelConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
+               tokenizer_dir: str | None = None, max_shard_bytes: int = 5 * 2**30):
+    """Write an HF model directory: config.json, safetensors shards (+ index), tokenizer files.
+
+    `named_tensors` yields (our name, tensor) one at a time and is consumed once; at most one
+    shard's worth of tensors is held in memory. Tensors are stored in the dtype given. Everything is
+    written to a temporary sibling directory first and renamed into place at the end, so `out_dir`
+    never holds a half-written checkpoint. An existing model directory at `out_dir` is replaced.
+    With `tokenizer_dir`, the tokenizer and generation files found there are copied alongside.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, CONFIG)):
+        raise FileExistsError(f"{out_dir!r} exists and is not a model directory; refusing to replace it")
+    tmp_dir = f"{out_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    try:
+        _write_checkpoint(tmp_dir, cfg, named_tensors, max_shard_bytes)
+        if tokenizer_dir is not None:
+            _copy_tokenizer_files(tokenizer_dir, tmp_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if os.path.exists(out_dir):
+        # Two renames and a delete: a crash in between leaves the old checkpoint in `.old`, intact.
+        old_dir = f"{out_dir}.old{os.getpid()}"
+        os.rename(out_dir, old_dir)
+        os.rename(tmp_dir, out_dir)
+        shutil.rmtree(old_dir)
+    else:
+        os.rename(tmp_dir, out_dir)
+
+
+def _shards(named_tensors, max_shard_bytes: int):
+    """Group a stream of (name, tensor) into dicts of at most max_shard_bytes (a bigger tensor alone)."""
+    shard, size = {}, 0
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def _write_checkpoint(out_dir: str, cfg: ModelConfig, named_tensors, max_shard_bytes: int):
+    tensor_shapes, shard_of = {}, {}  # our name -> shape; HF name -> shard number
+    total_bytes, dtype = 0, None
+    for i, shard in enumerate(_shards(named_tensors, max_shard_bytes)):
+        # Numbered provisionally: HF's names need the shard count, known only at the end.
+        save_file({ours_to_hf(n): t for n, t in shard.items()}, os.path.join(out_dir, f"shard-{i}.safetensors"),
+                  metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            tensor_shapes[name] = tensor.shape
+            shard_of[ours_to_hf(name)] = i
+            total_bytes += tensor.numel() * tensor.element_size()
+            dtype = tensor.dtype if dtype is None else dtype
+    check_state_dict(tensor_shapes, expected_shapes(cfg), "tensors given to save_model")
+
+    # HF's file names: one `model.safetensors`, or `model-0000i-of-0000n.safetensors` plus an index.
+    n = len(set(shard_of.values()))
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, file in enumerate(files):
+        os.rename(os.path.join(out_dir, f"shard-{i}.safetensors"), os.path.join(out_dir, file))
+    if n > 1:
+        weight_map = {name: files[i] for name, i in sorted(shard_of.items())}
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+
+    hf_config = cfg.to_hf()
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")  # what the files actually hold
+    with open(os.path.join(out_dir, CONFIG), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
+def _copy_tokenizer_files(tokenizer_dir: str, out_dir: str):
+    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
+    if not present:
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) in {tokenizer_dir!r}")
+    for name in present:
+        shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))

@@ -1,0 +1,149 @@
+"""The model against transformers, and the chunked log-probs against a naive float64 computation."""
+
+import pytest
+import torch
+from helpers_models import FAMILIES, hf_config, hf_model, minirl_model, packed_batch
+from torch.autograd.graph import saved_tensors_hooks
+
+from minirl.attention import AttnMeta, cu_seqlens_from_positions
+from minirl.logprobs import token_logprobs
+from minirl.model import KVCache, ModelConfig
+
+
+def packed_meta(position_ids) -> AttnMeta:
+    cu_seqlens, max_seqlen = cu_seqlens_from_positions(position_ids)
+    return AttnMeta(cu_seqlens, max_seqlen, backend="sdpa")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_logits_match_transformers(family):
+    hf = hf_model(family, seed=1)
+    model = minirl_model(hf)
+    ids, pos, docs = packed_batch([7, 1, 12, 4], seed=2)
+    with torch.no_grad():
+        ref = torch.cat([hf(doc[None]).logits[0] for doc in docs])  # [T, V], each document alone
+        hidden = model(ids, pos, packed_meta(pos))  # [T, D]
+        logits = hidden @ model.output_weight().t()
+        # With targets the model returns the log-probs of the tempered distribution, in chunks.
+        targets = torch.randint(0, ref.shape[1], ids.shape, generator=torch.Generator().manual_seed(3))
+        logp, entropy = model(ids, pos, packed_meta(pos), targets=targets, temperature=0.7, chunk_size=5)
+    assert (logits - ref).abs().max() <= 1e-4
+    ref_logp = (ref.double() / 0.7).log_softmax(-1)  # [T, V]
+    torch.testing.assert_close(logp.double(), ref_logp.gather(-1, targets[:, None])[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), -(ref_logp.exp() * ref_logp).sum(-1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_step_matches_transformers(family):
+    """Prefill right-padded prompts of different lengths, then decode each row at its own position."""
+    hf = hf_model(family, seed=4)
+    model = minirl_model(hf)
+    g = torch.Generator().manual_seed(5)
+    prompt_lens, n_decode, pad = [3, 6, 1], 3, 0
+    B, S = len(prompt_lens), max(prompt_lens)
+    seqs = [torch.randint(1, hf.config.vocab_size, (n + n_decode,), generator=g) for n in prompt_lens]
+    with torch.no_grad():
+        refs = [hf(seq[None]).logits[0] for seq in seqs]  # [L_b + n_decode, V], each row alone
+
+        tokens = torch.full((B, S), pad)
+        for b, n in enumerate(prompt_lens):
+            tokens[b, :n] = seqs[b][:n]
+        cache = KVCache.empty(model.cfg, B, max_len=S + n_decode, dtype=torch.float32, device="cpu")
+        logits = model.forward_step(tokens, torch.arange(S).expand(B, S), cache)  # [B, S, V]
+        for b, n in enumerate(prompt_lens):
+            assert (logits[b, :n] - refs[b][:n]).abs().max() <= 1e-4
+
+        # Row b's next token goes to position L_b + j, overwriting what its padding left in the cache.
+        for j in range(n_decode):
+            pos = torch.tensor(prompt_lens)[:, None] + j  # [B, 1]
+            step_tokens = torch.stack([seqs[b][pos[b, 0]] for b in range(B)])[:, None]  # [B, 1]
+            logits = model.forward_step(step_tokens, pos, cache)  # [B, 1, V]
+            for b in range(B):
+                assert (logits[b, 0] - refs[b][pos[b, 0]]).abs().max() <= 1e-4
+
+
+def naive_processed_logprobs(logits, temperature, top_k, top_p):
+    """Log-probs [N, V] of the sampled distribution, row by row in plain loops (the reference).
+
+    Top-k keeps the k largest logits; top-p then keeps, in descending order, each token whose
+    preceding (top-k renormalised) mass is still below top_p.
+    """
+    logits = logits / temperature
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    for i, row in enumerate(logits.detach()):
+        order = row.argsort(descending=True).tolist()
+        if top_k > 0:
+            keep[i, order[top_k:]] = False
+        probs = row.masked_fill(~keep[i], float("-inf")).softmax(-1)
+        mass_before = 0.0
+        for token in order:
+            if keep[i, token] and mass_before >= top_p:
+                keep[i, token] = False
+            mass_before += probs[token].item()
+    return logits.masked_fill(~keep, float("-inf")).log_softmax(-1), keep
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 9, 1.0), (1.3, 0, 0.8), (0.6, 12, 0.9)])
+def test_chunked_logprobs_match_naive_float64(temperature, top_k, top_p):
+    T, D, V = 13, 16, 50
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(T, D, generator=g).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / 2).requires_grad_()
+    coef_lp, coef_ent = torch.randn(T, generator=g), torch.randn(T, generator=g)
+
+    hidden64 = hidden.detach().double().requires_grad_()
+    weight64 = weight.detach().double().requires_grad_()
+    ref_logp, keep = naive_processed_logprobs(hidden64 @ weight64.t(), temperature, top_k, top_p)  # [T, V]
+    # Targets drawn from the processed distribution, as a sampler would: never a removed token.
+    targets = torch.multinomial(ref_logp.detach().exp(), 1, generator=g)[:, 0]  # [T]
+    ref_lp = ref_logp.gather(-1, targets[:, None])[:, 0]
+    ref_ent = -(ref_logp.exp() * ref_logp.masked_fill(~keep, 0.0)).sum(-1)
+    ((coef_lp * ref_lp).sum() + (coef_ent * ref_ent).sum()).backward()
+
+    lp, ent = token_logprobs(hidden, weight, targets, temperature, top_k, top_p, chunk_size=4)
+    ((coef_lp * lp).sum() + (coef_ent * ent).sum()).backward()
+
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (T,)
+    torch.testing.assert_close(lp.double(), ref_lp.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpointing_gives_identical_grads_with_fewer_saved_tensors():
+    model = minirl_model(hf_model("qwen3", seed=7))
+    ids, pos, _ = packed_batch([9, 1, 6], seed=8)
+    targets = ids.roll(-1)
+
+    def grads_and_saved(enabled: bool):
+        model.set_checkpointing(enabled)
+        model.zero_grad()
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            logp, entropy = model(ids, pos, packed_meta(pos), targets=targets, chunk_size=8)
+        (-logp.mean() - 0.1 * entropy.mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(saved)
+
+    plain, n_plain = grads_and_saved(False)
+    recomputed, n_recomputed = grads_and_saved(True)
+    assert n_recomputed < n_plain  # the blocks really were checkpointed
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_round_trips_through_hf_dict(family):
+    cfg = ModelConfig.from_hf(hf_config(family).to_dict())
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize("change, culprit", [
+    ({"model_type": "mistral"}, "mistral"),
+    ({"hidden_act": "gelu"}, "gelu"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "yarn"),
+])
+def test_config_rejects_unsupported_options(change, culprit):
+    hf = {**hf_config("llama").to_dict(), **change}
+    with pytest.raises(ValueError, match=culprit):
+        ModelConfig.from_hf(hf)
