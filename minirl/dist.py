@@ -1,0 +1,168 @@
+"""Process groups for one torchrun job: who am I, who shares my sequences, and how to leave cleanly.
+
+The W ranks of a job form a 2-D grid, dp x sp = W, with the sp ranks of a group adjacent
+(rank = dp_rank * sp + sp_rank, so on one node they share NVLink):
+- the sp ranks of one group hold different slices of the SAME packed micro-batch and swap
+  attention heads with all-to-alls (Ulysses sequence parallelism, see ulysses.py);
+- different dp groups see different micro-batches.
+FSDP shards every parameter over all W ranks whatever the grid (`Dist.fsdp_mesh`, see fsdp.py):
+the grid only decides who shares data.
+
+A bad layout is reported before anything expensive happens: entry points call
+`check_parallel_or_exit` with the model's config.json, before init and before any weights load.
+
+`python -m minirl.dist --sp N --model DIR [--world W]` runs that check alone.
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from minirl.model import ModelConfig
+
+
+@dataclass
+class Dist:
+    """This rank's place in the job. Built once by `build_dist` and passed explicitly."""
+
+    rank: int
+    world: int
+    device: torch.device
+    dp_rank: int
+    dp_size: int
+    sp_rank: int
+    sp_size: int
+    mesh: DeviceMesh  # 2-D ("dp", "sp")
+    fsdp_mesh: DeviceMesh  # 1-D over all ranks: FSDP shards over the whole world
+    sp_group: dist.ProcessGroup | None  # None when sp_size == 1 (no Ulysses)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def validate_parallel(world: int, sp: int, cfg: ModelConfig) -> None:
+    """Raise a one-line ValueError if the model cannot run with this layout.
+
+    Ulysses gives each sp rank H/sp query heads, so sp must divide the head count. Key/value heads
+    are split the same way when there are at least sp of them; when there are fewer (GQA models with
+    few kv heads), each is repeated until there are sp, which needs sp to be a multiple of them.
+    """
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if sp < 1 or world < 1:
+        raise ValueError(f"bad parallel layout: sp={sp} and world size {world} must be >= 1")
+    if world % sp:
+        raise ValueError(f"bad parallel layout: sp={sp} does not divide the world size {world}")
+    if H % sp:
+        raise ValueError(f"bad parallel layout: sp={sp} does not divide the {H} attention heads")
+    if Hkv % sp and sp % Hkv:
+        raise ValueError(f"bad parallel layout: sp={sp} and the {Hkv} kv heads must divide one another "
+                         f"(kv heads are split over sp ranks, or repeated up to sp when fewer)")
+
+
+def check_parallel_or_exit(world: int, sp: int, cfg: ModelConfig) -> None:
+    """`validate_parallel` for entry points: a bad layout prints one line on stderr and exits 2.
+
+    Under torchrun every rank runs the same check; only rank 0 prints, so the user reads the
+    reason once.
+    """
+    try:
+        validate_parallel(world, sp, cfg)
+    except ValueError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def init_process_group(timeout_s: float = 600.0) -> torch.device:
+    """Join the job torchrun started (NCCL on GPUs, gloo on CPU) and return this rank's device.
+
+    `timeout_s` bounds every collective: a rank stuck in a mismatched collective fails after that
+    long with an error naming the collective, instead of hanging forever. Started with plain
+    `python` (no torchrun environment) it forms a one-rank job, so the same code runs everywhere.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    device_id = device if device.type == "cuda" else None
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout, device_id=device_id)
+    return device
+
+
+def build_dist(sp: int) -> Dist:
+    """The dp x sp grid on an initialised process group (several grids may coexist, as in tests)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if sp < 1 or world % sp:
+        raise ValueError(f"bad parallel layout: sp={sp} does not divide the world size {world}")
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    fsdp_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("fsdp",))
+    return Dist(
+        rank=rank, world=world, device=device,
+        dp_rank=mesh.get_local_rank("dp"), dp_size=world // sp,
+        sp_rank=mesh.get_local_rank("sp"), sp_size=sp,
+        mesh=mesh, fsdp_mesh=fsdp_mesh,
+        sp_group=mesh["sp"].get_group() if sp > 1 else None,
+    )
+
+
+def shutdown() -> None:
+    """Leave the job. Garbage is collected first so no DeviceMesh or FSDP state outlives the group.
+
+    Such leftovers make the process abort at interpreter exit now and then ("terminate called
+    without an active exception"), so callers should also drop their own references first.
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(sp: int = 1, timeout_s: float = 600.0) -> Iterator[Dist]:
+    """`with distributed(sp) as d: train(d)`: init, grid, and a teardown that runs even on errors.
+
+    Keep the model and `d` inside the function called in the block, so they are gone before the
+    teardown runs.
+    """
+    init_process_group(timeout_s)
+    try:
+        yield build_dist(sp)
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Check a parallel layout against a model before launching.")
+    p.add_argument("--model", required=True, help="model directory with a config.json")
+    p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree")
+    p.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                   help="number of ranks (default: $WORLD_SIZE, else 1)")
+    args = p.parse_args(argv)
+    with open(os.path.join(args.model, "config.json")) as f:
+        cfg = ModelConfig.from_hf(json.load(f))
+    check_parallel_or_exit(args.world, args.sp, cfg)
+    print(f"ok: world {args.world} = dp {args.world // args.sp} x sp {args.sp}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""FSDP2 sharding of the model over every rank, and the helpers that have to know about it.
+
+Each decoder block is one FSDP unit (its parameters are gathered just before it runs and freed
+right after), and the root unit holds the rest: embeddings, final norm, output head. Parameters
+become DTensors sharded on dim 0 over all W ranks, whatever the dp x sp grid.
+
+Gradient scale. FSDP averages gradients over its ranks by default. That is right when every rank
+computes the MEAN loss of its own batch, and wrong for us twice: sp ranks hold different tokens of the
+same sequences, and the RL losses normalise by counts over the whole step. So minirl makes every
+rank's loss an exact share of the global loss -- a sum over the rank's own tokens of per-token
+weights that were normalised by GLOBAL counts -- and the global loss is then the plain SUM of rank
+losses. Its gradient is the SUM of rank gradients, so FSDP is told to sum, not average:
+`set_gradient_divide_factor(1.0)` with `set_force_sum_reduction_for_comms(True)`, which makes the
+reduce-scatter a plain ReduceOp.SUM on NCCL and gloo alike (a factor alone would ask for
+PREMUL_SUM, which gloo lacks). The gradient then equals a single process's gradient of the same
+global batch for any dp x sp (tests/test_fsdp.py checks exactly that), and the global loss for
+logging is an all_reduce SUM of the rank losses.
+"""
+
+from typing import Iterable, Iterator
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from minirl.model import Transformer
+
+
+def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu_offload: bool,
+                checkpointing: bool) -> Transformer:
+    """Shard `model` in place over the 1-D `mesh` of all ranks (`Dist.fsdp_mesh`); returns it.
+
+    mixed_precision: compute in bf16 (parameters are gathered in bf16), reduce gradients in fp32,
+    keep fp32 master weights. cpu_offload: keep the sharded parameters, gradients and optimizer
+    state in CPU memory; the optimizer step then runs on CPU. checkpointing: every block recomputes
+    its activations in backward; the checkpoint sits inside the block, i.e. inside its FSDP unit.
+    """
+    if mesh.ndim != 1:
+        raise ValueError(f"shard over a 1-D mesh of all ranks (Dist.fsdp_mesh), got a {mesh.ndim}-D mesh")
+    model.set_checkpointing(checkpointing)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    # Pinned host memory needs an accelerator.
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
+
+    torch's own clip_grad_norm_ already handles DTensor gradients: each shard's norm is combined
+    across the mesh before clipping (tests/test_fsdp.py compares it with an unsharded model). It
+    returns the norm as a replicated DTensor; here it becomes a plain tensor for logging.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+@torch.no_grad()
+def iter_full_params(model: torch.nn.Module, dtype: torch.dtype | None = torch.bfloat16
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full parameter) one at a time, in `named_parameters` order, cast to `dtype`.
+
+    Each step all-gathers one parameter, so peak extra memory is one full tensor, not a model.
+    It is a collective: EVERY rank must iterate to the end, in this same order, even if it keeps
+    nothing; the consumer (weight sync to the generator, HF export) decides what to keep. Tensors
+    come on the compute device (also with CPU offload); names are the model's (HF's minus "model.").
+    """
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            # Cast the shard before gathering: a bf16 gather moves half the bytes of an fp32 one.
+            p = p.to(device=p.device_mesh.device_type, dtype=dtype or p.dtype).full_tensor()
+        yield name, p.detach().to(dtype=dtype or p.dtype)

@@ -1,0 +1,78 @@
+"""Tests for minirl/dist.py: layout validation (a one-line error, exit 2, before anything loads) and the grid."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers_dist import REPO, failures, run_worker, torchrun
+
+from minirl.dist import main, validate_parallel
+from minirl.model import ModelConfig
+
+
+def config(heads: int, kv_heads: int) -> ModelConfig:
+    return ModelConfig(model_type="qwen3", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16, qk_norm=True)
+
+
+@pytest.mark.parametrize("world, sp, heads, kv_heads", [
+    (1, 1, 4, 2), (4, 2, 4, 2), (8, 4, 8, 8), (4, 4, 4, 2), (8, 8, 16, 2), (6, 3, 12, 6),
+])
+def test_valid_layouts(world, sp, heads, kv_heads):
+    validate_parallel(world, sp, config(heads, kv_heads))
+
+
+@pytest.mark.parametrize("world, sp, heads, kv_heads, message", [
+    (4, 3, 12, 12, "sp=3 does not divide the world size 4"),
+    (8, 4, 6, 6, "sp=4 does not divide the 6 attention heads"),
+    (2, 2, 6, 3, "sp=2 and the 3 kv heads must divide one another"),
+    (8, 4, 12, 6, "sp=4 and the 6 kv heads must divide one another"),
+    (4, 0, 4, 2, "sp=0 and world size 4 must be >= 1"),
+])
+def test_invalid_layouts(world, sp, heads, kv_heads, message):
+    with pytest.raises(ValueError) as e:
+        validate_parallel(world, sp, config(heads, kv_heads))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config(4, 2).to_hf()))
+    return str(tmp_path)
+
+
+def test_check_command(model_dir, capsys):
+    main(["--model", model_dir, "--sp", "2", "--world", "4"])
+    assert capsys.readouterr().out == "ok: world 4 = dp 2 x sp 2\n"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", model_dir, "--sp", "4", "--world", "6"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: bad parallel layout: sp=4 does not divide the world size 6\n"
+
+
+def test_bad_layout_under_torchrun_fails_with_one_line(model_dir):
+    """A real launch: the ranks exit 2 before joining any process group, and the reason is printed once."""
+    proc = torchrun(2, ["-m", "minirl.dist", "--model", model_dir, "--sp", "3"], timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: bad parallel layout: sp=3 does not divide the world size 2"], proc.stderr[-2000:]
+    assert "exitcode  : 2" in proc.stderr
+
+
+def test_single_process_without_torchrun():
+    """Started with plain `python`, `distributed` forms a one-rank gloo job and tears it down."""
+    code = ("from minirl.dist import distributed\n"
+            "with distributed() as d:\n"
+            "    print(d.world, d.rank, d.sp_group, d.is_main)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, "1 0 None True\n"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("nproc, layout", [(2, "dp2-sp1"), (2, "dp1-sp2"), (4, "dp2-sp2"), (4, "dp1-sp4")])
+def test_grid(nproc, layout):
+    """Ranks of one sp group are adjacent: rank = dp_rank * sp + sp_rank; only rank 0 is main."""
+    assert failures(run_worker("parallel_worker.py", nproc), f"equiv/{layout}-ckpt0/grid") == []

@@ -1,0 +1,47 @@
+"""Tests for minirl/fsdp.py: sharded training equals single-process training.
+
+Each layout takes one step on the same global batch of two packed micro-batches (uneven document
+lengths, a one-token document, a length not divisible by sp) and must match the unsharded model
+on the whole batch: the global loss, every gradient, the gradient norm and clipped gradients, and the
+SGD-updated parameters, to 1e-5 relative in fp32 (tests/workers/parallel_worker.py).
+"""
+
+import pytest
+import torch
+from helpers_dist import failures, run_worker
+
+LAYOUTS = [
+    (2, "dp2-sp1"),  # plain data parallel: different sequences per rank
+    (2, "dp1-sp2"),  # both micro-batches split over 2 sp ranks (gradient accumulation over two)
+    (4, "dp2-sp2"),
+    (4, "dp1-sp4"),  # 2 kv heads repeated to 4
+]
+
+
+@pytest.mark.parametrize("checkpointing", [0, 1])
+@pytest.mark.parametrize("nproc, layout", LAYOUTS)
+@pytest.mark.parametrize("quantity", ["loss", "grads", "grad_norm", "clipped", "updated"])
+def test_matches_single_process(nproc, layout, checkpointing, quantity):
+    name = f"equiv/{layout}-ckpt{checkpointing}/{quantity}"
+    assert failures(run_worker("parallel_worker.py", nproc), name) == []
+
+
+def test_cpu_offload_matches():
+    assert failures(run_worker("parallel_worker.py", 2), "equiv/dp1-sp2-ckpt1-offload/") == []
+
+
+def test_bf16_mixed_precision_close():
+    """bf16 compute with fp32 gradient reduction: within bf16 rounding (5e-2) of the fp32 reference."""
+    assert failures(run_worker("parallel_worker.py", 2), "equiv/dp1-sp2-ckpt1-bf16/") == []
+
+
+@pytest.mark.parametrize("what", ["names", "fp32", "bf16"])
+def test_iter_full_params_equals_unsharded_state_dict(what):
+    assert failures(run_worker("parallel_worker.py", 2), f"iter_full_params/{what}") == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs (NCCL)")
+def test_cuda_nccl():
+    """On GPUs: NCCL, torch's varlen kernel, bf16 + CPU offload, a checkpoint round trip (cuda_worker.py)."""
+    nproc = 2 if torch.cuda.device_count() >= 2 else 1
+    assert failures(run_worker("cuda_worker.py", nproc, cuda=True), "") == []

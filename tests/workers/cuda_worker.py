@@ -1,0 +1,60 @@
+"""What the CPU suite cannot run, on GPUs with NCCL: `torchrun --nproc-per-node N cuda_worker.py --out DIR`.
+
+The sp=N equivalence of parallel_worker.py in fp32 (SDPA, TF32 off), then with torch's varlen
+attention kernel, bf16 mixed precision and CPU offload (within bf16 rounding of the fp32 reference),
+and a checkpoint round trip: a model loaded from a checkpoint takes the same next step as the model
+that wrote it. Run by tests/test_fsdp.py on a machine with CUDA devices (sp = their number).
+"""
+
+import os
+import random
+
+import torch
+from checkpoint_worker import params_digest, train_step
+from common import Report, make_model, parse_args, tiny_config
+from parallel_worker import check_layout, reference_step
+
+from minirl import checkpoint
+from minirl import dist as mdist
+from minirl.fsdp import shard_model
+
+
+def check_checkpoint_round_trip(report: Report, cfg, d: mdist.Dist, ckpt_dir: str):
+    def build(seed):
+        model = shard_model(make_model(cfg, seed), d.fsdp_mesh, True, False, True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    random.seed(d.rank)
+    torch.manual_seed(d.rank)
+    model, optimizer, scheduler = build(0)
+    data_state = {"batches": 0}
+    train_step(model, optimizer, scheduler, data_state, d.device)
+    checkpoint.save(ckpt_dir, 1, model, optimizer, scheduler, data_state)
+    digest = params_digest(model)
+    loss = train_step(model, optimizer, scheduler, data_state, d.device)
+    model, optimizer, scheduler = build(1)
+    resumed = checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler)
+    report.check("cuda/checkpoint/weights", params_digest(model) == digest)
+    loss_resumed = train_step(model, optimizer, scheduler, resumed.data_state, d.device)
+    report.check("cuda/checkpoint/next_loss", loss_resumed == loss, f"{loss_resumed!r} != {loss!r}")
+
+
+def main():
+    args = parse_args()
+    with mdist.distributed(sp=1, timeout_s=120) as d:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        report = Report(args.out, d.rank)
+        cfg = tiny_config(head_dim=64)  # a head size every flash kernel supports
+        ref = reference_step(cfg, d.device)
+        check_layout(report, ref, cfg, d.world, checkpointing=True, tol=1e-4)
+        check_layout(report, ref, cfg, d.world, checkpointing=True, mixed_precision=True, cpu_offload=True,
+                     tol=5e-2, backend="varlen")
+        check_checkpoint_round_trip(report, cfg, d, os.path.join(args.out, "ckpt"))
+        report.write()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Multi-rank checks of minirl/dist.py, fsdp.py and ulysses.py against single-process references.
+
+`torchrun --nproc-per-node 2 parallel_worker.py --out DIR`: layouts dp2 and sp2, iter_full_params.
+`torchrun --nproc-per-node 4 parallel_worker.py --out DIR`: layouts dp2 x sp2 and sp4 (the 2 kv heads
+repeated to 4), and the ledger of collectives. Every rank writes DIR/rank{r}.json (see common.py).
+
+The reference for every layout is the same single-process, unsharded model taking one SGD step on the
+whole global batch (both micro-batches), with clipping done by hand; it runs on each rank, no
+collectives involved.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from common import MICRO_BATCHES, Report, full_meta, make_model, parse_args, packed, rel_err, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minirl import dist as mdist
+from minirl.attention import varlen_attention
+from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
+from minirl.ulysses import attention, gather_tokens, local_slice, shard_micro_batch
+
+SEED, LR, TOL = 0, 0.5, 1e-5
+
+
+def reference_step(cfg, device="cpu"):
+    """Loss, gradients, gradient norm, clipped gradients and SGD-updated parameters, unsharded."""
+    model = make_model(cfg, SEED).to(device)
+    batches = [[x.to(device) for x in packed(lengths, seed=i)] for i, lengths in enumerate(MICRO_BATCHES)]
+    n_tokens = sum(mask.sum() for *_, mask in batches)
+    loss = 0.0
+    for ids, pos, tgt, mask in batches:
+        lp, _ = model(ids, pos, full_meta(pos), targets=tgt)
+        mb_loss = (mask / n_tokens * -lp).sum()
+        mb_loss.backward()
+        loss += mb_loss.item()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.cat([g.flatten() for g in grads.values()]).norm()
+    max_norm = 0.5 * norm.item()  # so that clipping really scales
+    scale = min(1.0, max_norm / (norm.item() + 1e-6))
+    clipped = {n: g * scale for n, g in grads.items()}
+    params = {n: p.detach() - LR * clipped[n] for n, p in model.named_parameters()}
+    return dict(loss=loss, grads=grads, norm=norm.item(), max_norm=max_norm, clipped=clipped, params=params)
+
+
+def local_batches(d: mdist.Dist, gather_in_layer: bool, backend="sdpa"):
+    """This rank's slices of its dp group's micro-batches, loss weights normalised by the GLOBAL count."""
+    local = []
+    for i in range(d.dp_rank, len(MICRO_BATCHES), d.dp_size):
+        ids, pos, tgt, mask = (x.to(d.device) for x in packed(MICRO_BATCHES[i], seed=i))
+        lids, lpos, meta, _ = shard_micro_batch(ids, pos, d.sp_rank, d.sp_size, backend, d.sp_group, gather_in_layer)
+        local.append((lids, lpos, meta, local_slice(tgt, d.sp_rank, d.sp_size),
+                      local_slice(mask, d.sp_rank, d.sp_size, fill=0.0)))
+    count = torch.stack([mask.sum() for *_, mask in local]).sum()
+    dist.all_reduce(count)  # every target token lives on exactly one rank
+    return [(ids, pos, meta, tgt, mask / count) for ids, pos, meta, tgt, mask in local]
+
+
+def forward_backward(model, batches) -> torch.Tensor:
+    """Sum of this rank's shares of the loss over its micro-batches (gradients accumulate)."""
+    losses = []
+    for ids, pos, meta, tgt, weight in batches:
+        lp, _ = model(ids, pos, meta, targets=tgt)
+        loss = (weight * -lp).sum()
+        loss.backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).sum()
+
+
+def worst(got: dict, want: dict) -> tuple[float, str]:
+    return max((rel_err(got[n], want[n]), n) for n in want)
+
+
+def check_layout(report: Report, ref: dict, cfg, sp: int, checkpointing: bool, mixed_precision=False,
+                 cpu_offload=False, tol=TOL, backend="sdpa"):
+    d = mdist.build_dist(sp)
+    name = f"equiv/dp{d.dp_size}-sp{sp}-ckpt{int(checkpointing)}" + "-bf16" * mixed_precision \
+        + "-offload" * cpu_offload + f"-{backend}" * (backend != "sdpa")
+    first = d.dp_rank * sp  # the sp ranks of a group are adjacent
+    sp_ranks = None if sp == 1 else dist.get_process_group_ranks(d.sp_group)
+    report.check(f"{name}/grid", d.rank == first + d.sp_rank and d.is_main == (d.rank == 0)
+                 and sp_ranks == (None if sp == 1 else list(range(first, first + sp))),
+                 f"rank {d.rank} dp {d.dp_rank} sp {d.sp_rank} sp group {sp_ranks}")
+    model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, mixed_precision, cpu_offload, checkpointing)
+    loss = forward_backward(model, local_batches(d, gather_in_layer=False, backend=backend))
+    dist.all_reduce(loss)  # the global loss is the SUM of the rank shares
+    report.close(abs(loss.item() - ref["loss"]) / abs(ref["loss"]), tol, f"{name}/loss")
+
+    def full_grads():  # .to(device): with CPU offload on GPUs the shards are on the CPU, NCCL gathers on the GPU
+        return {n: p.grad.to(d.device).full_tensor() for n, p in model.named_parameters()}
+
+    err, pname = worst(full_grads(), ref["grads"])
+    report.close(err, tol, f"{name}/grads", pname)
+    norm = clip_grad_norm_(model.parameters(), ref["max_norm"])
+    report.close(abs(norm.item() - ref["norm"]) / ref["norm"], tol, f"{name}/grad_norm")
+    err, pname = worst(full_grads(), ref["clipped"])
+    report.close(err, tol, f"{name}/clipped", pname)
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    err, pname = worst(dict(iter_full_params(model, torch.float32)), ref["params"])
+    report.close(err, tol, f"{name}/updated", pname)
+
+
+def check_iter_full_params(report: Report, cfg):
+    d = mdist.build_dist(1)
+    full = make_model(cfg, SEED).state_dict()
+    model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, False)
+    fp32 = list(iter_full_params(model, torch.float32))
+    report.check("iter_full_params/names", [n for n, _ in fp32] == list(full), "names or order differ")
+    report.check("iter_full_params/fp32", all(torch.equal(t, full[n]) for n, t in fp32), "values differ")
+    report.check("iter_full_params/bf16", all(t.dtype == torch.bfloat16 and torch.equal(t, full[n].bfloat16())
+                                             for n, t in iter_full_params(model)), "bf16 values differ")
+
+
+def check_attention(report: Report, sp: int):
+    """ulysses.attention on slices == varlen attention on the whole sequence, values and gradients."""
+    d = mdist.build_dist(sp)
+    g = torch.Generator().manual_seed(7)
+    lengths, H, Hkv, D = [5, 1, 8], 4, 2, 16  # T = 14: padded for sp = 4
+    T = sum(lengths)
+    q, k, v, r = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv, H))
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    q_ref, k_ref, v_ref = (x.clone().requires_grad_() for x in (q, k, v))
+    meta_ref = full_meta(pos)
+    o_ref = varlen_attention(q_ref, k_ref, v_ref, meta_ref.cu_seqlens, meta_ref.max_seqlen, "sdpa")
+    (o_ref * r).sum().backward()
+    for in_layer in (False, True):
+        name = f"attention/sp{sp}-{'in_layer' if in_layer else 'pregathered'}"
+        _, lpos, meta, pad = shard_micro_batch(pos, pos, d.sp_rank, sp, "sdpa", d.sp_group, in_layer)
+        ql, kl, vl = (local_slice(x, d.sp_rank, sp).requires_grad_() for x in (q, k, v))
+        o = attention(ql, kl, vl, meta)
+        (o * local_slice(r, d.sp_rank, sp)).sum().backward()
+        report.close(rel_err(o, local_slice(o_ref.detach(), d.sp_rank, sp)), TOL, f"{name}/out")
+        for x, x_ref, what in ((ql, q_ref, "q"), (kl, k_ref, "k"), (vl, v_ref, "v")):
+            report.close(rel_err(x.grad, local_slice(x_ref.grad, d.sp_rank, sp)), TOL, f"{name}/grad_{what}")
+    report.check(f"attention/sp{sp}-gather_tokens", torch.equal(gather_tokens(lpos, d.sp_group, pad), pos))
+
+
+class Ledger(TorchDispatchMode):
+    """Every torch.distributed collective this rank issues, as (op, group label, phase).
+
+    The phase is "backward" while autograd runs a backward graph, which is when a checkpointed
+    block recomputes its forward.
+    """
+
+    def __init__(self, labels: dict[str, str]):
+        super().__init__()
+        self.labels, self.entries = labels, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+            self.entries.append((func._opname, self._group(args), phase))
+        return func(*args, **(kwargs or {}))
+
+    def _group(self, args) -> str:
+        for a in args:
+            if isinstance(a, torch.ScriptObject) and a._type().name() == "ProcessGroup":
+                name = dist.ProcessGroup.unbox(a).group_name
+                return self.labels.get(name, f"group {name}")
+        return "?"
+
+
+def record_ledgers(report: Report, cfg):
+    """One forward+backward with checkpointing on sp=2, with and without the in-layer gather."""
+    d = mdist.build_dist(2)
+    labels = {d.fsdp_mesh.get_group().group_name: "fsdp", d.sp_group.group_name: "sp"}
+    for in_layer in (False, True):
+        model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, checkpointing=True)
+        batches = local_batches(d, gather_in_layer=in_layer)
+        with Ledger(labels) as ledger:
+            forward_backward(model, batches)
+        name = "ledger/" + ("in_layer" if in_layer else "pregathered")
+        report.data[name] = ledger.entries
+        count = {}
+        for op, group, phase in ledger.entries:
+            if group == "sp":
+                count[op, phase] = count.get((op, phase), 0) + 1
+        L = cfg.num_hidden_layers
+        # q, k, v in and o out per layer; backward re-runs them (recompute) and reverses them (gradient).
+        want = {("alltoall_base_", "forward"): 4 * L, ("alltoall_base_", "backward"): 8 * L}
+        if in_layer:  # one position_ids gather per attention call: forward and recompute
+            want |= {("_allgather_base_", "forward"): L, ("_allgather_base_", "backward"): L}
+        report.check(name, count == want, f"sp-group collectives {count}, expected {want}")
+
+
+def main():
+    args = parse_args()
+    with mdist.distributed(sp=1, timeout_s=60) as d:
+        report = Report(args.out, d.rank)
+        cfg = tiny_config()
+        ref = reference_step(cfg)
+        if d.world == 2:
+            for checkpointing in (False, True):
+                check_layout(report, ref, cfg, sp=1, checkpointing=checkpointing)
+                check_layout(report, ref, cfg, sp=2, checkpointing=checkpointing)
+            check_layout(report, ref, cfg, sp=2, checkpointing=True, cpu_offload=True)
+            check_layout(report, ref, cfg, sp=2, checkpointing=True, mixed_precision=True, tol=5e-2)
+            check_iter_full_params(report, cfg)
+            check_attention(report, sp=2)
+        else:
+            for checkpointing in (False, True):
+                check_layout(report, ref, cfg, sp=2, checkpointing=checkpointing)
+                check_layout(report, ref, cfg, sp=4, checkpointing=checkpointing)
+            check_attention(report, sp=4)
+            record_ledgers(report, cfg)
+        report.write()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
