@@ -1,0 +1,357 @@
+"""Generate and score completions for a file of prompts: the rollout half of RL, on its own.
+
+    python rollout.py --model DIR --data prompts.jsonl --n 4 --reward math --out rollouts.jsonl
+    torchrun --nproc-per-node 8 rollout.py --num-samples 4 ...   # data parallel: rank r takes
+                                                               # prompts r, r+8, r+16, ...
+
+Each output line is one completion, in prompt order (and sample order within a prompt). Lines are
+written and flushed batch by batch, so an interrupted run keeps everything finished so far; under
+torchrun each rank writes OUT.rank<r> and rank 0 merges them into OUT at the end.
+
+--check-logprobs recomputes the completions' log-probs with the trainer's packed forward (in
+--check-dtype, with the same temperature/top-k/top-p) and reports how far the generator's are. The
+per-sequence sum of (generator - trainer) log-probs is the log of the importance ratio that
+truncated importance sampling corrects; its mean estimates KL(generator || trainer).
+"""
+
+import argparse
+import heapq
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from minirl.attention import AttnMeta, cu_seqlens_from_positions, pick_backend
+from minirl.data import read_records
+from minirl.generate import Completion, SamplingParams, generate
+from minirl.hf import load_model
+from minirl.rewards import get_reward_fn
+from minirl.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Output fields: index, sample, "
+                                "prompt, prompt_token_ids, completion, completion_token_ids, logprobs, finish_reason, "
+                                "and answer, reward, trainer_logprobs when they apply.")
+    p.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--data", required=True, help="prompts, one JSON object per line (.jsonl; .parquet with pyarrow)")
+    p.add_argument("--out", required=True, help="output .jsonl, one line per completion (overwritten)")
+    p.add_argument("--backend", choices=("naive", "vllm"), default="naive",
+                   help="naive (default): minirl's pure-PyTorch generator; vllm: a vLLM engine (pip install vllm)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=4,
+                   help="completions per prompt (default 4). Under torchrun spell it --num-samples: torchrun "
+                        "takes --n for an abbreviation of its own options")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1; 0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                   "holding this much probability (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (default 0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="completion length limit (default 512)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts with the tokenizer's chat template (default: if the tokenizer has one)")
+    p.add_argument("--reward", help="score each completion with a built-in reward (math, exact) or module:function "
+                   "called as fn(prompt, completion, answer) -> float (default: no reward)")
+    p.add_argument("--prompt-field", default="prompt",
+                   help="field holding the prompt, a string or a list of chat messages (default: prompt)")
+    p.add_argument("--answer-field", default="answer",
+                   help="field holding the reference answer handed to the reward (default: answer)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; a rerun with the same settings and number "
+                   "of ranks repeats the samples, exactly on CPU, up to GPU kernel nondeterminism (default 0)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="completions generated together and written out after each batch (default 64). naive: "
+                        "rows of one KV cache, lower it on out-of-memory; vllm: requests per call, larger is faster")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="generator weights (default auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.8,
+                   help="vllm: fraction of GPU memory for its weights, activations and KV cache (default 0.8)")
+    p.add_argument("--kv-cache-gib", type=float,
+                   help="vllm: KV cache size in GiB, instead of --gpu-memory-utilization (default on CPU: 2)")
+    p.add_argument("--check-logprobs", action="store_true",
+                   help="recompute the log-probs with the trainer's packed forward, store them as "
+                        "trainer_logprobs (null: outside the trainer's top-k/top-p set) and report the mismatch "
+                        "(mean |dlogprob|, sequence KL estimate)")
+    p.add_argument("--check-dtype", choices=tuple(DTYPES), default="float32",
+                   help="dtype of the trainer model that --check-logprobs scores with (default float32)")
+    args = p.parse_args(argv)
+    for name, value, ok in [("--n", args.n, args.n >= 1), ("--batch-size", args.batch_size, args.batch_size >= 1),
+                            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1),
+                            ("--temperature", args.temperature, args.temperature >= 0),
+                            ("--top-p", args.top_p, 0 < args.top_p <= 1), ("--top-k", args.top_k, args.top_k >= 0),
+                            ("--seed", args.seed, 0 <= args.seed < 2**31)]:
+        if not ok:
+            p.error(f"{name} {value} is out of range")
+    return args
+
+
+@dataclass
+class Row:
+    """One completion to generate: sample `sample` of prompt record `index` of the data file."""
+
+    index: int  # the prompt's record number in the data file (0-based)
+    sample: int  # 0..n-1
+    prompt: str | list  # as given: a string or chat messages
+    prompt_ids: list[int]
+    answer: str | None
+
+
+def load_rows(args, tok: Tokenizer, chat: bool, rank: int, world: int) -> tuple[list[Row], int]:
+    """This rank's rows (every world-th prompt, each repeated --n times) and the number of prompts.
+
+    Every record is checked, not only this rank's, so that all ranks fail alike on a bad file.
+    """
+    records = read_records(args.data)
+    if not records:
+        raise ValueError(f"{args.data}: no prompts")
+    for i, rec in enumerate(records):
+        if args.prompt_field not in rec:
+            raise ValueError(f"{args.data}: record {i + 1} has no field {args.prompt_field!r} (fields: {sorted(rec)})")
+        if args.reward and args.answer_field not in rec:
+            raise ValueError(f"{args.data}: record {i + 1} has no field {args.answer_field!r}, which --reward needs "
+                             f"(fields: {sorted(rec)})")
+    rows = []
+    for i in range(rank, len(records), world):
+        rec = records[i]
+        try:
+            ids = tok.encode_prompt(rec[args.prompt_field], chat=chat)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{args.data}: record {i + 1}: {e}") from None
+        if not ids:
+            raise ValueError(f"{args.data}: record {i + 1}: the prompt is empty (no tokens to generate from)")
+        answer = str(rec[args.answer_field]) if args.answer_field in rec else None
+        rows += [Row(i, j, rec[args.prompt_field], ids, answer) for j in range(args.n)]
+    return rows, len(records)
+
+
+def packs(lengths: list[int], max_tokens: int):
+    """Consecutive index groups of at most max_tokens tokens (a longer sequence goes alone)."""
+    group, size = [], 0
+    for i, n in enumerate(lengths):
+        if group and size + n > max_tokens:
+            yield group
+            group, size = [], 0
+        group.append(i)
+        size += n
+    if group:
+        yield group
+
+
+@torch.no_grad()
+def trainer_logprobs(model, prompts: list[list[int]], completions: list[Completion], params: SamplingParams,
+                     attn_backend: str, max_tokens: int = 8192) -> list[list[float | None]]:
+    """Each completion's token log-probs from the packed forward the trainer uses, same distribution.
+
+    A token the trainer's top-k/top-p set excludes has log-prob -inf there; it is returned as None
+    (JSON has no infinity).
+    """
+    seqs = [p + c.token_ids for p, c in zip(prompts, completions)]
+    device = model.embed_tokens.weight.device
+    out = []
+    for group in packs([len(s) - 1 for s in seqs], max_tokens):
+        ids = torch.tensor([t for i in group for t in seqs[i][:-1]], device=device)  # [T]
+        targets = torch.tensor([t for i in group for t in seqs[i][1:]], device=device)  # [T]
+        pos = torch.cat([torch.arange(len(seqs[i]) - 1, device=device) for i in group])  # [T]
+        cu_seqlens, max_seqlen = cu_seqlens_from_positions(pos)
+        logp, _ = model(ids, pos, AttnMeta(cu_seqlens, max_seqlen, attn_backend), targets=targets,
+                        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)  # [T]
+        for end, i in zip(cu_seqlens[1:].tolist(), group):
+            lp = logp[end - len(completions[i].token_ids):end].tolist()
+            out.append([x if x != -math.inf else None for x in lp])  # None: outside the trainer's top-k/top-p
+    return out
+
+
+def merge(out: str, world: int):
+    """Rank 0: interleave the per-rank files (each sorted by prompt, sample) into `out`, then delete them."""
+    parts = [f"{out}.rank{r}" for r in range(world)]
+    files = [open(p, encoding="utf-8") for p in parts]
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(heapq.merge(*files, key=_order))
+    for fh, p in zip(files, parts):
+        fh.close()
+        os.remove(p)
+
+
+def _order(line: str) -> tuple[int, int]:
+    d = json.loads(line)
+    return d["index"], d["sample"]
+
+
+def logprob_mismatch(pairs: list[tuple[list[float], list[float | None]]]) -> dict:
+    """Generator vs trainer log-probs of the same tokens: one (generator, trainer) pair of lists per sequence.
+
+    Returns the mean and max |generator - trainer| over tokens, and the mean over sequences of
+    sum(generator - trainer): the log importance ratio of a whole sequence, whose mean estimates
+    KL(generator || trainer). A trainer log-prob of None is a token the generator sampled but the
+    trainer's top-k/top-p set excludes (their numerics put it on opposite sides of the cut): its ratio
+    is infinite, so such tokens and their sequences are counted apart and left out of the means.
+    """
+    deltas, seq_sums, outside_tokens, outside_seqs = [], [], 0, 0
+    for gen, trainer in pairs:
+        d = [g - t for g, t in zip(gen, trainer, strict=True) if t is not None]
+        deltas += d
+        if len(d) < len(gen):
+            outside_tokens += len(gen) - len(d)
+            outside_seqs += 1
+        else:
+            seq_sums.append(sum(d))
+    return {"tokens": len(deltas), "mean_abs": sum(map(abs, deltas)) / max(len(deltas), 1),
+            "max_abs": max(map(abs, deltas), default=0.0), "seq_kl": sum(seq_sums) / max(len(seq_sums), 1),
+            "outside_tokens": outside_tokens, "outside_seqs": outside_seqs}
+
+
+def summarize(out: str, seconds: float, check_dtype: str):
+    """Read the finished file back and print throughput, mean reward and the log-prob mismatch."""
+    n = tokens = stops = 0
+    rewards, pairs = [], []
+    with open(out, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            n, tokens, stops = n + 1, tokens + len(d["completion_token_ids"]), stops + (d["finish_reason"] == "stop")
+            if "reward" in d:
+                rewards.append(d["reward"])
+            if "trainer_logprobs" in d:
+                pairs.append((d["logprobs"], d["trainer_logprobs"]))
+    print(f"wrote {n} completions to {out}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s, "
+          f"{stops / n:.0%} ended with EOS")
+    if rewards:
+        print(f"mean reward {sum(rewards) / len(rewards):.4f}")
+    if pairs:
+        m = logprob_mismatch(pairs)
+        print(f"logprob check vs {check_dtype} trainer over {m['tokens']} tokens: mean |dlogprob| {m['mean_abs']:.3e} "
+              f"(max {m['max_abs']:.3e}), sequence KL(generator||trainer) estimate {m['seq_kl']:.3e}")
+        if m["outside_tokens"]:
+            print(f"  {m['outside_tokens']} sampled tokens in {m['outside_seqs']} sequences lie outside the trainer's "
+                  f"top-k/top-p set (trainer log-prob -inf, null in the file) and are left out above")
+
+
+def init_process_group(need_group: bool):
+    """A gloo group when under torchrun, or when vLLM needs one (it joins this process's group, even
+    alone: a group of one is made outside torchrun). Gloo is enough: the ranks only exchange one
+    number and a barrier. Returns (rank, world)."""
+    if "WORLD_SIZE" not in os.environ and need_group:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 or need_group:
+        dist.init_process_group("gloo")
+    return rank, world
+
+
+def make_generator(args, tok: Tokenizer, device, dtype):
+    """(generate(prompts, params, progress) -> completions, close()) for the chosen backend."""
+    if args.backend == "naive":
+        model = load_model(args.model, device, dtype)
+        return partial(generate, model, eos_ids=tok.eos_ids, pad_id=tok.pad_id, max_batch_size=args.batch_size), None
+    from minirl.vllm_backend import VLLMGenerator  # imported only when asked: vllm is optional
+    memory = {"gpu_memory_utilization": args.gpu_memory_utilization}
+    if args.kv_cache_gib is not None or device.type == "cpu":  # on CPU vLLM needs an explicit size
+        memory = {"kv_cache_bytes": int((args.kv_cache_gib or 2.0) * 2**30)}
+    try:
+        engine = VLLMGenerator(args.model, eos_ids=tok.eos_ids, seed=args.seed, dtype=dtype, sleep_mode=False,
+                               **memory)
+    except ImportError as e:  # vllm not installed: the message says what to install
+        sys.exit(f"rollout.py: error: {e}")
+    return engine.generate, engine.close
+
+
+def output_line(row: Row, c: Completion, text: str, reward_fn, trainer_lp) -> dict:
+    line = {"index": row.index, "sample": row.sample, "prompt": row.prompt, "prompt_token_ids": row.prompt_ids,
+            "completion": text, "completion_token_ids": c.token_ids, "logprobs": c.logprobs,
+            "finish_reason": c.finish_reason}
+    if row.answer is not None:
+        line["answer"] = row.answer
+    if reward_fn is not None:
+        line["reward"] = float(reward_fn(row.prompt, text, row.answer))
+    if trainer_lp is not None:
+        line["trainer_logprobs"] = trainer_lp
+    return line
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = init_process_group(need_group=args.backend == "vllm")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            sys.exit(f"rollout.py: error: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                     "start at most one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+
+    # Every input problem surfaces here, before any model is loaded, as one line.
+    try:
+        tok = Tokenizer.from_dir(args.model)
+        chat = tok.has_chat_template if args.chat_template is None else args.chat_template
+        reward_fn = get_reward_fn(args.reward) if args.reward else None
+        rows, n_prompts = load_rows(args, tok, chat, rank, world)
+    except (OSError, ValueError) as e:
+        sys.exit(f"rollout.py: error: {e}")
+
+    backend, close = make_generator(args, tok, device, DTYPES[dtype])
+    if args.check_logprobs:
+        trainer = load_model(args.model, device, DTYPES[args.check_dtype])
+        # flash-attn and torch's varlen kernel take 16-bit inputs only: a float32 trainer uses sdpa.
+        attn_backend = pick_backend(device, "sdpa" if args.check_dtype == "float32" else None)
+    if rank == 0:
+        print(f"rollout: {n_prompts} prompts x {args.n} samples on {world} rank(s), {args.backend} backend, "
+              f"{dtype} on {device}, chat template {'on' if chat else 'off'}")
+
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    path = args.out if world == 1 else f"{args.out}.rank{rank}"
+    written, gen_seconds = 0, 0.0
+    bar = tqdm(total=len(rows), unit="completion", disable=rank != 0, desc="rank 0" if world > 1 else None)
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            for start in range(0, len(rows), args.batch_size):
+                batch = rows[start:start + args.batch_size]
+                prompts = [r.prompt_ids for r in batch]
+                # A seed per batch: the user's seed in the high bits, the batch's first row (numbered
+                # over all prompts and samples) in the low ones. Different for every batch on every
+                # rank, and the same again on a rerun.
+                seed = (args.seed << 32) + batch[0].index * args.n + batch[0].sample
+                t0 = time.perf_counter()
+                completions = backend(prompts, replace(params, seed=seed), progress=bar)
+                gen_seconds += time.perf_counter() - t0
+                checked = trainer_logprobs(trainer, prompts, completions, params, attn_backend) \
+                    if args.check_logprobs else [None] * len(batch)
+                for row, c, trainer_lp in zip(batch, completions, checked):
+                    line = output_line(row, c, tok.decode(c.token_ids), reward_fn, trainer_lp)
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.flush()
+                written += len(batch)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: {written} completions were written to {path}", file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+
+    if dist.is_initialized():
+        slowest = torch.tensor([gen_seconds])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the ranks generate in parallel
+        gen_seconds = slowest.item()
+        dist.barrier()  # every part file is complete
+        if rank == 0 and world > 1:
+            merge(args.out, world)
+    if close is not None:
+        close()  # vLLM's shutdown also destroys the process group
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
+        summarize(args.out, max(gen_seconds, 1e-9), args.check_dtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Generation against transformers' greedy search, and sampled log-probs against the trainer's packed forward."""
+
+import random
+
+import pytest
+import torch
+from helpers_models import FAMILIES, VOCAB, save_hf_model
+
+from minirl.attention import AttnMeta, cu_seqlens_from_positions
+from minirl.generate import Completion, Generator, SamplingParams, generate, sample
+from minirl.hf import load_model
+
+PROMPT_LENS = [5, 1, 9, 3]
+
+
+def random_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3")
+    save_hf_model(str(path), "qwen3", seed=3)
+    return load_model(str(path))
+
+
+def trainer_logprobs(model, prompts, completions: list[Completion], params: SamplingParams) -> list[torch.Tensor]:
+    """Log-probs of the completion tokens from the packed (training) forward, one tensor per completion."""
+    seqs = [torch.tensor(p + c.token_ids) for p, c in zip(prompts, completions)]
+    ids = torch.cat([s[:-1] for s in seqs])  # [T]
+    targets = torch.cat([s[1:] for s in seqs])  # [T]
+    pos = torch.cat([torch.arange(len(s) - 1) for s in seqs])  # [T]
+    cu_seqlens, max_seqlen = cu_seqlens_from_positions(pos)
+    with torch.no_grad():
+        logp, _ = model(ids, pos, AttnMeta(cu_seqlens, max_seqlen, "sdpa"), targets=targets,
+                        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    ends = cu_seqlens[1:].tolist()
+    return [logp[end - len(c.token_ids):end] for end, c in zip(ends, completions)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers(family, tmp_path):
+    hf = save_hf_model(str(tmp_path), family, seed=1)
+    model = load_model(str(tmp_path))
+    prompts, T = random_prompts(PROMPT_LENS, seed=2), 12
+
+    def hf_greedy(eos):
+        out = []
+        for p in prompts:  # one prompt at a time: no padding conventions to match
+            ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0)
+            out.append(ids[0, len(p):].tolist())
+        return out
+
+    # An EOS id that greedy decoding hits in some rows but not in others (found without any EOS).
+    free = hf_greedy(eos=None)
+    seen = [set(row[:-1]) for row in free]  # hit before the last step: that row stops early
+    eos = next(t for t in range(VOCAB) if any(t in s for s in seen) and not all(t in row for row in free))
+    never = next(t for t in range(VOCAB) if not any(t in row for row in free))
+    ref = hf_greedy(eos=[eos, never])
+
+    outs = generate(model, prompts, SamplingParams(max_new_tokens=T, temperature=0), eos_ids=[eos, never], pad_id=0)
+    assert [o.token_ids for o in outs] == ref
+    reasons = [o.finish_reason for o in outs]
+    assert reasons == ["stop" if row[-1] == eos else "length" for row in ref]
+    assert "stop" in reasons and "length" in reasons
+    assert any(len(row) < T for row in ref)  # some row stopped early
+
+
+def test_sampled_logprobs_match_trainer(model):
+    prompts = random_prompts(PROMPT_LENS, seed=4)
+    params = SamplingParams(max_new_tokens=10, temperature=0.7, top_p=0.9, seed=5)
+    outs = generate(model, prompts, params, eos_ids=[0], pad_id=0)
+    ref = trainer_logprobs(model, prompts, outs, params)
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-5)
+    # The check can fail: without top-p the same tokens have visibly different log-probs.
+    untruncated = trainer_logprobs(model, prompts, outs, SamplingParams(temperature=0.7))
+    assert max((torch.tensor(o.logprobs) - r).abs().max() for o, r in zip(outs, untruncated)) > 1e-3
+
+
+def test_seeded_sampling_is_reproducible(model):
+    prompts = random_prompts(PROMPT_LENS, seed=6)
+
+    def run(seed, prompts=prompts, seeds=None):
+        return [o.token_ids for o in generate(model, prompts, SamplingParams(16, seed=seed), [0], 0, seeds=seeds)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    # With a seed per prompt, a row's completion does not depend on the other rows of its batch.
+    assert run(0, seeds=[11, 12, 13, 14])[2] == run(0, prompts=prompts[2:3], seeds=[13])[0]
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        run(0, seeds=[1])
+
+
+def test_sampler_draws_from_the_processed_distribution():
+    """Token frequencies over many rows match softmax(process_logits(...)); removed tokens never appear."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40000, 6)
+    params = SamplingParams(temperature=0.8, top_k=4)
+    rngs = [random.Random(i) for i in range(len(logits))]
+    tokens, logprobs = sample(logits, params, rngs)
+    want = (logits[0] / 0.8)[:4].softmax(-1)  # top-4, tempered, by hand
+    freq = torch.bincount(tokens, minlength=6) / len(tokens)
+    torch.testing.assert_close(freq[:4], want, rtol=0, atol=0.01)
+    assert freq[4:].sum() == 0
+    torch.testing.assert_close(logprobs, want.log()[tokens], rtol=0, atol=1e-6)
+
+
+def test_top_k_1_is_greedy(model):
+    prompts = random_prompts(PROMPT_LENS, seed=9)
+    greedy = generate(model, prompts, SamplingParams(8, temperature=0), [0], 0)
+    top1 = generate(model, prompts, SamplingParams(8, temperature=1.0, top_k=1, seed=3), [0], 0)
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy]
+    assert all(lp == 0.0 for o in top1 for lp in o.logprobs)  # the only token left has probability 1
+
+
+def test_max_new_tokens_and_eos(model):
+    prompts = random_prompts([4] * 12, seed=10)
+    eos_ids, T = list(range(0, VOCAB, 12)), 9  # 9 of 97 ids stop: some rows stop, others run out
+    outs = generate(model, prompts, SamplingParams(T, temperature=1.0, seed=11), eos_ids, pad_id=0)
+    for o in outs:
+        assert len(o.token_ids) == len(o.logprobs) <= T
+        assert not set(o.token_ids[:-1]) & set(eos_ids)  # nothing generated after an EOS
+        if o.finish_reason == "stop":
+            assert o.token_ids[-1] in eos_ids
+        else:
+            assert o.finish_reason == "length" and len(o.token_ids) == T and o.token_ids[-1] not in eos_ids
+    assert {o.finish_reason for o in outs} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("params", [SamplingParams(10, temperature=0), SamplingParams(10, temperature=0.9, seed=3)])
+def test_batches_of_prompts_match_one_batch(model, params):
+    prompts = random_prompts([3, 8, 1, 5, 2, 7, 4], seed=12)
+    one = generate(model, prompts, params, [0], 0)
+
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    progress = Counter()
+    chunked = generate(model, prompts, params, [0], 0, max_batch_size=3, prefill_tokens=4, progress=progress)
+    assert progress.n == len(prompts)
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in one]
+    assert [o.finish_reason for o in chunked] == [o.finish_reason for o in one]
+    for a, b in zip(chunked, one):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+
+
+def perturbed(model, seed):
+    """A copy of `model` with every parameter changed by noise."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: p.detach() + 0.3 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+def test_update_weights_follows_the_policy(model):
+    prompts = random_prompts(PROMPT_LENS, seed=13)
+    params = SamplingParams(8, temperature=0.8, seed=14)
+    gen = Generator(model.cfg, eos_ids=[0], pad_id=0, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="update_weights"):
+        gen.generate(prompts, params)
+
+    gen.update_weights(model.state_dict().items())
+    before = gen.generate(prompts, params)
+    ref = generate(model, prompts, params, [0], 0)
+    assert [o.token_ids for o in before] == [o.token_ids for o in ref]
+    assert [o.logprobs for o in before] == [o.logprobs for o in ref]
+
+    new_weights = perturbed(model, seed=15)
+    gen.update_weights(iter(new_weights.items()))  # streamed: one tensor at a time
+    new_model = type(model)(model.cfg)
+    new_model.load_state_dict(new_weights)
+    after = gen.generate(prompts, params)
+    trainer = trainer_logprobs(new_model, prompts, after, params)
+    for o, r in zip(after, trainer):
+        torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-5)
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+
+    gen.release()
+    assert gen.model is None
+    gen.update_weights(new_weights.items())  # rebuilt from nothing
+    assert [o.token_ids for o in gen.generate(prompts, params)] == [o.token_ids for o in after]
+
+
+def test_update_weights_casts_and_rejects_bad_syncs(model):
+    gen = Generator(model.cfg, eos_ids=[0], pad_id=0)  # bf16 by default
+    gen.update_weights(model.state_dict().items())
+    for name, p in gen.model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, model.state_dict()[name].to(torch.bfloat16))
+    items = list(model.state_dict().items())
+    with pytest.raises(ValueError, match="not sent"):
+        gen.update_weights(items[1:])
+    assert gen.model is None  # a partial sync leaves nothing to sample from
+    with pytest.raises(KeyError, match="model.norm.weight"):
+        gen.update_weights([("model.norm.weight", items[0][1])])
+    with pytest.raises(ValueError, match="shape"):
+        gen.update_weights([(items[0][0], items[0][1][:1])])
+    resident = Generator(model.cfg, eos_ids=[0], pad_id=0, keep_resident=True)
+    resident.update_weights(items)
+    resident.release()
+    assert resident.model is not None
+
+
+def test_bad_input_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], SamplingParams(4), [0], 0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(model, [[1, VOCAB]], SamplingParams(4), [0], 0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], SamplingParams(4, top_p=0.0), [0], 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1]], SamplingParams(0), [0], 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_matches_eager(model):
+    gpu = type(model)(model.cfg).cuda()
+    gpu.load_state_dict(model.state_dict())
+    prompts = random_prompts(PROMPT_LENS, seed=16)
+    for params in (SamplingParams(12, temperature=0), SamplingParams(12, temperature=0.9, top_p=0.95, seed=17)):
+        eager = generate(gpu, prompts, params, [0], 0, cuda_graphs=False)
+        graph = generate(gpu, prompts, params, [0], 0, cuda_graphs=True)
+        assert [o.token_ids for o in graph] == [o.token_ids for o in eager]
+        for a, b in zip(graph, eager):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    # and still the trainer's log-probs, on the GPU too
+    outs = generate(gpu, prompts, SamplingParams(12, temperature=0.7, top_p=0.9, seed=18), [0], 0)
+    for o, r in zip(outs, trainer_logprobs(model, prompts, outs, SamplingParams(temperature=0.7, top_p=0.9))):
+        torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-4)

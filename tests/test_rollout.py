@@ -1,0 +1,127 @@
+"""rollout.py end to end, as a user runs it (subprocesses), on a tiny model directory with a tokenizer."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers_models import save_hf_model
+from helpers_tokenizer import make_test_tokenizer
+
+from minirl.generate import SamplingParams, generate
+from minirl.hf import load_model
+from minirl.tokenizer import Tokenizer
+from rollout import logprob_mismatch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"index", "sample", "prompt", "prompt_token_ids", "completion", "completion_token_ids", "logprobs",
+          "finish_reason"}
+QUESTIONS = ["What is 2 + 3?", "Hello, world!", "The quick brown fox", "def add(a, b):"]
+
+
+def run(*args, torchrun=0):
+    # On the CPU, also on a GPU machine; one thread per process: the suite may share two cores with
+    # other pytest workers.
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, os.path.join(REPO, "rollout.py"), *args]
+    if torchrun:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--master-port={port}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Qwen2 with the test tokenizer, and prompts whose first answer is its greedy completion."""
+    tmp = tmp_path_factory.mktemp("rollout")
+    model_dir = str(tmp / "model")
+    save_hf_model(model_dir, "qwen2", seed=1, vocab_size=320)
+    make_test_tokenizer(model_dir)
+    tok = Tokenizer.from_dir(model_dir)
+    first = generate(load_model(model_dir), [tok.encode_prompt(QUESTIONS[0], chat=True)],
+                     SamplingParams(max_new_tokens=6, temperature=0), tok.eos_ids, tok.pad_id)[0]
+    answers = [tok.decode(first.token_ids), "no", 7, "no"]  # the first is right under --temperature 0
+    data = tmp / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a in zip(QUESTIONS, answers)))
+    return model_dir, str(data), tok, tmp
+
+
+def test_greedy_rollout_with_reward_and_logprob_check(setup):
+    model_dir, data, tok, tmp = setup
+    out = str(tmp / "greedy.jsonl")
+    proc = run("--model", model_dir, "--data", data, "--out", out, "--n", "2", "--temperature", "0",
+               "--max-new-tokens", "6", "--reward", "exact", "--check-logprobs", "--batch-size", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = read_lines(out)
+    assert [(d["index"], d["sample"]) for d in lines] == [(i, j) for i in range(4) for j in range(2)]
+    for d in lines:
+        assert FIELDS | {"answer", "reward", "trainer_logprobs"} <= d.keys()
+        assert d["prompt"] == QUESTIONS[d["index"]]
+        assert d["prompt_token_ids"] == tok.encode_prompt(d["prompt"], chat=True)
+        assert d["completion"] == tok.decode(d["completion_token_ids"])
+        assert len(d["logprobs"]) == len(d["completion_token_ids"]) <= 6
+        assert d["finish_reason"] == ("stop" if d["completion_token_ids"][-1] in tok.eos_ids else "length")
+        assert d["reward"] == float(d["completion"].strip() == d["answer"].strip())
+    assert [d["reward"] for d in lines[:2]] == [1.0, 1.0] and lines[4]["answer"] == "7"
+    mean_reward = sum(d["reward"] for d in lines) / len(lines)
+    assert f"mean reward {mean_reward:.4f}" in proc.stdout
+    assert "tokens/s" in proc.stdout
+    report = re.search(r"mean \|dlogprob\| (\S+) .* estimate (\S+)\n", proc.stdout)
+    assert report, proc.stdout
+    assert float(report[1]) < 1e-4 and abs(float(report[2])) < 1e-3
+
+
+def test_sampled_rollout_data_parallel(setup):
+    """Two ranks, each every other prompt; rank 0 merges into prompt order. The trainer's log-probs
+    under temperature 0.8 and top-p 0.9 match the generator's."""
+    model_dir, data, tok, tmp = setup
+    out = str(tmp / "sampled.jsonl")
+    proc = run("--model", model_dir, "--data", data, "--out", out, "--num-samples", "3", "--temperature", "0.8",
+               "--top-p", "0.9", "--max-new-tokens", "8", "--check-logprobs", "--seed", "5", torchrun=2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lines = read_lines(out)
+    assert [(d["index"], d["sample"]) for d in lines] == [(i, j) for i in range(4) for j in range(3)]
+    assert not [p for p in os.listdir(tmp) if ".rank" in p]  # the per-rank parts are merged and removed
+    for d in lines:
+        assert FIELDS | {"answer", "trainer_logprobs"} <= d.keys() and "reward" not in d
+        assert d["prompt"] == QUESTIONS[d["index"]]
+        torch.testing.assert_close(torch.tensor(d["logprobs"]), torch.tensor(d["trainer_logprobs"]),
+                                   rtol=0, atol=1e-5)
+    assert len({tuple(d["completion_token_ids"]) for d in lines}) > 4  # sampled, not greedy
+    assert "logprob check vs float32 trainer" in proc.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a"}\n\n{"prompt": "b"\n', r"data\.jsonl:3: malformed JSON"),
+    ('{"prompt": "a"}\n{"question": "b"}\n', r"record 2 has no field 'prompt'"),
+])
+def test_bad_data_is_one_clear_error(setup, content, message):
+    model_dir, _, _, tmp = setup
+    data = tmp / "bad" / "data.jsonl"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text(content)
+    proc = run("--model", model_dir, "--data", str(data), "--out", str(tmp / "bad" / "out.jsonl"))
+    assert proc.returncode != 0
+    assert re.fullmatch(rf"rollout\.py: error: .*{message}.*\n", proc.stderr), proc.stderr
+    assert str(data) in proc.stderr
+
+
+def test_logprob_mismatch_by_hand():
+    gen = [[-1.0, -2.0], [-0.5], [-3.0, -1.0]]
+    trainer = [[-1.5, -1.75], [-0.5], [None, -1.25]]  # None: outside the trainer's top-p set
+    m = logprob_mismatch(list(zip(gen, trainer)))
+    # token deltas 0.5, -0.25, 0.0, 0.25 (the None token left out); sequence sums 0.25 and 0.0
+    assert m["tokens"] == 4 and m["mean_abs"] == pytest.approx(1.0 / 4) and m["max_abs"] == 0.5
+    assert m["seq_kl"] == pytest.approx(0.125)
+    assert (m["outside_tokens"], m["outside_seqs"]) == (1, 1)
