@@ -1,0 +1,164 @@
+"""Train a policy with GRPO/PPO on verifiable rewards. Read top to bottom: it is the data flow.
+
+    torchrun --nproc-per-node 2 train.py                                  # the built-in default task
+    torchrun --nproc-per-node 8 train.py --model DIR --data FILE --sp 2   # a real model
+    python train.py --help                                                # every flag
+
+Works on GPUs (NCCL) and on CPUs (gloo); multi-node is plain torchrun (--nnodes, --rdzv-endpoint).
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+from minirl import checkpoint, trainer
+from minirl.config import parse_config
+from minirl.data import PromptDataset
+from minirl.dist import check_parallel_or_exit, distributed
+from minirl.generate import Generator
+from minirl.hf import load_state_dict_from_dir, read_config
+from minirl.numa import bind_to_gpu_node
+from minirl.rewards import get_reward_fn
+from minirl.tokenizer import Tokenizer
+
+DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minirl", "default_task")
+
+
+def main(argv=None):
+    cfg = parse_config(argv, description=__doc__.splitlines()[0],
+                       default_job=os.path.join(DEFAULT_TASK, "train_config.json"))
+    try:  # everything that can be wrong with the inputs fails here, before any process group or weights
+        model_cfg, tok, data, test, reward_fn = load_inputs(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    with distributed(cfg.parallel.sp, cfg.parallel.timeout_s) as d:
+        run(cfg, d, model_cfg, tok, data, test, reward_fn)
+
+
+def load_inputs(cfg):
+    if not cfg.data.model:  # the built-in task: a small model and its data ship in the repo
+        cfg.data.model = DEFAULT_TASK
+        cfg.data.data = cfg.data.data or os.path.join(DEFAULT_TASK, "train.jsonl")
+        cfg.data.test_data = cfg.data.test_data or os.path.join(DEFAULT_TASK, "test.jsonl")
+    if not cfg.data.data:
+        raise ValueError("--data is required with --model")
+    trainer.check_config(cfg)
+    model_cfg = read_config(cfg.data.model)
+    check_parallel_or_exit(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.sp, model_cfg)
+    reward_fn = get_reward_fn(cfg.data.reward)
+    tok = Tokenizer.from_dir(cfg.data.model)
+    chat = cfg.data.chat_template and tok.has_chat_template
+    if cfg.data.chat_template and not tok.has_chat_template and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {cfg.data.model} has no chat template; prompts are used as raw text", flush=True)
+    data = PromptDataset(cfg.data.data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
+                         cfg.data.max_prompt_len, cfg.run.seed)
+    test = PromptDataset(cfg.data.test_data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
+                         cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
+    return model_cfg, tok, data, test, reward_fn
+
+
+def run(cfg, d, model_cfg, tok, data, test, reward_fn):
+    if cfg.parallel.numa and d.device.type == "cuda":
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        bind_to_gpu_node(d.rank, local_rank, local_world, d.device)
+    torch.manual_seed(cfg.run.seed)
+    log = print if d.is_main else (lambda *a, **k: None)
+    if data.dropped:
+        log(f"data: dropped {data.dropped} prompts longer than {cfg.data.max_prompt_len} tokens")
+    log(f"world {d.world} = dp {d.dp_size} x sp {d.sp_size} on {d.device}; model {cfg.data.model}")
+
+    # The policy (FSDP2-sharded, trained), the optional frozen reference, the generator's copy.
+    weights = load_state_dict_from_dir(cfg.data.model)
+    model = trainer.build_policy(model_cfg, weights, d, cfg.parallel, train=True)
+    ref_model = trainer.build_policy(model_cfg, weights, d, cfg.parallel, train=False) \
+        if cfg.algo.kl_coef else None
+    del weights
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    updates = cfg.run.steps * cfg.run.mini_batches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(cfg.optim, updates))
+    gen_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    generator = make_generator(cfg, model_cfg, tok, d, gen_dtype)
+
+    start = 0
+    if cfg.run.resume:
+        state = checkpoint.load_latest(os.path.join(cfg.run.out_dir, "checkpoints"), model, optimizer, scheduler)
+        if state is not None:
+            start = state.step
+            data.load_state_dict(state.data_state)
+            log(f"resumed from step {start}")
+    trainer.sync_weights(generator, model, gen_dtype)
+
+    metrics_path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
+    if start == 0 and d.is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run does not append to an old run's curve
+    if test is not None and start == 0:
+        acc0 = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+        log(f"held-out accuracy before training: {acc0:.1%}")
+        if d.is_main:
+            trainer.write_metrics(metrics_path, {"step": 0, "test_accuracy": acc0})
+
+    stop = trainer.StopFlag()
+    step_bar = trainer.tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
+                            initial=start, total=cfg.run.steps)
+    for step in step_bar:
+        timer = trainer.PhaseTimer(d.device)
+        t0 = time.perf_counter()
+        prompts = data.next_batch(cfg.run.prompts_per_step)
+        timer.start("rollout")
+        samples = trainer.rollout(generator, prompts, step, d, cfg, reward_fn, tok, progress=d.is_main)
+        timer.stop("rollout")
+        generator.release()  # training gets the memory back (unless --keep-generator)
+        trainer.score_samples(samples, cfg)
+        sums = trainer.train_on_samples(model, ref_model, optimizer, scheduler, samples, d, cfg, tok.pad_id,
+                                        timer, progress=d.is_main)
+        timer.start("weight_sync")
+        trainer.sync_weights(generator, model, gen_dtype)
+        timer.stop("weight_sync")
+
+        row = {"step": step + 1, **trainer.rollout_stats(samples), **{k: v.item() for k, v in sums.items()},
+               "lr": scheduler.get_last_lr()[0], **timer.summary()}
+        tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
+        row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+        if d.device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+            row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+        if d.is_main:
+            trainer.write_metrics(metrics_path, row)
+            step_bar.write(trainer.summary_line(row))
+
+        last = step + 1 == cfg.run.steps
+        stopping = stop.any_rank(d.device)
+        if stopping or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+            trainer.save(cfg, step + 1, model, optimizer, scheduler, data)
+        if stopping:
+            log(f"stopped by signal after step {step + 1}; checkpoint saved, resume with --resume")
+            return
+
+    if test is not None:
+        acc = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+        log(f"held-out accuracy after training: {acc:.1%}")
+        if d.is_main:
+            trainer.write_metrics(metrics_path, {"step": cfg.run.steps, "test_accuracy": acc})
+    if cfg.run.export:
+        checkpoint.export_hf(model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
+        log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
+    if d.is_main:
+        trainer.plot_rewards(metrics_path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
+
+
+def make_generator(cfg, model_cfg, tok, d, dtype):
+    if cfg.rollout.backend == "vllm":
+        from minirl.vllm_backend import VLLMGenerator  # optional extra, imported only when asked for
+        return VLLMGenerator(cfg.data.model, model_cfg, tok.eos_ids, tok.pad_id, tp=cfg.rollout.tp,
+                             seed=cfg.run.seed, dtype=dtype)
+    return Generator(model_cfg, tok.eos_ids, tok.pad_id, device=d.device, dtype=dtype,
+                     max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
+
+
+if __name__ == "__main__":
+    main()
