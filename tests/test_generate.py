@@ -230,3 +230,13 @@ def test_cuda_graph_decode_matches_eager(model):
     outs = generate(gpu, prompts, SamplingParams(12, temperature=0.7, top_p=0.9, seed=18), [0], 0)
     for o, r in zip(outs, trainer_logprobs(model, prompts, outs, SamplingParams(temperature=0.7, top_p=0.9))):
         torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-4)
+
+
+def test_weight_sync_from_fsdp_matches_updated_model():
+    """2 ranks (gloo): after an optimizer step on the FSDP2 model the generator scores like the updated model."""
+    from helpers_dist import run_worker
+
+    for r, report in enumerate(run_worker("weight_sync_worker.py", 2)):
+        failed = {k: v for k, v in report["checks"].items() if v}
+        assert not failed, f"rank {r}: {failed}"
+        assert len(report["checks"]) == 3
