@@ -1,0 +1,228 @@
+"""One end-to-end RL step on one GPU, timed phase by phase, plus a profile of where the GPU time goes.
+
+A GRPO step of minirl is four phases (see train.py): rollout (the naive generator samples
+n completions per prompt), log-probs (the policy scores the rollouts before the update: the "old"
+log-probs that the truncated importance weights and later mini-batches need), train (packed
+forward+backward per micro-batch, clip, AdamW) and weight sync (the updated FSDP2 policy streamed
+into the generator's bf16 copy). This script runs exactly those phases with minirl's own pieces:
+`trainer.build_policy`, `generate.Generator`, `trainer.score_samples`, `trainer.train_on_samples`
+(its PhaseTimer times log-probs and train) and `trainer.sync_weights`. Only the rollout is composed
+here from `Generator.generate`, because `trainer.rollout` also needs a tokenizer and text rewards.
+
+Workload (synthetic, fixed): random-weight Qwen3-0.6B shape, --prompts random-token prompts of
+random length around --prompt-len, --samples completions each, --new-tokens per completion with no
+EOS (every completion has the full length), reward = fraction of even token ids in the completion
+(meaningless, but it varies within a group, so advantages and gradients are not zero).
+
+Reported: median seconds per phase over --steps timed steps (after one warm-up step), and "other"
+(wall minus the phases: scoring, packing micro-batches, releasing the generator), generated tokens/s
+of the rollout, trained tokens/s, peak memory per phase; then one more step under
+torch.profiler, whose top-15 operators by self GPU time (and by total GPU time) go to a text file
+next to the JSON (`rl_step_profile.txt`).
+
+    python bench/rl_step.py                 # 64 prompts x 8 samples x 256 new tokens, ~1.5 min on an H100
+    python bench/rl_step.py --tiny          # CPU smoke run (gloo, fp32 generator, no CUDA graphs)
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import (device_info, median, model_config, out_path, peak_memory_gb, print_table, random_model,
+                          reset_peak_memory, write_json)
+from minirl import trainer
+from minirl.config import TrainConfig
+from minirl.data import Prompt
+from minirl.dist import Dist, distributed
+from minirl.generate import Generator, SamplingParams
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen3-0.6b")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--samples", type=int, default=8, help="completions per prompt (GRPO group)")
+    p.add_argument("--prompt-len", type=int, default=128, help="mean prompt length (uniform in [L/2, 3L/2])")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--gen-batch", type=int, default=64, help="generator rows per batch (train.py's default)")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
+    p.add_argument("--tis-cap", type=float, default=2.0,
+                   help="truncated IS cap; > 0 makes the old-log-probs phase run (0 = skip it when on-policy)")
+    p.add_argument("--keep-generator", action="store_true", help="keep the generator copy resident in training")
+    p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU, seconds")
+    p.add_argument("--out", default=None, help="JSON path (default $OUT/rl_step.json or bench/results/)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.shape, args.prompts, args.samples, args.prompt_len, args.new_tokens = "tiny", 4, 2, 16, 8
+        args.gen_batch, args.micro_batch_tokens, args.steps = 4, 64, 1
+    return args
+
+
+def rl_config(args) -> TrainConfig:
+    """The trainer's configuration for this workload (everything else at train.py's defaults)."""
+    cfg = TrainConfig()
+    cfg.rollout.n_samples, cfg.rollout.max_new_tokens = args.samples, args.new_tokens
+    cfg.rollout.gen_batch_size, cfg.rollout.keep_generator = args.gen_batch, args.keep_generator
+    cfg.parallel.micro_batch_tokens = args.micro_batch_tokens
+    cfg.run.mini_batches, cfg.run.prompts_per_step = args.mini_batches, args.prompts
+    cfg.algo.tis_cap = args.tis_cap
+    return cfg
+
+
+def synthetic_prompts(n: int, mean_len: int, vocab: int, seed: int) -> list[Prompt]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(1, mean_len // 2), mean_len * 3 // 2 + 1, (n,), generator=g).tolist()
+    return [Prompt(i, "", torch.randint(0, vocab, (L,), generator=g).tolist(), "") for i, L in enumerate(lengths)]
+
+
+def even_token_reward(token_ids: list[int]) -> float:
+    """A stand-in verifiable reward: the fraction of even token ids."""
+    return sum(t % 2 == 0 for t in token_ids) / max(1, len(token_ids))
+
+
+def rollout(generator: Generator, prompts: list[Prompt], cfg: TrainConfig, seed: int) -> list[trainer.Sample]:
+    """n completions per prompt, in the trainer's order (a prompt's group together), rewarded."""
+    rc = cfg.rollout
+    rows = [p for p in prompts for _ in range(rc.n_samples)]
+    params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                            top_k=rc.top_k, seed=seed)
+    outs = generator.generate([p.token_ids for p in rows], params)
+    return [trainer.Sample(p, o.token_ids, o.logprobs, o.finish_reason, even_token_reward(o.token_ids))
+            for p, o in zip(rows, outs)]
+
+
+def rl_step(step: int, policy, optimizer, scheduler, generator, prompts, cfg, d: Dist, dtype) -> dict:
+    """One step as train.py runs it; returns phase times (s), peak memory (GiB) and token counts."""
+    timer = trainer.PhaseTimer(d.device)
+    reset_peak_memory(d.device)
+    timer.start("rollout")
+    samples = rollout(generator, prompts, cfg, seed=step)
+    timer.stop("rollout")
+    mem = {"rollout": peak_memory_gb(d.device)}
+    generator.release()
+    trainer.score_samples(samples, cfg)
+    reset_peak_memory(d.device)
+    trainer.train_on_samples(policy, None, optimizer, scheduler, samples, d, cfg, pad_id=0, timer=timer,
+                             progress=False)
+    mem["logprobs+train"] = peak_memory_gb(d.device)
+    reset_peak_memory(d.device)
+    timer.start("weight_sync")
+    trainer.sync_weights(generator, policy, dtype)
+    timer.stop("weight_sync")
+    mem["weight_sync"] = peak_memory_gb(d.device)
+    times = {k.removeprefix("time/"): v for k, v in timer.summary().items()}
+    generated = sum(len(s.completion_ids) for s in samples)
+    trained = sum(len(s.prompt.token_ids) + len(s.completion_ids) - 1 for s in samples)
+    return {"times": times, "peak_mem_gb": mem, "generated_tokens": generated, "trained_tokens": trained}
+
+
+def profile_step(step_fn, cuda: bool, path: str):
+    """Run one step under torch.profiler; write the top-15 operators by self and by total GPU time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step_fn()
+    averages = prof.key_averages()
+    keys = ("self_device_time_total", "device_time_total") if cuda else ("self_cpu_time_total", "cpu_time_total")
+    with open(path, "w") as fh:
+        for key in keys:
+            fh.write(f"top-15 operators by {key}, one RL step\n")
+            fh.write(averages.table(sort_by=key, row_limit=15) + "\n\n")
+    print(f"wrote {path}", flush=True)
+    return averages.table(sort_by=keys[0], row_limit=15)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with distributed(1) as d:
+        run(args, d)
+
+
+def build(args, d: Dist, dtype):
+    """The FSDP2 policy (random weights), its AdamW and schedule, the generator holding a synced copy."""
+    cfg, model_cfg = rl_config(args), model_config(args.shape)
+    weights = random_model(model_cfg, d.device).state_dict()
+    policy = trainer.build_policy(model_cfg, weights, d, cfg.parallel, train=True)
+    del weights
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(cfg.optim, 100))
+    generator = Generator(model_cfg, eos_ids=[], pad_id=0, device=d.device, dtype=dtype,
+                          max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
+    trainer.sync_weights(generator, policy, dtype)
+    return cfg, policy, optimizer, scheduler, generator
+
+
+def run(args, d: Dist):
+    if d.world != 1:
+        raise SystemExit("rl_step.py measures one GPU: run it with plain python or --nproc-per-node 1")
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # as train.py
+    print(f"device: {device_info(d.device)}", flush=True)
+    t0 = time.perf_counter()
+    cfg, policy, optimizer, scheduler, generator = build(args, d, dtype)
+    prompts = synthetic_prompts(args.prompts, args.prompt_len, policy.cfg.vocab_size, seed=0)
+    print(f"built policy and generator in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def step(i):
+        return rl_step(i, policy, optimizer, scheduler, generator, prompts, cfg, d, dtype)
+
+    t0 = time.perf_counter()
+    step(0)
+    print(f"warm-up step {time.perf_counter() - t0:.1f} s", flush=True)
+    steps = []
+    for i in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        steps.append(step(i))
+        steps[-1]["wall_s"] = time.perf_counter() - t0
+        print(steps[-1], flush=True)
+    json_path = out_path("rl_step", args.out)
+    top, profile_note = None, "off (--no-profile)"
+    if not args.no_profile:
+        os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+        profile_path = os.path.join(os.path.dirname(json_path), "rl_step_profile.txt")
+        try:  # the timings above stand even if the profiler fails on this machine
+            top = profile_step(lambda: step(args.steps + 1), d.device.type == "cuda", profile_path)
+            profile_note = profile_path
+        except RuntimeError as e:
+            profile_note = f"profiler failed: {e}"
+            print(f"note: {profile_note}", flush=True)
+    if top is not None:
+        print(top)
+    report(args, steps, profile_note, d.device, json_path)
+
+
+def report(args, steps: list[dict], profile_note: str, device, json_path: str):
+    """Medians over the timed steps: JSON, then the phase table."""
+    phase_s = {k: median([s["times"][k] for s in steps]) for k in steps[0]["times"]}
+    wall = median([s["wall_s"] for s in steps])
+    # Outside the timed phases: scoring, packing micro-batches (host lists, copies), releasing the generator.
+    phase_s["other"] = wall - sum(phase_s.values())
+    gen_rate = steps[0]["generated_tokens"] / phase_s["rollout"]
+    train_rate = steps[0]["trained_tokens"] / phase_s["train"]
+    workload = f"{args.shape} {args.prompts}x{args.samples}x{args.new_tokens}"
+    summary = [{"what": f"RL step {workload}: wall = " + " + ".join(phase_s), "unit": "s",
+                "value": f"{wall:.2f} = " + " + ".join(f"{v:.2f}" for v in phase_s.values())},
+               {"what": f"RL step {workload}: rollout generated tok/s | train tok/s", "unit": "",
+                "value": f"{gen_rate:.0f} | {train_rate:.0f}"}]
+    write_json(json_path, {
+        "bench": "rl_step", "args": vars(args), "device": device_info(device), "steps": steps,
+        "median_phase_s": phase_s, "median_wall_s": wall, "rollout_tokens_per_s": gen_rate,
+        "train_tokens_per_s": train_rate, "profile": profile_note, "summary": summary})
+    mem = steps[-1]["peak_mem_gb"]  # log-probs and train share one figure: they run in one trainer call
+    rows = [[k, v, 100 * v / wall, mem.get(k, mem["logprobs+train"] if k in ("logprobs", "train") else None)]
+            for k, v in phase_s.items()]
+    rows.append(["(wall)", wall, 100.0, None])
+    print_table(f"RL step, {args.shape}, {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new "
+                f"tokens: rollout {gen_rate:.0f} generated tok/s, train {train_rate:.0f} tok/s",
+                ["phase", "median s", "% of step", "peak GiB"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Training-step throughput of minirl's policy model: tokens/s and model-FLOPs utilisation (MFU).
+
+One step is what the trainer does per mini-batch: for each micro-batch, the packed forward with
+targets (chunked log-probs) and backward of loss = token-mean of -log p(target), then gradient
+clipping and AdamW. The model is FSDP2-sharded by `minirl.fsdp.shard_model` (bf16 compute, fp32
+gradient reduction, fp32 master weights), with activation checkpointing inside every block unless
+turned off. Weights are random; documents of --doc-len random tokens fill --tokens per micro-batch.
+
+Measured after --warmup steps, over --steps steps each between two CUDA events: median step time,
+tokens/s (all ranks), achieved model TFLOP/s per GPU, and MFU against (a) the bf16 matmul rate
+measured at the start of the run and (b) the datasheet dense bf16 rate (989 TFLOP/s for H100/H200).
+Model FLOPs per step (recompute NOT counted, so the ratio is MFU, not hardware utilisation):
+    6 * N * T                                  N = non-embedding parameters (blocks + final norm)
+  + 6 * T * D * V                              the output-head matmul, forward and backward
+  + 3 * layers * 4 * sum(L^2 / 2) * H * Dh     causal attention, forward 1x + backward 2x
+The "hardware" FLOPs that checkpointing adds (one more forward of the blocks, one more head matmul
+in the chunked log-probs) are in the JSON as `hfu`. Peak memory is torch.cuda.max_memory_allocated.
+
+Several variants run in one process, one after the other (comma-separated --shape and --ckpt):
+    python bench/train_step.py                                   # Qwen3-0.6B shape, checkpointing on
+    python bench/train_step.py --shape qwen3-0.6b,qwen3-1.7b --ckpt on,off --chunk 4096 --attn varlen
+    torchrun --nproc-per-node 2 bench/train_step.py --sp 2       # Ulysses over 2 GPUs (dp = world / sp)
+    python bench/train_step.py --tiny                            # CPU smoke run (gloo, sdpa, fp32)
+Plain `python` forms a one-rank job (minirl.dist.init_process_group); under torchrun every rank
+runs the step on its own micro-batch (dp) or its slice of one (sp), and rank 0 reports.
+"""
+
+import argparse
+import gc
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import torch
+
+from bench.common import (causal_attention_flops, csv_strs, datasheet_bf16, device_info, matmul_tflops, median,
+                          model_config, out_path, param_counts, peak_memory_gb, print_table, random_model,
+                          reset_peak_memory, time_ms, write_json)
+from minirl import ulysses
+from minirl.attention import pick_backend
+from minirl.dist import Dist, distributed, validate_parallel
+from minirl.fsdp import clip_grad_norm_, shard_model
+from minirl.model import ModelConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", type=csv_strs, default=["qwen3-0.6b"],
+                   help="comma-separated: qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen2.5-1.5b")
+    p.add_argument("--ckpt", type=csv_strs, default=["on"], help="activation checkpointing: on, off or on,off")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per micro-batch (per dp group)")
+    p.add_argument("--doc-len", type=int, default=2048, help="length of each packed document")
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--chunk", type=int, default=4096, help="log-probs chunk size (tokens)")
+    p.add_argument("--attn", default="", help="attention backend: varlen | sdpa | flash (default: best)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every decoder block (optional)")
+    p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (under torchrun)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU, seconds")
+    p.add_argument("--out", default=None, help="JSON path (default $OUT/train_step.json or bench/results/)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.shape, args.tokens, args.doc_len, args.chunk, args.warmup, args.steps = ["tiny"], 256, 64, 128, 1, 2
+    if any(c not in ("on", "off") for c in args.ckpt):
+        p.error(f"--ckpt takes on, off or on,off; got {args.ckpt}")
+    return args
+
+
+def model_flops(cfg: ModelConfig, doc_lens: list[int], checkpointing: bool) -> dict[str, float]:
+    """Model FLOPs of forward+backward over one packed micro-batch, and the hardware FLOPs with recompute."""
+    T, D, V = sum(doc_lens), cfg.hidden_size, cfg.vocab_size
+    dense_fwd = 2 * param_counts(cfg)["non_embedding"] * T
+    head_fwd = 2 * T * D * V
+    attn_fwd = cfg.num_hidden_layers * causal_attention_flops(doc_lens, cfg.num_attention_heads, cfg.head_dim)
+    model = 3 * (dense_fwd + head_fwd + attn_fwd)
+    # Recompute: every block's forward once more when checkpointing; the chunked log-probs always
+    # recompute their chunk's logits in backward.
+    hardware = model + head_fwd + (dense_fwd + attn_fwd if checkpointing else 0.0)
+    return {"model": model, "hardware": hardware}
+
+
+def document_lengths(tokens: int, doc_len: int) -> list[int]:
+    return [min(doc_len, tokens - s) for s in range(0, tokens, doc_len)]
+
+
+def micro_batch(cfg: ModelConfig, tokens: int, doc_len: int, seed: int, d: Dist, backend: str, dp_size: int):
+    """One packed micro-batch of random documents, sliced for this sp rank.
+
+    Returns (input_ids [t], position_ids [t], meta, targets [t], weights [t]). The weights make
+    each rank's loss its exact share of the global token mean (summed over ranks by FSDP, see fsdp.py):
+    1 / (tokens * dp_size) per real token, 0 on the padding Ulysses adds.
+    """
+    g = torch.Generator().manual_seed(seed)
+    doc_lens = document_lengths(tokens, doc_len)
+    ids = torch.randint(0, cfg.vocab_size, (tokens + 1,), generator=g)  # one extra for the last target
+    pos = torch.cat([torch.arange(n) for n in doc_lens])  # [T]
+    local_ids, local_pos, meta, _ = ulysses.shard_micro_batch(ids[:-1], pos, d.sp_rank, d.sp_size, backend,
+                                                              d.sp_group)
+    targets = ulysses.local_slice(ids[1:], d.sp_rank, d.sp_size)  # [t]
+    weights = ulysses.local_slice(torch.full((tokens,), 1.0 / (tokens * dp_size)), d.sp_rank, d.sp_size)  # [t]
+    if meta.cu_seqlens is not None:
+        meta.cu_seqlens = meta.cu_seqlens.to(d.device)
+    to = lambda x: x.to(d.device)  # noqa: E731
+    return to(local_ids), to(local_pos), meta, to(targets), to(weights)
+
+
+def build(cfg: ModelConfig, d: Dist, checkpointing: bool, compile_blocks: bool):
+    """Random fp32 model on the device, sharded by FSDP2 (bf16 compute on CUDA), and AdamW."""
+    model = random_model(cfg, d.device, seed=0)
+    if compile_blocks:
+        for block in model.layers:
+            block.compile()
+    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False,
+                checkpointing=checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    return model, optimizer
+
+
+def train_step(model, optimizer, batches, chunk: int):
+    """Forward+backward of every micro-batch, clip, AdamW, zero grads (as trainer.train_on_samples)."""
+    for ids, pos, meta, targets, weights in batches:
+        logprobs, _ = model(ids, pos, meta, targets=targets, chunk_size=chunk)
+        (-(logprobs * weights).sum()).backward()
+    clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_variant(shape: str, checkpointing: bool, args, d: Dist, peak_tflops: float) -> dict:
+    cfg = model_config(shape)
+    validate_parallel(d.world, d.sp_size, cfg)
+    backend = pick_backend(d.device, args.attn or None)
+    model, optimizer = build(cfg, d, checkpointing, args.compile)
+    reset_peak_memory(d.device)  # the peak of training, not of building (a full fp32 copy before sharding)
+    batches = [micro_batch(cfg, args.tokens, args.doc_len, seed=1000 * d.dp_rank + m, d=d, backend=backend,
+                           dp_size=d.dp_size) for m in range(args.micro_batches)]
+    step_ms = median(time_ms(lambda: train_step(model, optimizer, batches, args.chunk), d.device,
+                             args.warmup, args.steps))
+    flops = model_flops(cfg, document_lengths(args.tokens, args.doc_len), checkpointing)
+    # Per GPU: the dp groups' micro-batches are split over all W ranks' compute.
+    per_gpu = {k: v * args.micro_batches * d.dp_size / d.world for k, v in flops.items()}
+    achieved = per_gpu["model"] / (step_ms * 1e-3) / 1e12
+    datasheet = datasheet_bf16(d.device)
+    row = {
+        "shape": shape, "checkpointing": checkpointing, "chunk": args.chunk, "attn": backend,
+        "compile": args.compile, "world": d.world, "dp": d.dp_size, "sp": d.sp_size,
+        "tokens_per_step": args.tokens * args.micro_batches * d.dp_size, "doc_len": args.doc_len,
+        "step_ms": step_ms, "tokens_per_s": args.tokens * args.micro_batches * d.dp_size / (step_ms * 1e-3),
+        "model_tflops_per_gpu": achieved,
+        "mfu_measured": achieved / peak_tflops,
+        "mfu_datasheet": None if datasheet is None else achieved * 1e12 / datasheet,
+        "hfu_measured": per_gpu["hardware"] / (step_ms * 1e-3) / 1e12 / peak_tflops,
+        "model_tflop_per_step": per_gpu["model"] / 1e12, "params": param_counts(cfg),
+        "peak_mem_gb": peak_memory_gb(d.device),
+    }
+    del model, optimizer, batches
+    gc.collect()
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with distributed(args.sp) as d:
+        run(args, d)
+
+
+def run(args, d: Dist):
+    peak = matmul_tflops(d.device, n=256 if args.tiny else 8192)
+    if d.is_main:
+        print(f"device: {device_info(d.device)}; world {d.world} = dp {d.dp_size} x sp {d.sp_size}; "
+              f"measured matmul peak {peak:.1f} TFLOP/s", flush=True)
+    rows = []
+    for shape in args.shape:
+        for ckpt in args.ckpt:
+            rows.append(run_variant(shape, ckpt == "on", args, d, peak))
+            if d.is_main:
+                print(rows[-1], flush=True)
+    if not d.is_main:
+        return
+    summary = [{"what": f"train step {r['shape']} ckpt={'on' if r['checkpointing'] else 'off'} "
+                        f"{r['tokens_per_step']} tok: tokens/s | MFU measured-peak | MFU datasheet",
+                "value": f"{r['tokens_per_s']:.0f} | {100 * r['mfu_measured']:.1f}% | "
+                         + ("-" if r["mfu_datasheet"] is None else f"{100 * r['mfu_datasheet']:.1f}%"),
+                "unit": ""} for r in rows]
+    write_json(out_path("train_step", args.out), {
+        "bench": "train_step", "args": vars(args), "device": device_info(d.device),
+        "matmul_peak_tflops": peak, "datasheet_bf16_flops": datasheet_bf16(d.device),
+        "results": rows, "summary": summary})
+    print_table(f"training step, {rows[0]['tokens_per_step']} tokens/step in docs of {args.doc_len}, AdamW, "
+                f"world {d.world} (dp {d.dp_size} x sp {d.sp_size}); matmul peak {peak:.0f} TFLOP/s",
+                ["shape", "ckpt", "attn", "chunk", "step ms", "tok/s", "TFLOP/s/GPU", "MFU meas%", "MFU 989%",
+                 "HFU meas%", "peak GiB"],
+                [[r["shape"], "on" if r["checkpointing"] else "off", r["attn"], r["chunk"], r["step_ms"],
+                  r["tokens_per_s"], r["model_tflops_per_gpu"], 100 * r["mfu_measured"],
+                  None if r["mfu_datasheet"] is None else 100 * r["mfu_datasheet"], 100 * r["hfu_measured"],
+                  r["peak_mem_gb"]] for r in rows])
+
+
+if __name__ == "__main__":
+    main()
