@@ -154,8 +154,9 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
 def make_generator(cfg, model_cfg, tok, d, dtype):
     if cfg.rollout.backend == "vllm":
         from minirl.vllm_backend import VLLMGenerator  # optional extra, imported only when asked for
-        return VLLMGenerator(cfg.data.model, model_cfg, tok.eos_ids, tok.pad_id, tp=cfg.rollout.tp,
-                             seed=cfg.run.seed, dtype=dtype)
+        return VLLMGenerator(cfg.data.model, tok.eos_ids, tp=cfg.rollout.tp, seed=cfg.run.seed, dtype=dtype,
+                             gpu_memory_utilization=cfg.rollout.vllm_memory,
+                             kv_cache_bytes=None if d.device.type == "cuda" else 2 << 30)
     return Generator(model_cfg, tok.eos_ids, tok.pad_id, device=d.device, dtype=dtype,
                      max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
 

@@ -43,19 +43,25 @@ def _chunk_logprobs(h, weight, targets, temperature, top_k, top_p):
     return target_logp, entropy
 
 
+# On GPUs the chunk's dozen elementwise passes over [chunk, V] fp32 (scale, softmax, gather, entropy)
+# are memory-bound; torch.compile fuses them into a few kernels. Compiled lazily, on first CUDA use.
+_compiled_chunk = torch.compile(_chunk_logprobs, dynamic=True)
+
+
 def token_logprobs(hidden, weight, targets, temperature=1.0, top_k=0, top_p=1.0, chunk_size=2048):
     """hidden [T, D], weight [V, D], targets [T] -> (log p(target) [T], entropy [T]), both fp32.
 
     Peak extra memory is one chunk's [chunk_size, V] fp32 logits (and its softmax), not [T, V].
     """
+    chunk_fn = _compiled_chunk if hidden.is_cuda else _chunk_logprobs
     out_lp, out_ent = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         args = (hidden[sl], weight, targets[sl], temperature, top_k, top_p)
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            lp, ent = checkpoint(chunk_fn, *args, use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(*args)
+            lp, ent = chunk_fn(*args)
         out_lp.append(lp)
         out_ent.append(ent)
     return torch.cat(out_lp), torch.cat(out_ent)

@@ -70,6 +70,9 @@ def build_policy(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool)
     """An FSDP2-sharded model on this rank's device, filled from a full (CPU) state dict."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    if pcfg.compile and d.device.type == "cuda":
+        for block in model.layers:  # fuses norms, RoPE, SwiGLU; the FSDP hooks stay outside the graph
+            block.compile()
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=pcfg.cpu_offload,
                 checkpointing=pcfg.checkpointing and train)
     model.to_empty(device="cpu" if pcfg.cpu_offload else d.device)
@@ -102,11 +105,22 @@ def sample_seed(seed: int, step: int, prompt_index: int, k: int) -> int:
     return (((seed * 1_000_003 + step) * 1_000_033 + prompt_index) * 1_009 + k) % (2**62)
 
 
+def generator_replicas(d: Dist, cfg: TrainConfig) -> tuple[int, int, bool]:
+    """(this rank's replica, number of replicas, whether this rank reports its replica's results).
+
+    The naive generator is one replica per rank. A vLLM engine with tensor parallelism spans `tp`
+    consecutive ranks that must all be given the same prompts; the first of them reports.
+    """
+    tp = cfg.rollout.tp if cfg.rollout.backend == "vllm" else 1
+    return d.rank // tp, d.world // tp, d.rank % tp == 0
+
+
 def rollout(generator, prompts: list[Prompt], step: int, d: Dist, cfg: TrainConfig, reward_fn, tok,
             progress: bool) -> list[Sample]:
-    """Generate n completions for this rank's share of the prompts, score them, gather all ranks'."""
+    """Generate n completions for this replica's share of the prompts, score them, gather all replicas'."""
     rc, n = cfg.rollout, cfg.rollout.n_samples
-    mine = list(range(d.rank, len(prompts), d.world))
+    replica, n_replicas, reports = generator_replicas(d, cfg)
+    mine = list(range(replica, len(prompts), n_replicas))
     rows = [prompts[i] for i in mine for _ in range(n)]
     seeds = [sample_seed(cfg.run.seed, step, prompts[i].index, k) for i in mine for k in range(n)]
     params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
@@ -120,12 +134,13 @@ def rollout(generator, prompts: list[Prompt], step: int, d: Dist, cfg: TrainConf
                            tok.decode(out.token_ids), p.answer)
         local.append((p.index, out.token_ids, out.logprobs, out.finish_reason, float(reward)))
     gathered = [None] * d.world
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, local if reports else None)
+    gathered = [g for g in gathered if g is not None]  # one list per replica, in replica order
     by_index = {p.index: p for p in prompts}
     # Global order: prompt slot by slot, its n completions together (a GRPO group).
     samples = [None] * (len(prompts) * n)
     for r, rank_rows in enumerate(gathered):
-        slots = list(range(r, len(prompts), d.world))
+        slots = list(range(r, len(prompts), n_replicas))
         for j, (idx, ids, lps, fin, rew) in enumerate(rank_rows):
             samples[slots[j // n] * n + j % n] = Sample(by_index[idx], ids, lps, fin, rew)
     return samples
@@ -351,13 +366,14 @@ def save(cfg: TrainConfig, step, model, optimizer, scheduler, data):
 
 
 def evaluate(generator, prompts: list[Prompt], d: Dist, cfg: TrainConfig, reward_fn, tok) -> float:
-    """Greedy accuracy (reward > 0) on held-out prompts, each rank a share, summed over ranks."""
-    mine = prompts[d.rank::d.world]
+    """Greedy accuracy (reward > 0) on held-out prompts, each replica a share, summed over replicas."""
+    replica, n_replicas, reports = generator_replicas(d, cfg)
+    mine = prompts[replica::n_replicas]
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
     outs = generator.generate([p.token_ids for p in mine], params) if mine else []
     correct = sum(reward_fn(p.text if isinstance(p.text, str) else json.dumps(p.text),
                             tok.decode(o.token_ids), p.answer) > 0 for p, o in zip(mine, outs))
-    counts = torch.tensor([float(correct), float(len(mine))], device=d.device)
+    counts = torch.tensor([float(correct), float(len(mine))], device=d.device) * reports
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()
 

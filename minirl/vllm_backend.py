@@ -137,8 +137,12 @@ class VLLMGenerator:
             **memory,
         )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
+                 seeds: list[int] | None = None) -> list[Completion]:
         """Complete every prompt; one Completion per prompt, in order, as the naive generator returns.
+
+        `seeds` (one per prompt) fix each request's sampling, as in the naive generator; by default
+        they are derived from (params.seed, replica, index).
 
         Each token comes with its log-prob under the processed distribution it was sampled from
         (temperature, top-k, top-p), so it is comparable with the trainer's `process_logits` log-probs.
@@ -159,7 +163,7 @@ class VLLMGenerator:
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            seed=request_seed(params.seed, self.replica, i),
+            seed=request_seed(params.seed, self.replica, i) if seeds is None else seeds[i] % 2**63,
             stop_token_ids=self.eos_ids,
             logprobs=0,  # 0 extra candidates: only the sampled token's log-prob
             detokenize=False,
