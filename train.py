@@ -101,7 +101,7 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         if d.is_main:
             trainer.write_metrics(metrics_path, {"step": 0, "test_accuracy": acc0})
 
-    stop = trainer.StopFlag()
+    stop, acc = trainer.StopFlag(), None
     step_bar = trainer.tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
                             initial=start, total=cfg.run.steps)
     for step in step_bar:
@@ -125,8 +125,9 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
         if d.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        acc = None
         if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-            row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+            acc = row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
         if d.is_main:
             trainer.write_metrics(metrics_path, row)
             step_bar.write(trainer.summary_line(row))
@@ -140,10 +141,11 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             return
 
     if test is not None:
-        acc = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+        if acc is None:  # not already evaluated at the last step
+            acc = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+            if d.is_main:
+                trainer.write_metrics(metrics_path, {"step": cfg.run.steps, "test_accuracy": acc})
         log(f"held-out accuracy after training: {acc:.1%}")
-        if d.is_main:
-            trainer.write_metrics(metrics_path, {"step": cfg.run.steps, "test_accuracy": acc})
     if cfg.run.export:
         checkpoint.export_hf(model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
         log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
