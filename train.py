@@ -92,14 +92,12 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             log(f"resumed from step {start}")
     trainer.sync_weights(generator, model, gen_dtype)
 
-    metrics_path = os.path.join(cfg.run.out_dir, "metrics.jsonl")
-    if start == 0 and d.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run does not append to an old run's curve
+    metrics = trainer.MetricsLog(cfg.run.out_dir, fresh=start == 0) if d.is_main else None
     if test is not None and start == 0:
         acc0 = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
         log(f"held-out accuracy before training: {acc0:.1%}")
         if d.is_main:
-            trainer.write_metrics(metrics_path, {"step": 0, "test_accuracy": acc0})
+            metrics.write({"step": 0, "test_accuracy": acc0})
 
     stop, acc = trainer.StopFlag(), None
     step_bar = trainer.tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
@@ -129,7 +127,7 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
             acc = row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
         if d.is_main:
-            trainer.write_metrics(metrics_path, row)
+            metrics.write(row)
             step_bar.write(trainer.summary_line(row))
 
         last = step + 1 == cfg.run.steps
@@ -144,13 +142,13 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         if acc is None:  # not already evaluated at the last step
             acc = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
             if d.is_main:
-                trainer.write_metrics(metrics_path, {"step": cfg.run.steps, "test_accuracy": acc})
+                metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
         log(f"held-out accuracy after training: {acc:.1%}")
     if cfg.run.export:
         checkpoint.export_hf(model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
         log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
     if d.is_main:
-        trainer.plot_rewards(metrics_path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
+        trainer.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
 
 
 def make_generator(cfg, model_cfg, tok, d, dtype):

@@ -349,10 +349,28 @@ class StopFlag:
         return bool(flag.item())
 
 
-def write_metrics(path: str, row: dict):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+class MetricsLog:
+    """One JSON line per row in out_dir/metrics.jsonl, and TensorBoard scalars when it is installed."""
+
+    def __init__(self, out_dir: str, fresh: bool):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if fresh and os.path.exists(self.path):
+            os.remove(self.path)  # a new run does not append to an old run's curve
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        except ImportError:  # the tensorboard package is optional
+            self.tb = None
+
+    def write(self, row: dict):
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
 
 
 def sync_weights(generator, model, dtype):
