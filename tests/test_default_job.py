@@ -43,7 +43,7 @@ def test_default_job_learns(tmp_path):
 def test_sigterm_checkpoints_and_exits(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "train.py", "--out-dir", str(tmp_path), "--steps", "500",
-           "--eval-every", "0", "--test-data", "", "--no-export"]
+           "--eval-every", "0", "--no-export"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
