@@ -75,11 +75,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str) -> torc
 
 
 def _sdpa_per_document(q, k, v, cu_seqlens) -> torch.Tensor:
-    bounds = cu_seqlens.tolist()  # host sync; fine on CPU, which is where this backend runs
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # host sync; fine on CPU, where this runs
     out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+    # split (not slicing in a loop): its backward is one concatenation, not a zero-filled
+    # full-size gradient per document.
+    for qd, kd, vd in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        od = F.scaled_dot_product_attention(qd.transpose(0, 1), kd.transpose(0, 1), vd.transpose(0, 1),
+                                            is_causal=True, enable_gqa=True)  # [H, L, D]
         out.append(od.transpose(0, 1))  # [L, H, D]
     return torch.cat(out, dim=0)
 
