@@ -10,7 +10,6 @@ generator samples from it and the trainer scores with it, so the two log-probs a
 """
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
