@@ -12,8 +12,9 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
-from minirl import checkpoint, trainer
+from minirl import checkpoint, report, trainer
 from minirl.config import parse_config
 from minirl.data import PromptDataset
 from minirl.dist import check_parallel_or_exit, distributed
@@ -92,18 +93,18 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             log(f"resumed from step {start}")
     trainer.sync_weights(generator, model, gen_dtype)
 
-    metrics = trainer.MetricsLog(cfg.run.out_dir, fresh=start == 0) if d.is_main else None
+    metrics = report.MetricsLog(cfg.run.out_dir, fresh=start == 0) if d.is_main else None
     if test is not None and start == 0:
         acc0 = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
         log(f"held-out accuracy before training: {acc0:.1%}")
         if d.is_main:
             metrics.write({"step": 0, "test_accuracy": acc0})
 
-    stop, acc = trainer.StopFlag(), None
-    step_bar = trainer.tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
+    stop, acc = report.StopFlag(), None
+    step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
                             initial=start, total=cfg.run.steps)
     for step in step_bar:
-        timer = trainer.PhaseTimer(d.device)
+        timer = report.PhaseTimer(d.device)
         t0 = time.perf_counter()
         prompts = data.next_batch(cfg.run.prompts_per_step)
         timer.start("rollout")
@@ -128,7 +129,7 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             acc = row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
         if d.is_main:
             metrics.write(row)
-            step_bar.write(trainer.summary_line(row))
+            step_bar.write(report.summary_line(row))
 
         last = step + 1 == cfg.run.steps
         stopping = stop.any_rank(d.device)
@@ -148,7 +149,7 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         checkpoint.export_hf(model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
         log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
     if d.is_main:
-        trainer.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
+        report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
 
 
 def make_generator(cfg, model_cfg, tok, d, dtype):

@@ -41,6 +41,7 @@ from minirl.config import TrainConfig
 from minirl.data import Prompt
 from minirl.dist import Dist, distributed
 from minirl.generate import Generator, SamplingParams
+from minirl.report import PhaseTimer
 
 
 def parse_args(argv=None):
@@ -102,7 +103,7 @@ def rollout(generator: Generator, prompts: list[Prompt], cfg: TrainConfig, seed:
 
 def rl_step(step: int, policy, optimizer, scheduler, generator, prompts, cfg, d: Dist, dtype) -> dict:
     """One step as train.py runs it; returns phase times (s), peak memory (GiB) and token counts."""
-    timer = trainer.PhaseTimer(d.device)
+    timer = PhaseTimer(d.device)
     reset_peak_memory(d.device)
     timer.start("rollout")
     samples = rollout(generator, prompts, cfg, seed=step)

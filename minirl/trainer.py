@@ -16,8 +16,6 @@ per step, phase times come from events read once per step.
 import json
 import math
 import os
-import signal
-import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +32,7 @@ from minirl.dist import Dist
 from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
 from minirl.generate import SamplingParams
 from minirl.model import ModelConfig, Transformer
+from minirl.report import PhaseTimer
 
 
 @dataclass
@@ -189,37 +188,6 @@ def micro_logprobs(model, mb: MicroBatch, rc):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Phase timing without host syncs in the loop
-
-
-class PhaseTimer:
-    """Wall time per phase. On CUDA it records events and reads them once, in `summary()`."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: dict[str, list] = {}
-
-    def start(self, name: str):
-        self.marks[name] = [self._now()]
-
-    def stop(self, name: str):
-        self.marks[name].append(self._now())
-
-    def _now(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def summary(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return {f"time/{k}": a.elapsed_time(b) / 1000 for k, (a, b) in self.marks.items()}
-        return {f"time/{k}": b - a for k, (a, b) in self.marks.items()}
-
-
-# ---------------------------------------------------------------------------------------------------
 # One RL step
 
 
@@ -332,47 +300,6 @@ def rollout_stats(samples: list[Sample]) -> dict[str, float]:
             "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)}
 
 
-class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits cleanly."""
-
-    def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def any_rank(self, device) -> bool:
-        flag = torch.tensor([float(self.raised)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-class MetricsLog:
-    """One JSON line per row in out_dir/metrics.jsonl, and TensorBoard scalars when it is installed."""
-
-    def __init__(self, out_dir: str, fresh: bool):
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if fresh and os.path.exists(self.path):
-            os.remove(self.path)  # a new run does not append to an old run's curve
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        except ImportError:  # the tensorboard package is optional
-            self.tb = None
-
-    def write(self, row: dict):
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
-            self.tb.flush()
-
-
 def sync_weights(generator, model, dtype):
     """Stream the updated policy into the generator one parameter at a time (a collective)."""
     generator.update_weights(iter_full_params(model, dtype))
@@ -394,34 +321,3 @@ def evaluate(generator, prompts: list[Prompt], d: Dist, cfg: TrainConfig, reward
     counts = torch.tensor([float(correct), float(len(mine))], device=d.device) * reports
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()
-
-
-def summary_line(row: dict) -> str:
-    keys = [("step", "{}"), ("reward_mean", "{:.3f}"), ("solved", "{:.2f}"), ("loss", "{:+.4f}"),
-            ("entropy", "{:.3f}"), ("clip_frac", "{:.3f}"), ("approx_kl", "{:.2e}"), ("grad_norm", "{:.3f}"),
-            ("response_len", "{:.1f}"), ("tokens_per_s", "{:.0f}")]
-    parts = [f"{k}=" + fmt.format(row[k]) for k, fmt in keys if k in row]
-    times = " ".join(f"{k[5:]}={v:.2f}s" for k, v in row.items() if k.startswith("time/"))
-    return " ".join(parts) + " | " + times
-
-
-def plot_rewards(metrics_path: str, png_path: str):
-    """reward_mean and held-out accuracy per step as a PNG, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(metrics_path)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    train = [r for r in rows if "reward_mean" in r]
-    ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward (mean)")
-    test = [r for r in rows if "test_accuracy" in r]
-    if test:
-        ax.plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-", label="held-out accuracy")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
