@@ -7,6 +7,7 @@
 Works on GPUs (NCCL) and on CPUs (gloo); multi-node is plain torchrun (--nnodes, --rdzv-endpoint).
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -82,74 +83,74 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
     updates = cfg.run.steps * cfg.run.mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(cfg.optim, updates))
     gen_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    generator = make_generator(cfg, model_cfg, tok, d, gen_dtype)
-
-    start = 0
-    if cfg.run.resume:
-        state = checkpoint.load_latest(os.path.join(cfg.run.out_dir, "checkpoints"), model, optimizer, scheduler)
-        if state is not None:
-            start = state.step
-            data.load_state_dict(state.data_state)
-            log(f"resumed from step {start}")
-    trainer.sync_weights(generator, model, gen_dtype)
-
-    metrics = report.MetricsLog(cfg.run.out_dir, fresh=start == 0) if d.is_main else None
-    if test is not None and start == 0:
-        acc0 = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
-        log(f"held-out accuracy before training: {acc0:.1%}")
-        if d.is_main:
-            metrics.write({"step": 0, "test_accuracy": acc0})
-
-    stop, acc = report.StopFlag(), None
-    step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
-                            initial=start, total=cfg.run.steps)
-    for step in step_bar:
-        timer = report.PhaseTimer(d.device)
-        t0 = time.perf_counter()
-        prompts = data.next_batch(cfg.run.prompts_per_step)
-        timer.start("rollout")
-        samples = trainer.rollout(generator, prompts, step, d, cfg, reward_fn, tok, progress=d.is_main)
-        timer.stop("rollout")
-        generator.release()  # training gets the memory back (unless --keep-generator)
-        trainer.score_samples(samples, cfg)
-        sums = trainer.train_on_samples(model, ref_model, optimizer, scheduler, samples, d, cfg, tok.pad_id,
-                                        timer, progress=d.is_main)
-        timer.start("weight_sync")
+    # A vLLM engine must shut down before the process group does (its shutdown tears groups down).
+    with contextlib.closing(make_generator(cfg, model_cfg, tok, d, gen_dtype)) as generator:
+        start = 0
+        if cfg.run.resume:
+            state = checkpoint.load_latest(os.path.join(cfg.run.out_dir, "checkpoints"), model, optimizer, scheduler)
+            if state is not None:
+                start = state.step
+                data.load_state_dict(state.data_state)
+                log(f"resumed from step {start}")
         trainer.sync_weights(generator, model, gen_dtype)
-        timer.stop("weight_sync")
 
-        row = {"step": step + 1, **trainer.rollout_stats(samples), **{k: v.item() for k, v in sums.items()},
-               "lr": scheduler.get_last_lr()[0], **timer.summary()}
-        tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
-        row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
-        if d.device.type == "cuda":
-            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        acc = None
-        if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-            acc = row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
-        if d.is_main:
-            metrics.write(row)
-            step_bar.write(report.summary_line(row))
-
-        last = step + 1 == cfg.run.steps
-        stopping = stop.any_rank(d.device)
-        if stopping or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-            trainer.save(cfg, step + 1, model, optimizer, scheduler, data)
-        if stopping:
-            log(f"stopped by signal after step {step + 1}; checkpoint saved, resume with --resume")
-            return
-
-    if test is not None:
-        if acc is None:  # not already evaluated at the last step
-            acc = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+        metrics = report.MetricsLog(cfg.run.out_dir, fresh=start == 0) if d.is_main else None
+        if test is not None and start == 0:
+            acc0 = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+            log(f"held-out accuracy before training: {acc0:.1%}")
             if d.is_main:
-                metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
-        log(f"held-out accuracy after training: {acc:.1%}")
-    if cfg.run.export:
-        checkpoint.export_hf(model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
-        log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
-    if d.is_main:
-        report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
+                metrics.write({"step": 0, "test_accuracy": acc0})
+
+        stop, acc = report.StopFlag(), None
+        step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
+                                initial=start, total=cfg.run.steps)
+        for step in step_bar:
+            timer = report.PhaseTimer(d.device)
+            t0 = time.perf_counter()
+            prompts = data.next_batch(cfg.run.prompts_per_step)
+            timer.start("rollout")
+            samples = trainer.rollout(generator, prompts, step, d, cfg, reward_fn, tok, progress=d.is_main)
+            timer.stop("rollout")
+            generator.release()  # training gets the memory back (unless --keep-generator)
+            trainer.score_samples(samples, cfg)
+            sums = trainer.train_on_samples(model, ref_model, optimizer, scheduler, samples, d, cfg, tok.pad_id,
+                                            timer, progress=d.is_main)
+            timer.start("weight_sync")
+            trainer.sync_weights(generator, model, gen_dtype)
+            timer.stop("weight_sync")
+
+            row = {"step": step + 1, **trainer.rollout_stats(samples), **{k: v.item() for k, v in sums.items()},
+                   "lr": scheduler.get_last_lr()[0], **timer.summary()}
+            tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
+            row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+            if d.device.type == "cuda":
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            acc = None
+            if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+                acc = row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+            if d.is_main:
+                metrics.write(row)
+                step_bar.write(report.summary_line(row))
+
+            last = step + 1 == cfg.run.steps
+            stopping = stop.any_rank(d.device)
+            if stopping or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                trainer.save(cfg, step + 1, model, optimizer, scheduler, data)
+            if stopping:
+                log(f"stopped by signal after step {step + 1}; checkpoint saved, resume with --resume")
+                return
+
+        if test is not None:
+            if acc is None:  # not already evaluated at the last step
+                acc = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+                if d.is_main:
+                    metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
+            log(f"held-out accuracy after training: {acc:.1%}")
+        if cfg.run.export:
+            checkpoint.export_hf(model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
+            log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
+        if d.is_main:
+            report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
 
 
 def make_generator(cfg, model_cfg, tok, d, dtype):

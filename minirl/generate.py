@@ -254,6 +254,10 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the cached blocks back for training's own allocations
 
+    def close(self):
+        """Drop the inference copy for good (the same interface as the vLLM backend's close)."""
+        self.model = None
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
                  seeds: list[int] | None = None) -> list[Completion]:
         if self.model is None:
