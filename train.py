@@ -103,7 +103,7 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
 
         stop, acc = report.StopFlag(), None
         step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
-                                initial=start, total=cfg.run.steps)
+                        initial=start, total=cfg.run.steps)
         for step in step_bar:
             timer = report.PhaseTimer(d.device)
             t0 = time.perf_counter()
