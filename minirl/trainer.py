@@ -2,7 +2,8 @@
 
 Data layout through a step:
 - Prompts: every rank draws the same `prompts_per_step` prompts (same seeded order) and generates
-  `n_samples` completions for its share, prompts[rank::world]. The completions are then gathered so
+  `n_samples` completions for its share (every world-th prompt; one share per vLLM tensor-parallel
+  group). The completions are then gathered so
   every rank holds the whole step's samples in the same global order: advantages, mini-batches and
   the micro-batch plan are computed identically everywhere, with no further communication.
 - Training: each mini-batch is planned over the dp ranks (`plan_micro_batches`); the sp ranks of one
@@ -114,6 +115,11 @@ def generator_replicas(d: Dist, cfg: TrainConfig) -> tuple[int, int, bool]:
     return d.rank // tp, d.world // tp, d.rank % tp == 0
 
 
+def prompt_text(p: Prompt) -> str:
+    """The prompt as the reward function sees it: the string, or chat messages as JSON."""
+    return p.text if isinstance(p.text, str) else json.dumps(p.text)
+
+
 def rollout(generator, prompts: list[Prompt], step: int, d: Dist, cfg: TrainConfig, reward_fn, tok,
             progress: bool) -> list[Sample]:
     """Generate n completions for this replica's share of the prompts, score them, gather all replicas'."""
@@ -129,8 +135,7 @@ def rollout(generator, prompts: list[Prompt], step: int, d: Dist, cfg: TrainConf
     bar.close()
     local = []
     for p, out in zip(rows, outs):
-        reward = reward_fn(p.text if isinstance(p.text, str) else json.dumps(p.text),
-                           tok.decode(out.token_ids), p.answer)
+        reward = reward_fn(prompt_text(p), tok.decode(out.token_ids), p.answer)
         local.append((p.index, out.token_ids, out.logprobs, out.finish_reason, float(reward)))
     gathered = [None] * d.world
     dist.all_gather_object(gathered, local if reports else None)
@@ -214,8 +219,7 @@ def check_config(cfg: TrainConfig):
 
 
 def split_mini_batches(n_samples: int, n_mini: int) -> list[list[int]]:
-    if n_samples % n_mini:
-        raise ValueError(f"{n_samples} samples per step do not split into {n_mini} mini-batches")
+    """Consecutive, equal mini-batches of sample indices (check_config made n_mini divide n_samples)."""
     size = n_samples // n_mini
     return [list(range(k * size, (k + 1) * size)) for k in range(n_mini)]
 
@@ -253,14 +257,15 @@ def train_on_samples(model, ref_model, optimizer, scheduler, samples: list[Sampl
     timer.start("train")
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=n_micro, desc="train", leave=False, disable=not progress, unit="mb")
+    # Completion tokens of every sample [N]; with the mini-batch's totals these are the global
+    # normalisers of the loss weights, identical on every rank.
+    comp_lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32, device=d.device)
     for m, (mb_idx, mbs) in enumerate(zip(minis, batches)):
-        # Mini-batch-global normalisers, identical on every rank.
-        comp_lens = torch.tensor([len(samples[i].completion_ids) for i in range(len(samples))], dtype=torch.float32)
         n_tokens = comp_lens[mb_idx].sum().clamp_min(1)
         for j, mb in enumerate(mbs):
             lp, ent = micro_logprobs(model, mb, rc)
-            w = token_weights(mb.mask, mb.seq_ids, comp_lens.to(d.device), len(mb_idx), n_tokens.to(d.device),
-                              lcfg.agg, float(rc.max_new_tokens))
+            w = token_weights(mb.mask, mb.seq_ids, comp_lens, len(mb_idx), n_tokens, lcfg.agg,
+                              float(rc.max_new_tokens))
             loss, metrics = policy_loss(lp, old.get((m, j), lp.detach()), mb.advantages, w, lcfg,
                                         ref_logprobs=ref.get((m, j)), gen_logprobs=mb.gen_logprobs, entropy=ent)
             loss.backward()
@@ -316,8 +321,7 @@ def evaluate(generator, prompts: list[Prompt], d: Dist, cfg: TrainConfig, reward
     mine = prompts[replica::n_replicas]
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0)
     outs = generator.generate([p.token_ids for p in mine], params) if mine else []
-    correct = sum(reward_fn(p.text if isinstance(p.text, str) else json.dumps(p.text),
-                            tok.decode(o.token_ids), p.answer) > 0 for p, o in zip(mine, outs))
+    correct = sum(reward_fn(prompt_text(p), tok.decode(o.token_ids), p.answer) > 0 for p, o in zip(mine, outs))
     counts = torch.tensor([float(correct), float(len(mine))], device=d.device) * reports
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()
