@@ -1,7 +1,8 @@
 """Decode throughput of minirl's naive generator (eager and CUDA graphs) against transformers' generate.
 
 Rollouts dominate an RL step, and minirl generates with its own ~250-line static-KV-cache loop
-(`minirl.generate.generate`). This measures how fast that loop decodes, for random-weight bf16 models
+(`minirl.generate.generate`). This measures how fast that loop decodes (eager, and the whole step
+as one CUDA graph), for random-weight bf16 models
 of two shapes (Qwen3-0.6B, and a Qwen2.5-1.5B-like one), at several batch sizes, with --prompt-len
 prompt tokens and --new-tokens sampled tokens per row (temperature 1, no EOS: every row decodes all
 its tokens, so the work is fixed):
@@ -18,10 +19,10 @@ its tokens, so the work is fixed):
 - transformers: the same weights loaded into `AutoModelForCausalLM.from_config(ModelConfig.to_hf())`,
   `generate(do_sample=True, temperature=1, top_k=0)` with its default dynamic cache, eager, SDPA
   attention (its static cache is meant for torch.compile, whose compilation per batch size would not
-  fit the time budget), timed the same way; ratios = ours (eager, and CUDA graphs) tokens/s / transformers'. A logits
+  fit the time budget), timed the same way; ratios = ours (each mode) tokens/s / transformers'. A logits
   check first confirms both hold the same model.
 
-    python bench/generate.py                    # ~3 min on an H100; transformers skipped at batch 256
+    python bench/generate.py                    # a few minutes on an H100; transformers skipped at batch 256
     python bench/generate.py --tiny             # CPU smoke run (no CUDA graphs on CPU)
 """
 
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 import transformers
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import (copy_bandwidth, csv_ints, csv_strs, device_info, default_device, median, model_config,
@@ -47,12 +49,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", type=csv_strs, default=["qwen3-0.6b", "qwen2.5-1.5b"])
     p.add_argument("--batches", type=csv_ints, default=[1, 16, 64, 256])
-    p.add_argument("--modes", type=csv_strs, default=["eager", "graphs"], help="eager, graphs (CUDA only)")
+    p.add_argument("--modes", type=csv_strs, default=["eager", "graphs"],
+                   help="eager; graphs (the whole decode step as one CUDA graph; CUDA only)")
     p.add_argument("--hf-batches", type=csv_ints, default=[1, 16, 64],
                    help="batches to run transformers at (empty: none); 256 is left out to fit ~4 min")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--reps", type=int, default=1, help="timed full-length generate calls per case (median)")
+    p.add_argument("--profile", type=int, default=0, metavar="BATCH",
+                   help="also profile 32 eager decode steps of the first shape at this batch: top GPU kernels")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU, seconds")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/generate.json or bench/results/)")
     args = p.parse_args(argv)
@@ -85,11 +90,11 @@ def decode_step_s(run, new_tokens: int, reps: int, device) -> float:
     return (tn - t1) / (new_tokens - 1)
 
 
-def ours_runner(model: Transformer, prompts, graphs: bool):
+def ours_runner(model: Transformer, prompts, mode: str):
     def run(n):
         params = SamplingParams(max_new_tokens=n, temperature=1.0, seed=0)
         outs = generate(model, prompts, params, eos_ids=[], pad_id=0, max_batch_size=len(prompts),
-                        cuda_graphs=graphs)
+                        cuda_graphs=mode == "graphs")
         assert all(len(o.token_ids) == n for o in outs), "a row stopped early: the workload is not fixed"
     return run
 
@@ -137,9 +142,28 @@ def roofline(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, ban
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # k and v, bf16
     mean_context = prompt_len + (new_tokens - 1) / 2
     kv = batch * mean_context * kv_per_token
-    kv_static = batch * (prompt_len + new_tokens - 1) * kv_per_token  # the whole cache, every step
+    slots = -(-(prompt_len + new_tokens - 1) // 64) * 64  # generate rounds the cache up to 64 slots
+    kv_static = batch * slots * kv_per_token  # the whole cache, every step
     return {"weight_bytes": weights, "kv_bytes": kv, "kv_bytes_static": kv_static,
             "floor_s": (weights + kv) / (bandwidth_gbs * 1e9)}
+
+
+def profile_decode(shape: str, batch: int, prompt_len: int, device, path: str) -> str:
+    """Top kernels of 32 decode steps (eager: the profiler sees each kernel, and their GPU time is what a
+    graph replays), minus a 1-step call; written to `path` and returned."""
+    cfg = model_config(shape)
+    model = random_model(cfg, device).to(torch.bfloat16).eval()
+    run = ours_runner(model, random_prompts(batch, prompt_len, cfg.vocab_size, seed=batch), "eager")
+    run(2)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run(33)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = (f"{shape}, batch {batch}, prompt {prompt_len}: 33 eager decode steps (incl. prefill)\n"
+             + prof.key_averages().table(sort_by=sort, row_limit=20))
+    with open(path, "w") as f:
+        f.write(table)
+    return table
 
 
 def bench_shape(shape: str, args, device, bandwidth: float) -> list[dict]:
@@ -152,7 +176,7 @@ def bench_shape(shape: str, args, device, bandwidth: float) -> list[dict]:
         floor = roofline(cfg, batch, args.prompt_len, args.new_tokens, bandwidth)
         row = {"shape": shape, "batch": batch, **floor}
         for mode in args.modes:
-            step = decode_step_s(ours_runner(model, prompts, mode == "graphs"), args.new_tokens, args.reps, device)
+            step = decode_step_s(ours_runner(model, prompts, mode), args.new_tokens, args.reps, device)
             row[f"{mode}_step_ms"] = step * 1e3
             row[f"{mode}_tokens_per_s"] = batch / step
             row[f"{mode}_roofline_frac"] = floor["floor_s"] / step
@@ -174,12 +198,15 @@ def bench_shape(shape: str, args, device, bandwidth: float) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     device = default_device()
-    if device.type != "cuda" and "graphs" in args.modes:
-        print("note: CUDA graphs need CUDA; mode 'graphs' skipped", flush=True)
-        args.modes = [m for m in args.modes if m != "graphs"]
+    if device.type != "cuda" and set(args.modes) - {"eager"}:
+        print("note: CUDA graphs need CUDA; only mode 'eager' runs", flush=True)
+        args.modes = ["eager"]
     bandwidth = copy_bandwidth(device, nbytes=2**26 if args.tiny else 2**30)
     info = {**device_info(device), "transformers": transformers.__version__}
     print(f"device: {info}; copy bandwidth {bandwidth:.0f} GB/s (read + write)", flush=True)
+    if args.profile:
+        path = os.path.join(os.path.dirname(out_path("generate", args.out)), "generate_profile.txt")
+        print(profile_decode(args.shapes[0], args.profile, args.prompt_len, device, path), flush=True)
     rows = [r for shape in args.shapes for r in bench_shape(shape, args, device, bandwidth)]
 
     best = args.modes[-1]  # graphs on a GPU

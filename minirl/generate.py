@@ -5,9 +5,11 @@ One batch of prompts is generated in two phases, as in gpt-fast:
 - prefill: all prompts, right-padded to the longest, run through the model together and fill the KV
   cache. Padding writes junk into the cache above a row's prompt, which is harmless: a query at
   position p only reads slots 0..p of its row, and slot p is written by the step that reads it.
-- decode: one token per row per step, each row at its own position (its current length). Shapes never
-  change, so on a GPU the step is captured once as a CUDA graph and replayed, removing the per-kernel
-  launch overhead that otherwise dominates one-token steps.
+- decode: one token per row per step, each row at its own position (its current length). The step
+  (model, sampling, bookkeeping) reads and writes only fixed tensors, so on a GPU it is captured once
+  as a CUDA graph and replayed, removing the per-kernel launch overhead that otherwise dominates
+  one-token steps; the host checks for finished rows only every few steps. Attention reads the part
+  of the cache filled so far, rounded up to one of a few lengths (a graph for each).
 
 Every sampled token comes with its log-prob under the distribution it was drawn from, the one
 `process_logits` defines (temperature, top-k, top-p). The trainer scores with the same function, so
@@ -15,6 +17,7 @@ the two log-probs differ only by numerics (bf16 vs fp32, kernels), which is what
 has to correct.
 """
 
+import functools
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,18 +54,18 @@ class Completion:
     finish_reason: str  # "stop" (an EOS id) or "length" (max_new_tokens)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, rngs: list[random.Random]):
-    """logits [B, V] fp32 -> (tokens [B], their log-probs [B]) under `process_logits`' distribution.
+def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
+    """logits [B, V] fp32, u [B] float64 in (0, 1] -> (tokens [B], their log-probs [B]).
 
-    Inverse-CDF sampling with one uniform number per row, drawn from that row's own RNG: a row's
-    samples depend on its seed alone, not on the other rows of its batch, nor on the device (CPU and
-    GPU draw the same numbers; only their probabilities differ by rounding).
+    Inverse-CDF sampling with one uniform number per row (ignored when greedy). The numbers come from
+    each row's own Python RNG (`draw_uniforms`), so a row's samples depend on its seed alone, not on
+    the other rows of its batch, nor on the device (CPU and GPU draw the same numbers; only their
+    probabilities differ by rounding).
     """
     logp = process_logits(logits, params.temperature, params.top_k, params.top_p).log_softmax(-1)  # [B, V]
     if params.temperature == 0:
         tokens = logp.argmax(-1)  # [B]
     else:
-        u = torch.tensor([1.0 - rng.random() for rng in rngs], dtype=torch.float64, device=logits.device)  # (0, 1]
         cdf = logp.exp().double().cumsum(-1)  # [B, V]
         # The first token whose cumulative probability reaches u x total: token i is picked with
         # probability p_i, and a token of probability 0 (cdf flat there) never is.
@@ -70,40 +73,84 @@ def sample(logits: torch.Tensor, params: SamplingParams, rngs: list[random.Rando
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class CUDAGraphStep:
-    """`model.forward_step` of one token per row, captured once as a CUDA graph and replayed.
+def draw_uniforms(rngs: list[random.Random], steps: int) -> torch.Tensor:
+    """[B, steps] float64 in (0, 1]: row b's number for decode step t is the t-th draw of rngs[b]."""
+    return torch.tensor([[1.0 - rng.random() for _ in range(steps)] for rng in rngs], dtype=torch.float64)
 
-    A graph replays fixed kernels on fixed memory, so inputs are copied into static buffers and the
-    logits come back in a static buffer, overwritten by the next call. Build it BEFORE prefill: the
-    warm-up runs write junk into cache slot 0 of every row, which prefill then overwrites.
+
+@dataclass
+class DecodeState:
+    """Everything a decode step reads and writes, as fixed device tensors updated in place.
+
+    Nothing leaves the device between steps, so on a GPU the whole step (model, sampling and
+    bookkeeping) is captured once as a CUDA graph and replayed.
     """
 
-    def __init__(self, model: Transformer, cache: KVCache, batch: int):
-        device = cache.k.device
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
-        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
-        # Warm up on a side stream, as capture requires (lazy initialisation must not be captured).
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model.forward_step(self.tokens, self.pos, cache)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.forward_step(self.tokens, self.pos, cache)  # [B, 1, V]
+    cur: torch.Tensor  # [B] the token each row feeds next
+    pos: torch.Tensor  # [B] its position
+    t: torch.Tensor  # [1] index of the step
+    uniforms: torch.Tensor  # [B, T] float64, see draw_uniforms
+    tokens: torch.Tensor  # [B, T] sampled tokens
+    logprobs: torch.Tensor  # [B, T] their log-probs
+    n_new: torch.Tensor  # [B] tokens a row really generated (finished rows keep decoding, uncounted)
+    done: torch.Tensor  # [B] the row has sampled an EOS id
 
-    def __call__(self, tokens, pos):
-        self.tokens.copy_(tokens)
+    @classmethod
+    def empty(cls, B: int, T: int, device) -> "DecodeState":
+        long = dict(dtype=torch.long, device=device)
+        return cls(torch.zeros(B, **long), torch.zeros(B, **long), torch.zeros(1, **long),
+                   torch.zeros(B, T, dtype=torch.float64, device=device), torch.zeros(B, T, **long),
+                   torch.zeros(B, T, device=device), torch.zeros(B, **long),
+                   torch.zeros(B, dtype=torch.bool, device=device))
+
+    def reset(self, cur: torch.Tensor, pos: torch.Tensor, uniforms: torch.Tensor):
+        self.cur.copy_(cur)
         self.pos.copy_(pos)
-        self.graph.replay()
-        return self.logits
+        self.uniforms.copy_(uniforms)
+        for x in (self.t, self.n_new, self.done):
+            x.zero_()
+
+
+def decode_step(model: Transformer, state: DecodeState, cache: KVCache, kv_len: int, params: SamplingParams,
+                eos: torch.Tensor):
+    """Feed each row's current token, sample the next one and record it. Attention reads `kv_len` slots."""
+    logits = model.forward_step(state.cur[:, None], state.pos[:, None], cache, kv_len)[:, 0]  # [B, V]
+    u = state.uniforms.index_select(1, state.t).squeeze(1)  # [B]
+    tokens, logprobs = sample(logits, params, u)  # [B], [B]
+    state.tokens.index_copy_(1, state.t, tokens[:, None])
+    state.logprobs.index_copy_(1, state.t, logprobs[:, None])
+    state.n_new += ~state.done
+    state.done |= torch.isin(tokens, eos)
+    state.cur.copy_(tokens)
+    state.pos += 1
+    state.t += 1
+
+
+def cuda_graph(fn, reset, pool):
+    """Capture fn() once as a CUDA graph; returns the function that replays it.
+
+    A graph replays fixed kernels on fixed memory, one launch for the whole step instead of one per
+    kernel. Capture must not see lazy initialisation (cuBLAS handles, workspaces), so fn first
+    runs for real once, on a side stream; reset() puts the state back after that run (the capture
+    itself runs nothing).
+    Graphs that never run at the same time can share one memory `pool` for their temporaries.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    reset()
+    return graph.replay
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int],
              pad_id: int, max_batch_size: int = 64, cuda_graphs: bool = True, prefill_tokens: int = 2048,
-             progress=None, seeds: list[int] | None = None) -> list[Completion]:
+             progress=None, seeds: list[int] | None = None, sync_every: int = 16) -> list[Completion]:
     """Complete every prompt (a list of token ids); returns one Completion per prompt, in order.
 
     Prompts are generated `max_batch_size` rows at a time. Pick it from the KV cache a batch needs:
@@ -120,10 +167,14 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     On GPU some kernels are not bitwise deterministic (memory-efficient attention splits the keys), so
     a near-tie between two tokens can flip from run to run; torch.use_deterministic_algorithms(True)
     makes reruns exact, at a cost in speed.
+    The host looks at the finished rows every `sync_every` steps (a sync): a batch whose rows have
+    all stopped is noticed at most that many steps late.
     """
     params.check()
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     vocab = model.cfg.vocab_size
     for i, p in enumerate(prompts):
         if not p:
@@ -138,12 +189,13 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     completions = []
     for start in range(0, len(prompts), max_batch_size):
         end = start + max_batch_size
-        completions += _generate_batch(model, prompts[start:end], params, eos_ids, pad_id, rngs[start:end],
-                                       use_graph, prefill_tokens, progress)
+        completions += _generate_batch(model, prompts[start:end], params, eos_ids, pad_id,
+                                       rngs[start:end], use_graph, prefill_tokens, progress, sync_every)
     return completions
 
 
-def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, prefill_tokens, progress):
+def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, prefill_tokens,
+                    progress, sync_every):
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     B, S, T = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
     lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
@@ -152,48 +204,50 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
         tokens[b, :len(p)] = torch.tensor(p)
     tokens = tokens.to(device)
 
-    # The last token ever fed back sits at position len_b - 1 + T - 1 <= S + T - 2.
-    cache = KVCache.empty(model.cfg, B, S + T - 1, dtype, device)
+    # The last token ever fed back sits at position len_b - 1 + T - 1 <= S + T - 2. Lengths read by
+    # attention are kept multiples of 64 slots, which the attention kernels' masks want.
+    max_len = -(-(S + T - 1) // 64) * 64
+    cache = KVCache.empty(model.cfg, B, max_len, dtype, device)
+    state = DecodeState.empty(B, T, device)
+    # Each row's LAST prompt token is fed by the first decode step, at its own position, which yields
+    # the logits of its first new token without picking them out of the prefill's [B, S, V] logits.
+    first = (tokens.gather(1, (lens - 1)[:, None]).squeeze(1), lens - 1,
+             draw_uniforms(rngs, T) if params.temperature > 0 else torch.zeros(B, T, dtype=torch.float64))
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    # Step t reads cache slots 0..S-1+t at most. Instead of the whole cache, attention reads one of a
+    # few lengths (multiples of `width`, the last one max_len) that covers them: a graph each.
+    width = -(-max_len // 4 // 64) * 64  # at most 4 lengths
+    lengths = [min(max_len, width * (i + 1)) for i in range((S - 1) // width, (max_len - 1) // width + 1)]
+    steps = {n: functools.partial(decode_step, model, state, cache, n, params, eos) for n in lengths}
+    state.reset(*first)
     if use_graph:
-        step = CUDAGraphStep(model, cache, B)
-    else:
-        def step(tok, pos):
-            return model.forward_step(tok, pos, cache)
+        # Warm-up runs write junk into cache slot len_b - 1 only, the slot the first real step writes.
+        pool = torch.cuda.graph_pool_handle()
+        steps = {n: cuda_graph(step, lambda: state.reset(*first), pool) for n, step in steps.items()}
 
-    # Prefill positions 0..S-2. Each row's LAST prompt token is fed by the first decode step instead,
-    # at its own position, which yields the logits of its first new token without picking them out
-    # of the prefill's [B, S, V] logits.
+    # Prefill positions 0..S-2 (the padding of short rows writes junk above their prompt, which is
+    # harmless: a query at position p reads slots 0..p only, and slot p is written by the step that reads it).
     positions = torch.arange(S, device=device).expand(B, S)  # [B, S]
     chunk = max(1, prefill_tokens // B)
     for s in range(0, S - 1, chunk):
         e = min(s + chunk, S - 1)
-        model.forward_step(tokens[:, s:e], positions[:, s:e], cache)
+        model.forward_step(tokens[:, s:e], positions[:, s:e], cache, kv_len=e)
 
-    cur = tokens.gather(1, (lens - 1)[:, None]).squeeze(1)  # [B] token to feed
-    pos = lens - 1  # [B] its position
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    out_tokens = torch.zeros(B, T, dtype=torch.long, device=device)  # [B, T]
-    out_logprobs = torch.zeros(B, T, device=device)  # [B, T]
-    n_new = torch.zeros(B, dtype=torch.long, device=device)  # [B] tokens each row really generated
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     n_done = 0
     for t in range(T):
-        logits = step(cur[:, None], pos[:, None])[:, 0]  # [B, V]
-        cur, logprob = sample(logits, params, rngs)
-        out_tokens[:, t], out_logprobs[:, t] = cur, logprob
-        n_new += ~done  # finished rows keep decoding (fixed shapes) but their tokens are not counted
-        done |= torch.isin(cur, eos)
-        pos = pos + 1
-        now = int(done.sum())  # one host sync per step; it buys the early exit
-        if progress is not None:
-            progress.update(now - n_done)
-        n_done = now
-        if n_done == B:
-            break
+        steps[next(n for n in lengths if n >= S + t)]()
+        if (t + 1) % sync_every == 0 or t == T - 1:
+            now = int(state.done.sum())  # a host sync
+            if progress is not None:
+                progress.update(now - n_done)
+            n_done = now
+            if n_done == B:
+                break
     if progress is not None:
         progress.update(B - n_done)
 
-    out_tokens, out_logprobs, n_new, done = (x.tolist() for x in (out_tokens, out_logprobs, n_new, done))
+    out_tokens, out_logprobs, n_new, done = (x.tolist() for x in (state.tokens, state.logprobs, state.n_new,
+                                                                   state.done))
     return [Completion(out_tokens[b][:n_new[b]], out_logprobs[b][:n_new[b]], "stop" if done[b] else "length")
             for b in range(B)]
 

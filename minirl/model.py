@@ -158,10 +158,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (as HF does), scale in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # torch's own kernel: one launch instead of eight (a decode step runs four norms per layer), with
+        # the statistics in fp32 as HF computes them. HF rounds to x's dtype before scaling by the
+        # weight, this rounds once after: the two differ by at most one rounding in bf16.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 @dataclass
@@ -179,6 +179,19 @@ class KVCache:
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device) -> "KVCache":
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+def decode_mask(input_pos: torch.Tensor, max_len: int, groups: int, dtype) -> torch.Tensor:
+    """Additive attention mask of a cached step, built once for all layers: [B, 1, groups*S, max_len].
+
+    A query at position p sees cache slots 0..p of its own row: every slot below p holds that row's
+    real tokens (prompt, then generated), and stale slots above p are masked out. Rows are repeated
+    for the `groups` query heads folded into each kv head (see Attention.forward_step).
+    """
+    slots = torch.arange(max_len, device=input_pos.device)
+    allowed = slots[None, None, None, :] <= input_pos[:, None, :, None]  # [B, 1, S, max_len]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
+    return mask.repeat(1, 1, groups, 1)  # [B, 1, G*S, max_len], row g*S + s is query s
 
 
 class Attention(nn.Module):
@@ -215,19 +228,24 @@ class Attention(nn.Module):
             o = ulysses.attention(q, k, v, meta)
         return self.o_proj(o.flatten(-2))
 
-    def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache):
-        """Cached: x [B, S, D] at absolute positions input_pos [B, S]; caches [B, Hkv, S_max, Hd]."""
-        q, k, v = self.qkv(x, cos, sin)  # [B, S, H, Hd]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, Hd]
-        idx = input_pos[:, None, :, None].expand_as(k)  # [B, Hkv, S, Hd]
-        k_cache.scatter_(2, idx, k)
-        v_cache.scatter_(2, idx, v)
-        # A query at position p sees cache slots 0..p of its own row: every slot below p holds that
-        # row's real tokens (prompt, then generated), and stale slots above p are masked out.
-        slots = torch.arange(k_cache.shape[2], device=x.device)
-        mask = slots[None, None, None, :] <= input_pos[:, None, :, None]  # [B, 1, S, S_max]
-        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(o.transpose(1, 2).flatten(-2))  # [B, S, D]
+    def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
+        """Cached: x [B, S, D] at positions input_pos [B, S]; caches [B, Hkv, S_max, Hd]; mask from
+        decode_mask, whose width is the number of cache slots read."""
+        B, S = input_pos.shape
+        q, k, v = self.qkv(x, cos, sin)  # [B, S, H, Hd], [B, S, Hkv, Hd]
+        idx = input_pos[:, None, :, None].expand(B, self.n_kv, S, self.head_dim)  # [B, Hkv, S, Hd]
+        k_cache.scatter_(2, idx, k.transpose(1, 2))
+        v_cache.scatter_(2, idx, v.transpose(1, 2))
+        # The G query heads that share a kv head (head h reads kv head h // G) become G x S queries of
+        # that kv head, so attention reads the cache as it is stored, with any SDPA kernel that takes a
+        # mask (enable_gqa=True would narrow that choice).
+        G = self.n_heads // self.n_kv
+        q = q.view(B, S, self.n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).flatten(2, 3)  # [B, Hkv, G*S, Hd]
+        n = mask.shape[-1]  # slots read
+        o = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask)
+        # o: [B, Hkv, G*S, Hd]
+        o = o.unflatten(2, (G, S)).permute(0, 3, 1, 2, 4).flatten(2)  # [B, S, H*Hd], head = kv * G + g
+        return self.o_proj(o)
 
 
 class MLP(nn.Module):
@@ -265,8 +283,8 @@ class Block(nn.Module):
             return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False)
         return self._forward(x, cos, sin, meta)
 
-    def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache):
-        x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache)
+    def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
+        x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -301,12 +319,18 @@ class Transformer(nn.Module):
             return h
         return token_logprobs(h, self.output_weight(), targets, temperature, top_k, top_p, chunk_size)
 
-    def forward_step(self, tokens, input_pos, cache: KVCache) -> torch.Tensor:
-        """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V] (fp32)."""
+    def forward_step(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
+        """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V] (fp32).
+
+        Attention reads the first `kv_len` cache slots (default: all), which must cover every position
+        in input_pos: a decode step need not read the unfilled end of the cache.
+        """
         h = self.embed_tokens(tokens)  # [B, S, D]
         cos, sin = rope_cos_sin(self.cfg, input_pos, h.dtype)  # [B, S, Hd]
+        groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
+        mask = decode_mask(input_pos, kv_len or cache.k.shape[3], groups, h.dtype)  # [B, 1, G*S, kv_len]
         for i, layer in enumerate(self.layers):
-            h = layer.forward_step(h, cos, sin, input_pos, cache.k[i], cache.v[i])
+            h = layer.forward_step(h, cos, sin, input_pos, cache.k[i], cache.v[i], mask)
         return (self.norm(h) @ self.output_weight().t()).float()
 
     def set_checkpointing(self, enabled: bool):

@@ -7,7 +7,7 @@ import torch
 from helpers_models import FAMILIES, VOCAB, save_hf_model
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
-from minirl.generate import Completion, Generator, SamplingParams, generate, sample
+from minirl.generate import Completion, Generator, SamplingParams, draw_uniforms, generate, sample
 from minirl.hf import load_model
 
 PROMPT_LENS = [5, 1, 9, 3]
@@ -80,6 +80,17 @@ def test_sampled_logprobs_match_trainer(model):
     assert max((torch.tensor(o.logprobs) - r).abs().max() for o, r in zip(outs, untruncated)) > 1e-3
 
 
+def test_long_decode_matches_trainer(model):
+    """150 new tokens: decode steps move through several cache lengths (64, 128, 192 slots read) and
+    every log-prob still equals the trainer's, whose attention sees each whole sequence."""
+    prompts = random_prompts(PROMPT_LENS, seed=21)
+    params = SamplingParams(max_new_tokens=150, temperature=1.0, seed=22)
+    outs = generate(model, prompts, params, eos_ids=[], pad_id=0)
+    assert all(len(o.token_ids) == 150 for o in outs)
+    for o, r in zip(outs, trainer_logprobs(model, prompts, outs, params)):
+        torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-5)
+
+
 def test_seeded_sampling_is_reproducible(model):
     prompts = random_prompts(PROMPT_LENS, seed=6)
 
@@ -98,8 +109,8 @@ def test_sampler_draws_from_the_processed_distribution():
     """Token frequencies over many rows match softmax(process_logits(...)); removed tokens never appear."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40000, 6)
     params = SamplingParams(temperature=0.8, top_k=4)
-    rngs = [random.Random(i) for i in range(len(logits))]
-    tokens, logprobs = sample(logits, params, rngs)
+    u = draw_uniforms([random.Random(i) for i in range(len(logits))], 1)[:, 0]  # [B]
+    tokens, logprobs = sample(logits, params, u)
     want = (logits[0] / 0.8)[:4].softmax(-1)  # top-4, tempered, by hand
     freq = torch.bincount(tokens, minlength=6) / len(tokens)
     torch.testing.assert_close(freq[:4], want, rtol=0, atol=0.01)
