@@ -238,7 +238,7 @@ class Attention(nn.Module):
         v_cache.scatter_(2, idx, v.transpose(1, 2))
         # The G query heads that share a kv head (head h reads kv head h // G) become G x S queries of
         # that kv head, so attention reads the cache as it is stored, with any SDPA kernel that takes a
-        # mask (enable_gqa=True would narrow that choice).
+        # mask. (SDPA's enable_gqa=True is the alternative; bench/RESULTS.md section 4 compares them.)
         G = self.n_heads // self.n_kv
         q = q.view(B, S, self.n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).flatten(2, 3)  # [B, Hkv, G*S, Hd]
         n = mask.shape[-1]  # slots read
