@@ -28,6 +28,9 @@ from minirl.logprobs import process_logits
 from minirl.model import KVCache, ModelConfig, Transformer
 
 
+SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 512
@@ -150,7 +153,7 @@ def cuda_graph(fn, reset, pool):
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int],
              pad_id: int, max_batch_size: int = 64, cuda_graphs: bool = True, prefill_tokens: int = 2048,
-             progress=None, seeds: list[int] | None = None, sync_every: int = 16) -> list[Completion]:
+             progress=None, seeds: list[int] | None = None) -> list[Completion]:
     """Complete every prompt (a list of token ids); returns one Completion per prompt, in order.
 
     Prompts are generated `max_batch_size` rows at a time. Pick it from the KV cache a batch needs:
@@ -167,14 +170,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     On GPU some kernels are not bitwise deterministic (memory-efficient attention splits the keys), so
     a near-tie between two tokens can flip from run to run; torch.use_deterministic_algorithms(True)
     makes reruns exact, at a cost in speed.
-    The host looks at the finished rows every `sync_every` steps (a sync): a batch whose rows have
+    The host looks at the finished rows every SYNC_EVERY steps (a sync): a batch whose rows have
     all stopped is noticed at most that many steps late.
     """
     params.check()
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if sync_every < 1:
-        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     vocab = model.cfg.vocab_size
     for i, p in enumerate(prompts):
         if not p:
@@ -190,12 +191,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     for start in range(0, len(prompts), max_batch_size):
         end = start + max_batch_size
         completions += _generate_batch(model, prompts[start:end], params, eos_ids, pad_id,
-                                       rngs[start:end], use_graph, prefill_tokens, progress, sync_every)
+                                       rngs[start:end], use_graph, prefill_tokens, progress)
     return completions
 
 
 def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, prefill_tokens,
-                    progress, sync_every):
+                    progress):
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     B, S, T = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
     lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
@@ -211,8 +212,8 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     state = DecodeState.empty(B, T, device)
     # Each row's LAST prompt token is fed by the first decode step, at its own position, which yields
     # the logits of its first new token without picking them out of the prefill's [B, S, V] logits.
-    first = (tokens.gather(1, (lens - 1)[:, None]).squeeze(1), lens - 1,
-             draw_uniforms(rngs, T) if params.temperature > 0 else torch.zeros(B, T, dtype=torch.float64))
+    uniforms = draw_uniforms(rngs, T) if params.temperature > 0 else torch.zeros(B, T, dtype=torch.float64)
+    first = (tokens.gather(1, (lens - 1)[:, None]).squeeze(1), lens - 1, uniforms.to(device))
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     # Step t reads cache slots 0..S-1+t at most. Instead of the whole cache, attention reads one of a
     # few lengths (multiples of `width`, the last one max_len) that covers them: a graph each.
@@ -236,7 +237,7 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     n_done = 0
     for t in range(T):
         steps[next(n for n in lengths if n >= S + t)]()
-        if (t + 1) % sync_every == 0 or t == T - 1:
+        if (t + 1) % SYNC_EVERY == 0 or t == T - 1:
             now = int(state.done.sum())  # a host sync
             if progress is not None:
                 progress.update(now - n_done)
