@@ -8,8 +8,9 @@ prompt tokens and --new-tokens sampled tokens per row (temperature 1, no EOS: ev
 its tokens, so the work is fixed):
 
 - decode time per step = (t(new_tokens) - t(1)) / (new_tokens - 1), where t(n) is the wall time of a
-  whole generate call producing n tokens per row (after a warm-up call; median of 3 calls for t(1), of
-  --reps for t(new_tokens)); prefill, graph capture and result copies cancel;
+  whole generate call producing n tokens per row (after a full-length warm-up call, whose time is
+  reported too: it includes torch.compile of the decoder block on first use; median of 3 calls for
+  t(1), of --reps for t(new_tokens)); prefill, graph capture and result copies cancel;
 - tokens/s = batch / decode step time;
 - roofline fraction = floor / measured step, the floor being the fewest bytes a decode step must read,
   weights (2 bytes a parameter; a tied embedding counts once, as the output head) plus the KV cache
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--reps", type=int, default=1, help="timed full-length generate calls per case (median)")
     p.add_argument("--profile", type=int, default=0, metavar="BATCH",
-                   help="also profile 32 eager decode steps of the first shape at this batch: top GPU kernels")
+                   help="also profile 33 eager decode steps of the first shape at this batch: top GPU kernels")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU, seconds")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/generate.json or bench/results/)")
     args = p.parse_args(argv)
@@ -79,22 +80,26 @@ def wall_s(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def decode_step_s(run, new_tokens: int, reps: int, device) -> float:
+def decode_step_s(run, new_tokens: int, reps: int, device) -> tuple[float, float]:
     """Seconds per decode step: medians of generate calls of new_tokens and of 1 token, after a warm-up.
 
-    The 1-token call (prefill, graph capture, copies) is cheap, so it is always timed 3 times.
+    The warm-up is a full-length call: the first call of a shape pays one-time costs that a training
+    run pays once (cuDNN builds an attention plan per cache length, cuBLAS picks its kernels), and a
+    long call meets cache lengths a short one never does. The 1-token call (prefill, graph capture,
+    copies) is cheap, so it is always timed 3 times. Returns (seconds per step, seconds of the warm-up
+    call), the second including any torch.compile the first call of a process triggers.
     """
-    run(2)
+    warm_up = wall_s(lambda: run(new_tokens), device)
     t1 = median([wall_s(lambda: run(1), device) for _ in range(3)])
     tn = median([wall_s(lambda: run(new_tokens), device) for _ in range(reps)])
-    return (tn - t1) / (new_tokens - 1)
+    return (tn - t1) / (new_tokens - 1), warm_up
 
 
-def ours_runner(model: Transformer, prompts, mode: str):
+def ours_runner(model: Transformer, prompts, mode: str, **generate_kwargs):
     def run(n):
         params = SamplingParams(max_new_tokens=n, temperature=1.0, seed=0)
         outs = generate(model, prompts, params, eos_ids=[], pad_id=0, max_batch_size=len(prompts),
-                        cuda_graphs=mode == "graphs")
+                        cuda_graphs=mode == "graphs", **generate_kwargs)
         assert all(len(o.token_ids) == n for o in outs), "a row stopped early: the workload is not fixed"
     return run
 
@@ -149,18 +154,19 @@ def roofline(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, ban
 
 
 def profile_decode(shape: str, batch: int, prompt_len: int, device, path: str) -> str:
-    """Top kernels of 32 decode steps (eager: the profiler sees each kernel, and their GPU time is what a
-    graph replays), minus a 1-step call; written to `path` and returned."""
+    """Top kernels of 33 eager decode steps (the profiler sees each kernel, and their GPU time is what a
+    graph replays) and one prefill forward (each of its kernels is 1 call in 33); written to `path`."""
     cfg = model_config(shape)
     model = random_model(cfg, device).to(torch.bfloat16).eval()
-    run = ours_runner(model, random_prompts(batch, prompt_len, cfg.vocab_size, seed=batch), "eager")
-    run(2)
+    prompts = random_prompts(batch, prompt_len, cfg.vocab_size, seed=batch)
+    run = ours_runner(model, prompts, "eager", prefill_tokens=batch * prompt_len)
+    run(33)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run(33)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = (f"{shape}, batch {batch}, prompt {prompt_len}: 33 eager decode steps (incl. prefill)\n"
-             + prof.key_averages().table(sort_by=sort, row_limit=20))
+    table = (f"{shape}, batch {batch}, prompt {prompt_len}: 33 eager decode steps + 1 prefill forward\n"
+             + prof.key_averages().table(sort_by=sort, row_limit=25))
     with open(path, "w") as f:
         f.write(table)
     return table
@@ -176,13 +182,14 @@ def bench_shape(shape: str, args, device, bandwidth: float) -> list[dict]:
         floor = roofline(cfg, batch, args.prompt_len, args.new_tokens, bandwidth)
         row = {"shape": shape, "batch": batch, **floor}
         for mode in args.modes:
-            step = decode_step_s(ours_runner(model, prompts, mode), args.new_tokens, args.reps, device)
+            step, row[f"{mode}_warm_up_s"] = decode_step_s(ours_runner(model, prompts, mode), args.new_tokens,
+                                                           args.reps, device)
             row[f"{mode}_step_ms"] = step * 1e3
             row[f"{mode}_tokens_per_s"] = batch / step
             row[f"{mode}_roofline_frac"] = floor["floor_s"] / step
         if hf is not None and batch in args.hf_batches:
             row["hf_logits_max_diff"] = logits_gap(model, hf, prompts)
-            step = decode_step_s(hf_runner(hf, prompts), args.new_tokens, args.reps, device)
+            step, _ = decode_step_s(hf_runner(hf, prompts), args.new_tokens, args.reps, device)
             row["hf_step_ms"] = step * 1e3
             row["hf_tokens_per_s"] = batch / step
             for mode in args.modes:

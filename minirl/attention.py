@@ -13,7 +13,9 @@ wasted. Three backends compute the same thing:
 environment variable forces one.
 """
 
+import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -70,8 +72,17 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str) -> torc
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0))
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] and _varlen_takes_enable_gqa() else {}
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0), **gqa)
     return _sdpa_per_document(q, k, v, cu_seqlens)
+
+
+@functools.cache
+def _varlen_takes_enable_gqa() -> bool:
+    """torch 2.11's varlen_attn takes fewer kv heads as they come; from 2.13 (at the latest) it refuses
+    them unless called with enable_gqa=True, an argument 2.11 does not have."""
+    from torch.nn.attention.varlen import varlen_attn
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def _sdpa_per_document(q, k, v, cu_seqlens) -> torch.Tensor:

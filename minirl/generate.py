@@ -9,7 +9,8 @@ One batch of prompts is generated in two phases, as in gpt-fast:
   (model, sampling, bookkeeping) reads and writes only fixed tensors, so on a GPU it is captured once
   as a CUDA graph and replayed, removing the per-kernel launch overhead that otherwise dominates
   one-token steps; the host checks for finished rows only every few steps. Attention reads the part
-  of the cache filled so far, rounded up to one of a few lengths (a graph for each).
+  of the cache filled so far, rounded up to one of a few lengths (a graph for each). Each layer's
+  norms, RoPE and activation run as torch.compile'd kernels on a GPU (see model.py).
 
 Every sampled token comes with its log-prob under the distribution it was drawn from, the one
 `process_logits` defines (temperature, top-k, top-p). The trainer scores with the same function, so
@@ -65,15 +66,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
     the other rows of its batch, nor on the device (CPU and GPU draw the same numbers; only their
     probabilities differ by rounding).
     """
-    logp = process_logits(logits, params.temperature, params.top_k, params.top_p).log_softmax(-1)  # [B, V]
+    logits = process_logits(logits, params.temperature, params.top_k, params.top_p)  # [B, V]
+    lse = logits.logsumexp(-1, keepdim=True)  # [B, 1]; log p = logits - lse
     if params.temperature == 0:
-        tokens = logp.argmax(-1)  # [B]
+        tokens = logits.argmax(-1)  # [B]
     else:
-        cdf = logp.exp().double().cumsum(-1)  # [B, V]
+        # fp32 probabilities, summed in float64 by cumsum itself (no float64 copy of [B, V] is made)
+        cdf = (logits - lse).exp().cumsum(-1, dtype=torch.float64)  # [B, V]
         # The first token whose cumulative probability reaches u x total: token i is picked with
         # probability p_i, and a token of probability 0 (cdf flat there) never is.
         tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(-1)  # [B]
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, (logits.gather(-1, tokens[:, None]) - lse).squeeze(-1)
 
 
 def draw_uniforms(rngs: list[random.Random], steps: int) -> torch.Tensor:
@@ -152,7 +155,7 @@ def cuda_graph(fn, reset, pool):
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int],
-             pad_id: int, max_batch_size: int = 64, cuda_graphs: bool = True, prefill_tokens: int = 2048,
+             pad_id: int, max_batch_size: int = 64, cuda_graphs: bool = True, prefill_tokens: int = 8192,
              progress=None, seeds: list[int] | None = None) -> list[Completion]:
     """Complete every prompt (a list of token ids); returns one Completion per prompt, in order.
 
@@ -160,9 +163,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         2 * layers * kv_heads * head_dim * bytes * (longest prompt + max_new_tokens) per row,
     e.g. Qwen2.5-7B in bf16 (28 layers, 4 KV heads of 128) is 56 KiB a token, so 1.5k tokens take
     84 MiB a row and 64 rows 5.3 GiB; add the decode step's [B, V] fp32 logits and sampling buffers.
-    Prefill runs at most `prefill_tokens` rows x positions per forward, because forward_step returns
-    fp32 logits for every position ([rows, positions, V]: 2048 x 152k vocab is 1.2 GB), which prefill
-    throws away. `progress` is anything with tqdm's `update(n)`; it counts finished completions.
+    Prefill runs at most `prefill_tokens` rows x positions per forward, which bounds its activations
+    (the MLP's [tokens, intermediate] tensors and the attention mask). `progress` is anything with
+    tqdm's `update(n)`; it counts finished completions.
     Each prompt samples from its own random stream: `seeds[i]` if given (one per prompt), else the
     stream of (params.seed, i). A completion thus depends on its prompt and seed only, not on
     max_batch_size or its neighbours, and a trainer can make rollouts independent of how prompts are
@@ -232,7 +235,7 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     chunk = max(1, prefill_tokens // B)
     for s in range(0, S - 1, chunk):
         e = min(s + chunk, S - 1)
-        model.forward_step(tokens[:, s:e], positions[:, s:e], cache, kv_len=e)
+        model.fill_cache(tokens[:, s:e], positions[:, s:e], cache, kv_len=e)
 
     n_done = 0
     for t in range(T):

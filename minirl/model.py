@@ -8,7 +8,8 @@ loading a checkpoint is a prefix strip (see hf.py).
 Two ways to run it:
 - `forward(input_ids, position_ids, meta)` on a PACKED batch, 1-D [T] tokens of several sequences,
   for training and scoring. Returns hidden states [T, D], or per-token log-probs when given targets.
-- `forward_step(tokens, input_pos, cache)` on a [B, S] batch with a static KV cache, for generation.
+- `forward_step(tokens, input_pos, cache)` on a [B, S] batch with a static KV cache, for generation
+  (`fill_cache` for prefill: the same without the logits).
 """
 
 import math
@@ -181,17 +182,15 @@ class KVCache:
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
 
-def decode_mask(input_pos: torch.Tensor, max_len: int, groups: int, dtype) -> torch.Tensor:
-    """Additive attention mask of a cached step, built once for all layers: [B, 1, groups*S, max_len].
+def decode_mask(input_pos: torch.Tensor, max_len: int, dtype) -> torch.Tensor:
+    """Additive attention mask of a cached step, built once for all layers: [B, 1, S, max_len].
 
     A query at position p sees cache slots 0..p of its own row: every slot below p holds that row's
-    real tokens (prompt, then generated), and stale slots above p are masked out. Rows are repeated
-    for the `groups` query heads folded into each kv head (see Attention.forward_step).
+    real tokens (prompt, then generated), and stale slots above p are masked out.
     """
     slots = torch.arange(max_len, device=input_pos.device)
     allowed = slots[None, None, None, :] <= input_pos[:, None, :, None]  # [B, 1, S, max_len]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
-    return mask.repeat(1, 1, groups, 1)  # [B, 1, G*S, max_len], row g*S + s is query s
+    return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -231,21 +230,25 @@ class Attention(nn.Module):
     def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
         """Cached: x [B, S, D] at positions input_pos [B, S]; caches [B, Hkv, S_max, Hd]; mask from
         decode_mask, whose width is the number of cache slots read."""
-        B, S = input_pos.shape
         q, k, v = self.qkv(x, cos, sin)  # [B, S, H, Hd], [B, S, Hkv, Hd]
-        idx = input_pos[:, None, :, None].expand(B, self.n_kv, S, self.head_dim)  # [B, Hkv, S, Hd]
-        k_cache.scatter_(2, idx, k.transpose(1, 2))
-        v_cache.scatter_(2, idx, v.transpose(1, 2))
-        # The G query heads that share a kv head (head h reads kv head h // G) become G x S queries of
-        # that kv head, so attention reads the cache as it is stored, with any SDPA kernel that takes a
-        # mask. (SDPA's enable_gqa=True is the alternative; bench/RESULTS.md section 4 compares them.)
-        G = self.n_heads // self.n_kv
-        q = q.view(B, S, self.n_kv, G, self.head_dim).permute(0, 2, 3, 1, 4).flatten(2, 3)  # [B, Hkv, G*S, Hd]
-        n = mask.shape[-1]  # slots read
-        o = F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask)
-        # o: [B, Hkv, G*S, Hd]
-        o = o.unflatten(2, (G, S)).permute(0, 3, 1, 2, 4).flatten(2)  # [B, S, H*Hd], head = kv * G + g
-        return self.o_proj(o)
+        return self.o_proj(cached_attention(q, k, v, input_pos, k_cache, v_cache, mask))
+
+
+@torch.compiler.disable
+def cached_attention(q, k, v, input_pos, k_cache, v_cache, mask) -> torch.Tensor:
+    """Write a step's keys/values into the cache, then attend: q [B, S, H, Hd] -> [B, S, H * Hd].
+
+    Always runs eagerly, outside torch.compile's graph: compiled, the in-place cache writes and the
+    attention made a batch-256 decode step four times slower (bench/RESULTS.md, section 4).
+    """
+    B, S, Hkv, Hd = k.shape
+    idx = input_pos[:, None, :, None].expand(B, Hkv, S, Hd)  # [B, Hkv, S, Hd]
+    k_cache.scatter_(2, idx, k.transpose(1, 2))
+    v_cache.scatter_(2, idx, v.transpose(1, 2))
+    n = mask.shape[-1]  # slots read
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask,
+                                       enable_gqa=True)  # [B, H, S, Hd]
+    return o.transpose(1, 2).flatten(2)
 
 
 class MLP(nn.Module):
@@ -288,6 +291,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# A decode step on a GPU is a chain of small, latency-bound kernels. Inductor fuses each layer's norms,
+# RoPE, activation and residual adds into a few (cached_attention stays eager). Dynamic shapes: one
+# compile serves every batch size and cache length. Compiled lazily, on first CUDA use.
+_compiled_block_step = torch.compile(Block.forward_step, dynamic=True)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -320,18 +329,25 @@ class Transformer(nn.Module):
         return token_logprobs(h, self.output_weight(), targets, temperature, top_k, top_p, chunk_size)
 
     def forward_step(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
-        """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V] (fp32).
+        """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V] (fp32)."""
+        h = self.fill_cache(tokens, input_pos, cache, kv_len)  # [B, S, D]
+        return (self.norm(h) @ self.output_weight().t()).float()
 
+    def fill_cache(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
+        """Run the layers on tokens at input_pos [B, S], writing their keys/values into the cache.
+
+        Returns the last layer's hidden states [B, S, D] (before the final norm). Prefill needs only
+        the cache: its logits, [B, S, V] in fp32, would take GBs for a batch of long prompts.
         Attention reads the first `kv_len` cache slots (default: all), which must cover every position
         in input_pos: a decode step need not read the unfilled end of the cache.
         """
         h = self.embed_tokens(tokens)  # [B, S, D]
         cos, sin = rope_cos_sin(self.cfg, input_pos, h.dtype)  # [B, S, Hd]
-        groups = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-        mask = decode_mask(input_pos, kv_len or cache.k.shape[3], groups, h.dtype)  # [B, 1, G*S, kv_len]
+        mask = decode_mask(input_pos, kv_len or cache.k.shape[3], h.dtype)  # [B, 1, S, kv_len]
+        step = _compiled_block_step if h.is_cuda else Block.forward_step
         for i, layer in enumerate(self.layers):
-            h = layer.forward_step(h, cos, sin, input_pos, cache.k[i], cache.v[i], mask)
-        return (self.norm(h) @ self.output_weight().t()).float()
+            h = step(layer, h, cos, sin, input_pos, cache.k[i], cache.v[i], mask)
+        return h
 
     def set_checkpointing(self, enabled: bool):
         """Activation checkpointing on every decoder block (recompute in backward)."""
