@@ -72,7 +72,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str) -> torc
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
-        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] and _varlen_takes_enable_gqa() else {}
+        gqa = {"enable_gqa": True} if _varlen_takes_enable_gqa() else {}  # also fine with equal head counts
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0), **gqa)
     return _sdpa_per_document(q, k, v, cu_seqlens)
 
