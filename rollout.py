@@ -33,6 +33,7 @@ from minirl.attention import AttnMeta, cu_seqlens_from_positions, pick_backend
 from minirl.data import read_records
 from minirl.generate import Completion, SamplingParams, generate
 from minirl.hf import load_model
+from minirl.model import fuse_projections
 from minirl.rewards import get_reward_fn
 from minirl.tokenizer import Tokenizer
 
@@ -251,6 +252,7 @@ def make_generator(args, tok: Tokenizer, device, dtype):
     """(generate(prompts, params, progress) -> completions, close()) for the chosen backend."""
     if args.backend == "naive":
         model = load_model(args.model, device, dtype)
+        fuse_projections(model)  # inference only: one matmul for q/k/v, one for gate/up
         return partial(generate, model, eos_ids=tok.eos_ids, pad_id=tok.pad_id, max_batch_size=args.batch_size), None
     from minirl.vllm_backend import VLLMGenerator  # imported only when asked: vllm is optional
     memory = {"gpu_memory_utilization": args.gpu_memory_utilization}

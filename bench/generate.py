@@ -2,14 +2,14 @@
 
 Rollouts dominate an RL step, and minirl generates with its own ~250-line static-KV-cache loop
 (`minirl.generate.generate`). This measures how fast that loop decodes (eager, and the whole step
-as one CUDA graph), for random-weight bf16 models
-of two shapes (Qwen3-0.6B, and a Qwen2.5-1.5B-like one), at several batch sizes, with --prompt-len
+as one CUDA graph), for random-weight bf16 models (q/k/v and gate/up fused, as the trainer's Generator
+holds them) of two shapes (Qwen3-0.6B, and a Qwen2.5-1.5B-like one), at several batch sizes, with --prompt-len
 prompt tokens and --new-tokens sampled tokens per row (temperature 1, no EOS: every row decodes all
 its tokens, so the work is fixed):
 
 - decode time per step = (t(new_tokens) - t(1)) / (new_tokens - 1), where t(n) is the wall time of a
   whole generate call producing n tokens per row (after a full-length warm-up call, whose time is
-  reported too: it includes torch.compile of the decoder block on first use; median of 3 calls for
+  reported too: it includes torch.compile of the decoder block on first use; fastest of 3 calls for
   t(1), of --reps for t(new_tokens)); prefill, graph capture and result copies cancel;
 - tokens/s = batch / decode step time;
 - roofline fraction = floor / measured step, the floor being the fewest bytes a decode step must read,
@@ -23,7 +23,8 @@ its tokens, so the work is fixed):
   fit the time budget), timed the same way; ratios = ours (each mode) tokens/s / transformers'. A logits
   check first confirms both hold the same model.
 
-    python bench/generate.py                    # a few minutes on an H100; transformers skipped at batch 256
+    python bench/generate.py                    # > 10 min on an H100 (eager is the slow part); no transformers at 256
+    python bench/generate.py --modes graphs     # ~3.5 min on an H100 (session 4)
     python bench/generate.py --tiny             # CPU smoke run (no CUDA graphs on CPU)
 """
 
@@ -43,7 +44,7 @@ from bench.common import (copy_bandwidth, csv_ints, csv_strs, device_info, defau
                           out_path, param_counts, print_table, random_model, sync, write_json)
 from minirl.generate import SamplingParams, generate
 from minirl.hf import ours_to_hf
-from minirl.model import KVCache, ModelConfig, Transformer
+from minirl.model import KVCache, ModelConfig, Transformer, fuse_projections
 
 
 def parse_args(argv=None):
@@ -81,16 +82,18 @@ def wall_s(fn, device) -> float:
 
 
 def decode_step_s(run, new_tokens: int, reps: int, device) -> tuple[float, float]:
-    """Seconds per decode step: medians of generate calls of new_tokens and of 1 token, after a warm-up.
+    """Seconds per decode step from generate calls of new_tokens (median) and of 1 token, after a warm-up.
 
     The warm-up is a full-length call: the first call of a shape pays one-time costs that a training
     run pays once (cuDNN builds an attention plan per cache length, cuBLAS picks its kernels), and a
     long call meets cache lengths a short one never does. The 1-token call (prefill, graph capture,
-    copies) is cheap, so it is always timed 3 times. Returns (seconds per step, seconds of the warm-up
-    call), the second including any torch.compile the first call of a process triggers.
+    copies) is cheap, so it is always timed 3 times, and the fastest counts: the first short calls after
+    a long one still pay for new shapes (0.67, 0.42, 0.26 s at batch 256 on an H100). Returns (seconds
+    per step, seconds of the warm-up call), the second including any torch.compile the first call of a
+    process triggers.
     """
     warm_up = wall_s(lambda: run(new_tokens), device)
-    t1 = median([wall_s(lambda: run(1), device) for _ in range(3)])
+    t1 = min(wall_s(lambda: run(1), device) for _ in range(3))
     tn = median([wall_s(lambda: run(new_tokens), device) for _ in range(reps)])
     return (tn - t1) / (new_tokens - 1), warm_up
 
@@ -124,7 +127,7 @@ def logits_gap(model: Transformer, hf, prompts) -> float:
     ids = torch.tensor(prompts[:2], device=model.embed_tokens.weight.device)  # [b, S]
     cache = KVCache.empty(model.cfg, ids.shape[0], ids.shape[1], torch.bfloat16, ids.device)
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    ours = model.forward_step(ids, pos, cache)[:, -1]  # [b, V]
+    ours = model.forward_step(ids, pos, cache)[:, -1].float()  # [b, V]
     theirs = hf(input_ids=ids).logits[:, -1].float()  # [b, V]
     return (ours - theirs).abs().max().item()
 
@@ -158,6 +161,7 @@ def profile_decode(shape: str, batch: int, prompt_len: int, device, path: str) -
     graph replays) and one prefill forward (each of its kernels is 1 call in 33); written to `path`."""
     cfg = model_config(shape)
     model = random_model(cfg, device).to(torch.bfloat16).eval()
+    fuse_projections(model)
     prompts = random_prompts(batch, prompt_len, cfg.vocab_size, seed=batch)
     run = ours_runner(model, prompts, "eager", prefill_tokens=batch * prompt_len)
     run(33)
@@ -176,6 +180,7 @@ def bench_shape(shape: str, args, device, bandwidth: float) -> list[dict]:
     cfg = model_config(shape)
     model = random_model(cfg, device).to(torch.bfloat16).eval()
     hf = hf_model(model, device) if args.hf_batches else None
+    fuse_projections(model)  # as the trainer's Generator holds it
     rows = []
     for batch in args.batches:
         prompts = random_prompts(batch, args.prompt_len, cfg.vocab_size, seed=batch)

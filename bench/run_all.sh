@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every minirl benchmark on one GPU in one go (about 7 minutes on an H100), then one combined table.
+# Every minirl benchmark on one GPU in one go (over 15 minutes on an H100), then one combined table.
 #
 #   bash bench/run_all.sh            # on the GPU machine; results in $OUT (else bench/results)
 #   bash bench/run_all.sh --tiny     # the same sequence as a CPU smoke run (about two minutes)

@@ -10,7 +10,8 @@ One batch of prompts is generated in two phases, as in gpt-fast:
   as a CUDA graph and replayed, removing the per-kernel launch overhead that otherwise dominates
   one-token steps; the host checks for finished rows only every few steps. Attention reads the part
   of the cache filled so far, rounded up to one of a few lengths (a graph for each). Each layer's
-  norms, RoPE and activation run as torch.compile'd kernels on a GPU (see model.py).
+  norms, RoPE and activation run as torch.compile'd kernels on a GPU (see model.py), as do the
+  sampler's passes over the vocabulary; the inference copy fuses its q/k/v and gate/up projections.
 
 Every sampled token comes with its log-prob under the distribution it was drawn from, the one
 `process_logits` defines (temperature, top-k, top-p). The trainer scores with the same function, so
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from minirl.logprobs import process_logits
-from minirl.model import KVCache, ModelConfig, Transformer
+from minirl.model import KVCache, ModelConfig, Transformer, fuse_projections
 
 
 SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
@@ -58,25 +59,38 @@ class Completion:
     finish_reason: str  # "stop" (an EOS id) or "length" (max_new_tokens)
 
 
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [B, V] (the head's dtype) -> probabilities [B, V] fp32 of the processed distribution."""
+    return process_logits(logits.float(), temperature, top_k, top_p).softmax(-1)
+
+
+# The upcast, processing and softmax are a handful of passes over [B, V] fp32 (0.6 GB at batch 1024
+# of a 150k vocabulary) that a decode step makes once; torch.compile fuses them into a few kernels.
+# Compiled lazily, on first CUDA use.
+_compiled_sampling_probs = torch.compile(sampling_probs, dynamic=True)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
-    """logits [B, V] fp32, u [B] float64 in (0, 1] -> (tokens [B], their log-probs [B]).
+    """logits [B, V], u [B] float64 in (0, 1] -> (tokens [B], their log-probs [B] fp32).
 
     Inverse-CDF sampling with one uniform number per row (ignored when greedy). The numbers come from
     each row's own Python RNG (`draw_uniforms`), so a row's samples depend on its seed alone, not on
     the other rows of its batch, nor on the device (CPU and GPU draw the same numbers; only their
     probabilities differ by rounding).
     """
-    logits = process_logits(logits, params.temperature, params.top_k, params.top_p)  # [B, V]
-    lse = logits.logsumexp(-1, keepdim=True)  # [B, 1]; log p = logits - lse
+    probs_fn = _compiled_sampling_probs if logits.is_cuda else sampling_probs
+    probs = probs_fn(logits, params.temperature, params.top_k, params.top_p)  # [B, V] fp32
     if params.temperature == 0:
         tokens = logits.argmax(-1)  # [B]
     else:
-        # fp32 probabilities, summed in float64 by cumsum itself (no float64 copy of [B, V] is made)
-        cdf = (logits - lse).exp().cumsum(-1, dtype=torch.float64)  # [B, V]
+        cdf = probs.cumsum(-1)  # [B, V]
         # The first token whose cumulative probability reaches u x total: token i is picked with
-        # probability p_i, and a token of probability 0 (cdf flat there) never is.
-        tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(-1)  # [B]
-    return tokens, (logits.gather(-1, tokens[:, None]) - lse).squeeze(-1)
+        # probability p_i (to fp32 rounding of the sums), and a token of probability 0 (cdf flat
+        # there) never is. u x total <= total, so some token always qualifies.
+        tokens = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).float()).squeeze(-1)  # [B]
+    # log of an fp32 probability: exact to ~1e-7 relative down to p ~ 1e-38, far below any token
+    # that is ever drawn or is the argmax.
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
 
 
 def draw_uniforms(rngs: list[random.Random], steps: int) -> torch.Tensor:
@@ -120,7 +134,7 @@ class DecodeState:
 def decode_step(model: Transformer, state: DecodeState, cache: KVCache, kv_len: int, params: SamplingParams,
                 eos: torch.Tensor):
     """Feed each row's current token, sample the next one and record it. Attention reads `kv_len` slots."""
-    logits = model.forward_step(state.cur[:, None], state.pos[:, None], cache, kv_len)[:, 0]  # [B, V]
+    logits = model.forward_step(state.cur[:, None], state.pos[:, None], cache, kv_len)[:, 0]  # [B, V], model dtype
     u = state.uniforms.index_select(1, state.t).squeeze(1)  # [B]
     tokens, logprobs = sample(logits, params, u)  # [B], [B]
     state.tokens.index_copy_(1, state.t, tokens[:, None])
@@ -283,7 +297,9 @@ class Generator:
         if self.model is None:
             with torch.device("meta"):
                 model = Transformer(self.cfg).to(self.dtype)
-            self.model = model.to_empty(device=self.device).requires_grad_(False)  # allocated, not initialised
+            model = model.to_empty(device=self.device).requires_grad_(False)  # allocated, not initialised
+            fuse_projections(model)  # one matmul for q/k/v, one for gate/up; parameter names unchanged
+            self.model = model
         params = dict(self.model.named_parameters())
         seen = set()
         try:

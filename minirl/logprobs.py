@@ -24,13 +24,23 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # [N, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it does.
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        logits = _top_p_filter(logits, top_p)
     return logits
+
+
+@torch.compiler.disable
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p; the others become -inf.
+
+    Runs eagerly even inside a compiled caller: inductor (torch 2.11) fails to generate the cumsum
+    over a 150k-token vocabulary.
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # Drop a token if the mass before it already reaches top_p.
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 def _chunk_logprobs(h, weight, targets, temperature, top_k, top_p):

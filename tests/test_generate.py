@@ -8,6 +8,7 @@ from helpers_models import FAMILIES, VOCAB, save_hf_model
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
 from minirl.generate import Completion, Generator, SamplingParams, draw_uniforms, generate, sample
+from minirl.logprobs import process_logits
 from minirl.hf import load_model
 
 PROMPT_LENS = [5, 1, 9, 3]
@@ -241,6 +242,22 @@ def test_cuda_graph_decode_matches_eager(model):
     outs = generate(gpu, prompts, SamplingParams(12, temperature=0.7, top_p=0.9, seed=18), [0], 0)
     for o, r in zip(outs, trainer_logprobs(model, prompts, outs, SamplingParams(temperature=0.7, top_p=0.9))):
         torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the sampler's probabilities are compiled on CUDA only")
+def test_compiled_sampler_with_a_full_size_vocabulary():
+    """With Qwen's 151,936-token vocabulary (top-p's cumsum over it once failed to compile): the GPU
+    draws what the CPU draws from the same uniforms, with the float64 log-probs of those tokens."""
+    B, V = 16, 151936
+    logits = (torch.randn(B, V, generator=torch.Generator().manual_seed(19)) * 3).bfloat16()
+    u = draw_uniforms([random.Random(i) for i in range(B)], 1)[:, 0]  # [B]
+    for params in (SamplingParams(), SamplingParams(temperature=0.7, top_k=50, top_p=0.9),
+                   SamplingParams(temperature=0)):
+        tokens, logprobs = sample(logits.cuda(), params, u.cuda())
+        assert tokens.cpu().tolist() == sample(logits, params, u)[0].tolist()
+        ref = process_logits(logits.double(), params.temperature, params.top_k, params.top_p).log_softmax(-1)
+        torch.testing.assert_close(logprobs.cpu().double(), ref.gather(-1, tokens.cpu()[:, None])[:, 0],
+                                   rtol=0, atol=1e-4)  # fp32 sums over 152k terms
 
 
 def test_weight_sync_from_fsdp_matches_updated_model():

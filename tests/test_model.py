@@ -6,8 +6,8 @@ from helpers_models import FAMILIES, hf_config, hf_model, minirl_model, packed_b
 from torch.autograd.graph import saved_tensors_hooks
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
-from minirl.logprobs import token_logprobs
-from minirl.model import KVCache, ModelConfig
+from minirl.logprobs import process_logits, token_logprobs
+from minirl.model import KVCache, ModelConfig, fuse_projections
 
 
 def packed_meta(position_ids) -> AttnMeta:
@@ -60,6 +60,36 @@ def test_forward_step_matches_transformers(family):
             logits = model.forward_step(step_tokens, pos, cache)  # [B, 1, V]
             for b in range(B):
                 assert (logits[b, 0] - refs[b][pos[b, 0]]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_projections_compute_the_same_and_follow_weight_writes(family):
+    """An inference copy's fused q/k/v and gate/up give the model's logits, and writing a parameter by
+    name (what a weight sync does) changes what the fused matmul reads."""
+    hf = hf_model(family, seed=6)
+    model, fused = minirl_model(hf), minirl_model(hf)
+    names = [n for n, _ in fused.named_parameters()]
+    fuse_projections(fused)
+    assert [n for n, _ in fused.named_parameters()] == names and fused.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(7))
+    pos = torch.arange(6).expand(2, 6)
+
+    def logits(m):
+        return m.forward_step(ids, pos, KVCache.empty(m.cfg, 2, 6, dtype=torch.float32, device="cpu"))
+
+    with torch.no_grad():
+        torch.testing.assert_close(logits(fused), logits(model), rtol=0, atol=1e-5)
+        g = torch.Generator().manual_seed(8)
+        new = {n: torch.randn(p.shape, generator=g) * 0.05 for n, p in model.named_parameters()
+               if any(k in n for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))}
+        before = logits(fused)
+        for m in (model, fused):
+            params = dict(m.named_parameters())
+            for n, t in new.items():
+                params[n].copy_(t)
+        after = logits(fused)
+        assert (after - before).abs().max() > 1e-2
+        torch.testing.assert_close(after, logits(model), rtol=0, atol=1e-5)
 
 
 def naive_processed_logprobs(logits, temperature, top_k, top_p):
@@ -147,3 +177,25 @@ def test_config_rejects_unsupported_options(change, culprit):
     hf = {**hf_config("llama").to_dict(), **change}
     with pytest.raises(ValueError, match=culprit):
         ModelConfig.from_hf(hf)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the chunk is torch.compile'd on CUDA only")
+def test_compiled_logprobs_with_a_full_size_vocabulary():
+    """The compiled chunk with Qwen's 151,936-token vocabulary (top-p's cumsum over it once failed to
+    compile) against the eager float64 computation on CPU, forward and backward."""
+    T, D, V = 64, 32, 151936
+    g = torch.Generator().manual_seed(9)
+    hidden, weight = torch.randn(T, D, generator=g), torch.randn(V, D, generator=g) / 3
+    targets = (hidden @ weight.t()).argmax(-1)  # the most likely token: kept by any top-k / top-p
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 50, 0.9)]:
+        h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        ref_logp = process_logits(h64 @ w64.t(), temperature, top_k, top_p).log_softmax(-1)  # [T, V]
+        ref_lp = ref_logp.gather(-1, targets[:, None])[:, 0]
+        ref_ent = -(ref_logp.exp() * ref_logp.masked_fill(torch.isinf(ref_logp), 0.0)).sum(-1)
+        (ref_lp.sum() + ref_ent.sum()).backward()
+        h, w = hidden.cuda().requires_grad_(), weight.cuda().requires_grad_()
+        lp, ent = token_logprobs(h, w, targets.cuda(), temperature, top_k, top_p, chunk_size=32)
+        (lp.sum() + ent.sum()).backward()
+        torch.testing.assert_close(lp.cpu().double(), ref_lp.detach(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(ent.cpu().double(), ref_ent.detach(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(h.grad.cpu().double(), h64.grad, rtol=1e-3, atol=1e-4)
