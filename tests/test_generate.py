@@ -8,8 +8,8 @@ from helpers_models import FAMILIES, VOCAB, save_hf_model
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
 from minirl.generate import Completion, Generator, SamplingParams, draw_uniforms, generate, sample
-from minirl.logprobs import process_logits
 from minirl.hf import load_model
+from minirl.logprobs import process_logits
 
 PROMPT_LENS = [5, 1, 9, 3]
 
