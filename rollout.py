@@ -31,9 +31,8 @@ from tqdm import tqdm
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions, pick_backend
 from minirl.data import read_records
-from minirl.generate import Completion, SamplingParams, generate
+from minirl.generate import Completion, SamplingParams, fuse_projections, generate
 from minirl.hf import load_model
-from minirl.model import fuse_projections
 from minirl.rewards import get_reward_fn
 from minirl.tokenizer import Tokenizer
 

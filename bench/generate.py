@@ -42,9 +42,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import (copy_bandwidth, csv_ints, csv_strs, device_info, default_device, median, model_config,
                           out_path, param_counts, print_table, random_model, sync, write_json)
-from minirl.generate import SamplingParams, generate
+from minirl.generate import SamplingParams, fuse_projections, generate
 from minirl.hf import ours_to_hf
-from minirl.model import KVCache, ModelConfig, Transformer, fuse_projections
+from minirl.model import KVCache, ModelConfig, Transformer
 
 
 def parse_args(argv=None):

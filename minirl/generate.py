@@ -25,9 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from minirl.logprobs import process_logits
-from minirl.model import KVCache, ModelConfig, Transformer, fuse_projections
+from minirl.model import KVCache, ModelConfig, Transformer
 
 
 SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
@@ -176,7 +178,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     Prompts are generated `max_batch_size` rows at a time. Pick it from the KV cache a batch needs:
         2 * layers * kv_heads * head_dim * bytes * (longest prompt + max_new_tokens) per row,
     e.g. Qwen2.5-7B in bf16 (28 layers, 4 KV heads of 128) is 56 KiB a token, so 1.5k tokens take
-    84 MiB a row and 64 rows 5.3 GiB; add the decode step's [B, V] fp32 logits and sampling buffers.
+    84 MiB a row and 64 rows 5.3 GiB; add the decode step's [B, V] logits and fp32 sampling buffers.
     Prefill runs at most `prefill_tokens` rows x positions per forward, which bounds its activations
     (the MLP's [tokens, intermediate] tensors and the attention mask). `progress` is anything with
     tqdm's `update(n)`; it counts finished completions.
@@ -228,7 +230,7 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     cache = KVCache.empty(model.cfg, B, max_len, dtype, device)
     state = DecodeState.empty(B, T, device)
     # Each row's LAST prompt token is fed by the first decode step, at its own position, which yields
-    # the logits of its first new token without picking them out of the prefill's [B, S, V] logits.
+    # the logits of its first new token (prefill computes no logits).
     uniforms = draw_uniforms(rngs, T) if params.temperature > 0 else torch.zeros(B, T, dtype=torch.float64)
     first = (tokens.gather(1, (lens - 1)[:, None]).squeeze(1), lens - 1, uniforms.to(device))
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -268,6 +270,46 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
                                                                    state.done))
     return [Completion(out_tokens[b][:n_new[b]], out_logprobs[b][:n_new[b]], "stop" if done[b] else "length")
             for b in range(B)]
+
+
+class FusedLinear(nn.Module):
+    """Several nn.Linear on the same input as one matmul, for an inference copy: their weights stacked
+    into one [sum of out_features, in_features] tensor (biases likewise), the output split back.
+
+    Each original parameter becomes a view into the stack, so writing a parameter by name (a weight
+    sync) writes what the matmul reads. The stacks are non-persistent buffers: no new names in
+    named_parameters() or state_dict().
+    """
+
+    def __init__(self, *linears: nn.Linear):
+        super().__init__()
+        self.sizes = [lin.out_features for lin in linears]
+        self.register_buffer("weight", torch.cat([lin.weight.detach() for lin in linears]), persistent=False)
+        has_bias = linears[0].bias is not None
+        self.register_buffer("bias", torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None,
+                             persistent=False)
+        for lin, w in zip(linears, self.weight.split(self.sizes)):
+            lin.weight = nn.Parameter(w, requires_grad=False)
+        if has_bias:
+            for lin, b in zip(linears, self.bias.split(self.sizes)):
+                lin.bias = nn.Parameter(b, requires_grad=False)
+
+    def forward(self, x) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+
+
+def fuse_projections(model: Transformer):
+    """One matmul for q/k/v and one for gate/up in every layer, for an inference copy (no training:
+    the fused parameters are views that autograd and FSDP know nothing of).
+
+    A decode step's matmuls are small and bound by launches and tile overheads rather than bytes:
+    seven a layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs
+    (bench/RESULTS.md, section 4). Parameter names and shapes are unchanged.
+    """
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.fused_qkv = FusedLinear(attn.q_proj, attn.k_proj, attn.v_proj)
+        mlp.fused_gate_up = FusedLinear(mlp.gate_proj, mlp.up_proj)
 
 
 class Generator:

@@ -207,7 +207,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(Hd, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.fused_qkv = None  # a FusedLinear on an inference copy (fuse_projections)
+        self.fused_qkv = None  # set on an inference copy by generate.fuse_projections
 
     def qkv(self, x, cos, sin):
         """Project, (Qwen3) normalise per head, rotate. x: [..., D] -> q [..., H, Hd], k/v [..., Hkv, Hd]."""
@@ -262,37 +262,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused_gate_up = None  # a FusedLinear on an inference copy (fuse_projections)
+        self.fused_gate_up = None  # set on an inference copy by generate.fuse_projections
 
     def forward(self, x):
         gate, up = (self.gate_proj(x), self.up_proj(x)) if self.fused_gate_up is None else self.fused_gate_up(x)
         return self.down_proj(F.silu(gate) * up)
-
-
-class FusedLinear(nn.Module):
-    """Several nn.Linear on the same input as one matmul, for an inference copy: their weights stacked
-    into one [sum of out_features, in_features] tensor (biases likewise), the output split back.
-
-    Each original parameter becomes a view into the stack, so writing a parameter by name (a weight
-    sync) writes what the matmul reads. The stacks are non-persistent buffers: no new names in
-    named_parameters() or state_dict().
-    """
-
-    def __init__(self, *linears: nn.Linear):
-        super().__init__()
-        self.sizes = [lin.out_features for lin in linears]
-        self.register_buffer("weight", torch.cat([lin.weight.detach() for lin in linears]), persistent=False)
-        has_bias = linears[0].bias is not None
-        self.register_buffer("bias", torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None,
-                             persistent=False)
-        for lin, w in zip(linears, self.weight.split(self.sizes)):
-            lin.weight = nn.Parameter(w, requires_grad=False)
-        if has_bias:
-            for lin, b in zip(linears, self.bias.split(self.sizes)):
-                lin.bias = nn.Parameter(b, requires_grad=False)
-
-    def forward(self, x) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
 
 
 class Block(nn.Module):
@@ -374,7 +348,7 @@ class Transformer(nn.Module):
         """Run the layers on tokens at input_pos [B, S], writing their keys/values into the cache.
 
         Returns the last layer's hidden states [B, S, D] (before the final norm). Prefill needs only
-        the cache: its logits, [B, S, V] in fp32, would take GBs for a batch of long prompts.
+        the cache: its logits, [B, S, V], would take GBs for a batch of long prompts.
         Attention reads the first `kv_len` cache slots (default: all), which must cover every position
         in input_pos: a decode step need not read the unfilled end of the cache.
         """
@@ -390,20 +364,6 @@ class Transformer(nn.Module):
         """Activation checkpointing on every decoder block (recompute in backward)."""
         for layer in self.layers:
             layer.checkpoint = enabled
-
-
-def fuse_projections(model: Transformer):
-    """One matmul for q/k/v and one for gate/up in every layer, for an inference copy (no training:
-    the fused parameters are views that autograd and FSDP know nothing of).
-
-    A decode step's matmuls are small and bound by launches and tile overheads rather than bytes:
-    seven a layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs
-    (bench/RESULTS.md, section 4). Parameter names and shapes are unchanged.
-    """
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.fused_qkv = FusedLinear(attn.q_proj, attn.k_proj, attn.v_proj)
-        mlp.fused_gate_up = FusedLinear(mlp.gate_proj, mlp.up_proj)
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None):

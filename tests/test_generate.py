@@ -4,12 +4,14 @@ import random
 
 import pytest
 import torch
-from helpers_models import FAMILIES, VOCAB, save_hf_model
+from helpers_models import FAMILIES, VOCAB, hf_model, minirl_model, save_hf_model
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
-from minirl.generate import Completion, Generator, SamplingParams, draw_uniforms, generate, sample
+from minirl.generate import (Completion, Generator, SamplingParams, draw_uniforms, fuse_projections, generate,
+                             sample)
 from minirl.hf import load_model
 from minirl.logprobs import process_logits
+from minirl.model import KVCache
 
 PROMPT_LENS = [5, 1, 9, 3]
 
@@ -165,6 +167,36 @@ def perturbed(model, seed):
     """A copy of `model` with every parameter changed by noise."""
     g = torch.Generator().manual_seed(seed)
     return {n: p.detach() + 0.3 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_projections_compute_the_same_and_follow_weight_writes(family):
+    """An inference copy's fused q/k/v and gate/up give the model's logits, and writing a parameter by
+    name (what a weight sync does) changes what the fused matmul reads."""
+    hf = hf_model(family, seed=6)
+    model, fused = minirl_model(hf), minirl_model(hf)
+    names = [n for n, _ in fused.named_parameters()]
+    fuse_projections(fused)
+    assert [n for n, _ in fused.named_parameters()] == names and fused.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(7))
+    pos = torch.arange(6).expand(2, 6)
+
+    def logits(m):
+        return m.forward_step(ids, pos, KVCache.empty(m.cfg, 2, 6, dtype=torch.float32, device="cpu"))
+
+    with torch.no_grad():
+        torch.testing.assert_close(logits(fused), logits(model), rtol=0, atol=1e-5)
+        g = torch.Generator().manual_seed(8)
+        new = {n: torch.randn(p.shape, generator=g) * 0.05 for n, p in model.named_parameters()
+               if any(k in n for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))}
+        before = logits(fused)
+        for m in (model, fused):
+            params = dict(m.named_parameters())
+            for n, t in new.items():
+                params[n].copy_(t)
+        after = logits(fused)
+        assert (after - before).abs().max() > 1e-2
+        torch.testing.assert_close(after, logits(model), rtol=0, atol=1e-5)
 
 
 def test_update_weights_follows_the_policy(model):

@@ -7,7 +7,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
 from minirl.logprobs import process_logits, token_logprobs
-from minirl.model import KVCache, ModelConfig, fuse_projections
+from minirl.model import KVCache, ModelConfig
 
 
 def packed_meta(position_ids) -> AttnMeta:
@@ -60,36 +60,6 @@ def test_forward_step_matches_transformers(family):
             logits = model.forward_step(step_tokens, pos, cache)  # [B, 1, V]
             for b in range(B):
                 assert (logits[b, 0] - refs[b][pos[b, 0]]).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_fused_projections_compute_the_same_and_follow_weight_writes(family):
-    """An inference copy's fused q/k/v and gate/up give the model's logits, and writing a parameter by
-    name (what a weight sync does) changes what the fused matmul reads."""
-    hf = hf_model(family, seed=6)
-    model, fused = minirl_model(hf), minirl_model(hf)
-    names = [n for n, _ in fused.named_parameters()]
-    fuse_projections(fused)
-    assert [n for n, _ in fused.named_parameters()] == names and fused.state_dict().keys() == model.state_dict().keys()
-    ids = torch.randint(0, hf.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(7))
-    pos = torch.arange(6).expand(2, 6)
-
-    def logits(m):
-        return m.forward_step(ids, pos, KVCache.empty(m.cfg, 2, 6, dtype=torch.float32, device="cpu"))
-
-    with torch.no_grad():
-        torch.testing.assert_close(logits(fused), logits(model), rtol=0, atol=1e-5)
-        g = torch.Generator().manual_seed(8)
-        new = {n: torch.randn(p.shape, generator=g) * 0.05 for n, p in model.named_parameters()
-               if any(k in n for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))}
-        before = logits(fused)
-        for m in (model, fused):
-            params = dict(m.named_parameters())
-            for n, t in new.items():
-                params[n].copy_(t)
-        after = logits(fused)
-        assert (after - before).abs().max() > 1e-2
-        torch.testing.assert_close(after, logits(model), rtol=0, atol=1e-5)
 
 
 def naive_processed_logprobs(logits, temperature, top_k, top_p):
