@@ -323,7 +323,8 @@ def micro_batch(scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
 def run_scenario(args, d: mdist.Dist, ledger: Ledger):
     """One forward + backward of the scenario's model on this rank's slice, every collective recorded."""
     model = build_model(args.scenario, run_idle=args.all_experts)
-    shard_model(model, d.fsdp_mesh, mixed_precision=False, cpu_offload=False, checkpointing=True)
+    # As training runs: bf16 compute on GPUs (torch's varlen kernel takes 16-bit inputs only), fp32 on CPU.
+    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing=True)
     if args.reduce_unused:
         model.set_reduce_scatter_unused_params(True)
     ledger.watch(model)
