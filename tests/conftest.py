@@ -13,13 +13,5 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
 
-def gpus(n: int = 1):
-    """Mark a test for the GPU tier (`pytest -m gpu`); it is skipped where fewer than n CUDA devices exist."""
-    import pytest
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    skip = pytest.mark.skipif(have < n, reason=f"needs {n} CUDA GPU(s), found {have}")
-    return lambda f: pytest.mark.gpu(skip(f))
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on CUDA GPUs only; the GPU tier is `python -m pytest -m gpu tests`")

@@ -14,6 +14,9 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(REPO, "tests", "workers")
 
@@ -66,3 +69,11 @@ def failures(reports: list[dict], prefix: str) -> list[str]:
     assert names, f"the worker ran no check named {prefix}*"
     return [f"rank {r}: {name}: {msg}" for r, rep in enumerate(reports)
             for name, msg in rep["checks"].items() if name.startswith(prefix) and msg]
+
+
+def gpus(n: int = 1):
+    """Mark a test for the GPU tier (`pytest -m gpu`); it is skipped where fewer than n CUDA devices exist."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip = pytest.mark.skipif(have < n, reason=f"needs {n} CUDA GPU(s), found {have}")
+    return lambda f: pytest.mark.gpu(skip(f))
+
