@@ -351,9 +351,13 @@ def flight_recorder_env(out_dir: str):
 
     Read the dumps with `python -m torch.distributed.flight_recorder.fr_trace OUT -p nccl_trace_rank_`.
     The names are the ones torch 2.11 and 2.13 read (2.13 calls TORCH_NCCL_TRACE_BUFFER_SIZE deprecated).
+    After a timeout the watchdog waits 4x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC (default 15 s, so a minute)
+    for every rank to dump before it ends the process; the dumps took under a second on 2 H200s, so
+    2 s keeps a failure within seconds of the timeout.
     Set before the process group exists; the environment wins over these defaults.
     """
     for key, value in (("TORCH_FR_BUFFER_SIZE", "2000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+                       ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "2000"),
                        ("TORCH_FR_DUMP_TEMP_FILE", os.path.join(out_dir, "nccl_trace_rank_"))):
         os.environ.setdefault(key, value)
 
@@ -474,6 +478,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_leftover_ranks(out_dir: str) -> list[int]:
+    """SIGKILL every process whose command line names `out_dir` (this launch's ranks); returns their pids.
+
+    torchrun starts each rank in a session of its own, so killing torchrun's process group leaves
+    ranks stuck in a collective running, holding their GPUs. Linux only (reads /proc).
+    """
+    killed = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():  # the launcher itself may have been given the same --out-dir
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if out_dir.encode() in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):  # gone meanwhile
+            pass
+    return killed
+
+
 def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = False) -> Result:
     """Run one case with torchrun (output to OUT/torchrun.log); kill it after 2x the collective timeout.
 
@@ -497,6 +521,7 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             killed = True
+    kill_leftover_ranks(out_dir)
     seconds = time.monotonic() - start
     ledgers = read_ledgers(out_dir)
     ends = [ledger[-1]["end"] for ledger in ledgers if ledger and "end" in ledger[-1]]
