@@ -70,13 +70,27 @@ def validate_parallel(world: int, sp: int, cfg: ModelConfig) -> None:
                          f"(kv heads are split over sp ranks, or repeated up to sp when fewer)")
 
 
+def validate_devices(local_world: int, gpus: int) -> None:
+    """Raise a one-line ValueError if this node runs more ranks than it has GPUs (gpus = 0: CPU, gloo).
+
+    NCCL needs a GPU per rank; without this check the surplus ranks fail in `set_device` with a
+    traceback each while the others wait in the rendezvous.
+    """
+    if gpus and local_world > gpus:
+        raise ValueError(f"{local_world} ranks on this node but {gpus} GPUs visible: start one process per GPU "
+                         f"(torchrun --nproc-per-node {gpus})")
+
+
 def check_parallel_or_exit(world: int, sp: int, cfg: ModelConfig) -> None:
-    """`validate_parallel` for entry points: a bad layout prints one line on stderr and exits 2.
+    """`validate_devices` and `validate_parallel` for entry points: a bad layout prints one line on stderr
+    and exits 2.
 
     Under torchrun every rank runs the same check; only rank 0 prints, so the user reads the
     reason once.
     """
     try:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        validate_devices(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gpus)
         validate_parallel(world, sp, cfg)
     except ValueError as e:
         if int(os.environ.get("RANK", "0")) == 0:

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers_dist import REPO, failures, run_worker, torchrun
+from helpers_dist import REPO, failures, gpus, run_worker, torchrun
 
-from minirl.dist import main, validate_parallel
+from minirl.dist import main, validate_devices, validate_parallel
 from minirl.model import ModelConfig
 
 
@@ -59,6 +59,29 @@ def test_bad_layout_under_torchrun_fails_with_one_line(model_dir):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: bad parallel layout: sp=3 does not divide the world size 2"], proc.stderr[-2000:]
     assert "exitcode  : 2" in proc.stderr
+
+
+@pytest.mark.parametrize("local_world, n_gpus, ok", [(2, 2, True), (1, 8, True), (4, 0, True), (3, 2, False)])
+def test_one_rank_per_gpu(local_world, n_gpus, ok):
+    """More ranks than GPUs on a node is an error; any number of ranks is fine on CPUs (n_gpus = 0)."""
+    if ok:
+        validate_devices(local_world, n_gpus)
+    else:
+        with pytest.raises(ValueError, match="3 ranks on this node but 2 GPUs visible"):
+            validate_devices(local_world, n_gpus)
+
+
+@gpus(1)
+def test_more_ranks_than_gpus_fails_with_one_line(model_dir):
+    """On a GPU machine, one rank too many: every rank exits 2 before any process group, one line printed."""
+    import torch
+    n = torch.cuda.device_count()
+    proc = torchrun(n + 1, ["-m", "minirl.dist", "--model", model_dir, "--sp", "1", "--world", str(n + 1)],
+                    timeout=120, cuda=True)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines == [f"error: {n + 1} ranks on this node but {n} GPUs visible: start one process per GPU "
+                     f"(torchrun --nproc-per-node {n})"], proc.stderr[-2000:]
 
 
 def test_single_process_without_torchrun():

@@ -1,9 +1,10 @@
 """What the CPU suite cannot run, on GPUs with NCCL: `torchrun --nproc-per-node N cuda_worker.py --out DIR`.
 
-The sp=N equivalence of parallel_worker.py in fp32 (SDPA, TF32 off), then with torch's varlen
-attention kernel, bf16 mixed precision and CPU offload (within bf16 rounding of the fp32 reference),
-and a checkpoint round trip: a model loaded from a checkpoint takes the same next step as the model
-that wrote it. Run by tests/test_fsdp.py on a machine with CUDA devices (sp = their number).
+The equivalence checks of parallel_worker.py against the one-GPU fp32 reference (SDPA, TF32 off):
+sp=N in fp32; then as training runs on GPUs -- torch's varlen attention kernel, bf16 compute with fp32
+gradient reduction -- for dp=N and for sp=N, and sp=N with CPU offload, all within BF16_TOL; and a
+checkpoint round trip: a model loaded from a checkpoint takes the same next step as the model that
+wrote it. Run by tests/test_fsdp.py on a machine with CUDA devices (N = 2 when there are two).
 """
 
 import os
@@ -17,6 +18,11 @@ from parallel_worker import check_layout, reference_step
 from minirl import checkpoint
 from minirl import dist as mdist
 from minirl.fsdp import shard_model
+
+
+# bf16 compute (8 mantissa bits: a relative rounding of up to 2**-8 = 3.9e-3 per operation) over two
+# layers, against the fp32 reference; the measured errors are in tests/GPU_TIER.md.
+BF16_TOL = 3e-2
 
 
 def check_checkpoint_round_trip(report: Report, cfg, d: mdist.Dist, ckpt_dir: str):
@@ -49,8 +55,9 @@ def main():
         cfg = tiny_config(head_dim=64)  # a head size every flash kernel supports
         ref = reference_step(cfg, d.device)
         check_layout(report, ref, cfg, d.world, checkpointing=True, tol=1e-4)
-        check_layout(report, ref, cfg, d.world, checkpointing=True, mixed_precision=True, cpu_offload=True,
-                     tol=5e-2, backend="varlen")
+        for sp, offload in dict.fromkeys(((1, False), (d.world, False), (d.world, True))):  # dpN, spN, + offload
+            check_layout(report, ref, cfg, sp, checkpointing=True, mixed_precision=True, cpu_offload=offload,
+                         tol=BF16_TOL, backend="varlen")
         check_checkpoint_round_trip(report, cfg, d, os.path.join(args.out, "ckpt"))
         report.write()
     os._exit(0)
