@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers_dist import gpus
 
 from minirl.attention import cu_seqlens_from_positions, pick_backend, varlen_attention
 
@@ -43,7 +44,7 @@ def test_sdpa_backend_matches_dense_reference_forward_and_backward():
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=0, atol=1e-5, msg=f"grad {name}")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen_attn runs on CUDA only")
+@gpus(1)
 def test_varlen_backend_matches_dense_reference_with_gqa():
     lengths = [37, 1, 130, 64]
     T, H, Hkv, D = sum(lengths), 4, 2, 64

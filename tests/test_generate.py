@@ -259,7 +259,7 @@ def test_bad_input_is_a_clear_error(model):
         generate(model, [[1]], SamplingParams(0), [0], 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@gpus(1)
 def test_cuda_graph_decode_matches_eager(model):
     gpu = type(model)(model.cfg).cuda()
     gpu.load_state_dict(model.state_dict())
@@ -276,7 +276,7 @@ def test_cuda_graph_decode_matches_eager(model):
         torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the sampler's probabilities are compiled on CUDA only")
+@gpus(1)
 def test_compiled_sampler_with_a_full_size_vocabulary():
     """With Qwen's 151,936-token vocabulary (top-p's cumsum over it once failed to compile): the GPU
     draws what the CPU draws from the same uniforms, with the float64 log-probs of those tokens."""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers_dist import gpus
 from helpers_models import FAMILIES, hf_config, hf_model, minirl_model, packed_batch
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -149,7 +150,7 @@ def test_config_rejects_unsupported_options(change, culprit):
         ModelConfig.from_hf(hf)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the chunk is torch.compile'd on CUDA only")
+@gpus(1)
 def test_compiled_logprobs_with_a_full_size_vocabulary():
     """The compiled chunk with Qwen's 151,936-token vocabulary (top-p's cumsum over it once failed to
     compile) against the eager float64 computation on CPU, forward and backward."""
