@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from helpers_dist import gpus
 from helpers_models import FAMILIES, VOCAB, hf_model, minirl_model, save_hf_model
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
