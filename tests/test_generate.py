@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from helpers_dist import gpus
+from helpers_dist import gpus, run_worker
 from helpers_models import FAMILIES, VOCAB, hf_model, minirl_model, save_hf_model
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
@@ -295,8 +295,6 @@ def test_compiled_sampler_with_a_full_size_vocabulary():
 
 def test_weight_sync_from_fsdp_matches_updated_model():
     """2 ranks (gloo): after an optimizer step on the FSDP2 model the generator scores like the updated model."""
-    from helpers_dist import run_worker
-
     for r, report in enumerate(run_worker("weight_sync_worker.py", 2)):
         failed = {k: v for k, v in report["checks"].items() if v}
         assert not failed, f"rank {r}: {failed}"
