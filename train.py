@@ -37,7 +37,7 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    with distributed(cfg.parallel.sp, cfg.parallel.timeout_s) as d:
+    with distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cpu_collectives=cfg.parallel.cpu_offload) as d:
         run(cfg, d, model_cfg, tok, data, test, reward_fn)
 
 

@@ -98,17 +98,19 @@ def check_parallel_or_exit(world: int, sp: int, cfg: ModelConfig) -> None:
         sys.exit(2)
 
 
-def init_process_group(timeout_s: float = 600.0) -> torch.device:
+def init_process_group(timeout_s: float = 600.0, cpu_collectives: bool = False) -> torch.device:
     """Join the job torchrun started (NCCL on GPUs, gloo on CPU) and return this rank's device.
 
     `timeout_s` bounds every collective: a rank stuck in a mismatched collective fails after that
     long with an error naming the collective, instead of hanging forever. Started with plain
     `python` (no torchrun environment) it forms a one-rank job, so the same code runs everywhere.
+    `cpu_collectives` adds gloo beside NCCL on GPUs for collectives on CPU tensors: FSDP2's CPU
+    offload keeps the gradients on the CPU, and the gradient norm is all-reduced over them.
     """
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -127,7 +129,7 @@ def build_dist(sp: int) -> Dist:
     world, rank = dist.get_world_size(), dist.get_rank()
     if sp < 1 or world % sp:
         raise ValueError(f"bad parallel layout: sp={sp} does not divide the world size {world}")
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device_type = "cuda" if "nccl" in dist.get_backend() else "cpu"
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
     fsdp_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("fsdp",))
@@ -152,13 +154,13 @@ def shutdown() -> None:
 
 
 @contextmanager
-def distributed(sp: int = 1, timeout_s: float = 600.0) -> Iterator[Dist]:
+def distributed(sp: int = 1, timeout_s: float = 600.0, cpu_collectives: bool = False) -> Iterator[Dist]:
     """`with distributed(sp) as d: train(d)`: init, grid, and a teardown that runs even on errors.
 
     Keep the model and `d` inside the function called in the block, so they are gone before the
     teardown runs.
     """
-    init_process_group(timeout_s)
+    init_process_group(timeout_s, cpu_collectives)
     try:
         yield build_dist(sp)
     finally:

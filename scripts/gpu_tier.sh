@@ -19,7 +19,8 @@ rc=${PIPESTATUS[0]}
   python -c "import torch; print('torch', torch.__version__, 'NCCL', '.'.join(map(str, torch.cuda.nccl.version())))"
   grep -E "::.* (PASSED|FAILED|SKIPPED|ERROR)" "$out/gpu_tier.log" | sed -E 's/ *\[ *[0-9]+%\]$//'
   echo "figures printed by the tests:"
-  grep -E "relative error|step 1:|seconds|overhead" "$out/gpu_tier.log" | grep -v "::" | sed 's/^/  /'
+  grep -oE "[[:alnum:]/_.-]+: relative error [0-9.e+-]+|sp[0-9] step 1: .*" "$out/gpu_tier.log" \
+    | sed 's/^/  /'
   tail -n 1 "$out/gpu_tier.log"
 } > "$out/gpu_tier_summary.txt"
 cat "$out/gpu_tier_summary.txt"
