@@ -63,8 +63,8 @@ def parse_args(argv=None):
                    help="field holding the prompt, a string or a list of chat messages (default: prompt)")
     p.add_argument("--answer-field", default="answer",
                    help="field holding the reference answer handed to the reward (default: answer)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; a rerun with the same settings and number "
-                   "of ranks repeats the samples, exactly on CPU, up to GPU kernel nondeterminism (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; a rerun with the same settings repeats the "
+                   "samples, on any number of ranks, exactly on CPU, up to GPU kernel nondeterminism (default 0)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="completions generated together and written out after each batch (default 64). naive: "
                         "rows of one KV cache, lower it on out-of-memory; vllm: requests per call, larger is faster")
