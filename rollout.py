@@ -19,22 +19,21 @@ import heapq
 import json
 import math
 import os
-import socket
 import sys
 import time
-from dataclasses import dataclass, replace
-from functools import partial
-
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minirl.attention import AttnMeta, cu_seqlens_from_positions, pick_backend
-from minirl.data import read_records
-from minirl.generate import Completion, SamplingParams, fuse_projections, generate
-from minirl.hf import load_model
+from minirl.attention import pick_backend
+from minirl.backend import RolloutBackend, SamplingParams, sample_seed
+from minirl.data import Prompt, plan_micro_batches, read_records
+from minirl.dist import Dist, distributed
+from minirl.generate import Generator
+from minirl.hf import load_model, load_state_dict_from_dir, read_config
 from minirl.rewards import get_reward_fn
 from minirl.tokenizer import Tokenizer
+from minirl.trainer import Sample, micro_logprobs, pack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,8 +63,8 @@ def parse_args(argv=None):
                    help="field holding the prompt, a string or a list of chat messages (default: prompt)")
     p.add_argument("--answer-field", default="answer",
                    help="field holding the reference answer handed to the reward (default: answer)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; a rerun with the same settings and number "
-                   "of ranks repeats the samples, exactly on CPU, up to GPU kernel nondeterminism (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; a rerun with the same settings repeats the "
+                   "samples, on any number of ranks, exactly on CPU, up to GPU kernel nondeterminism (default 0)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="completions generated together and written out after each batch (default 64). naive: "
                         "rows of one KV cache, lower it on out-of-memory; vllm: requests per call, larger is faster")
@@ -83,28 +82,23 @@ def parse_args(argv=None):
                    help="dtype of the trainer model that --check-logprobs scores with (default float32)")
     args = p.parse_args(argv)
     for name, value, ok in [("--n", args.n, args.n >= 1), ("--batch-size", args.batch_size, args.batch_size >= 1),
-                            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1),
-                            ("--temperature", args.temperature, args.temperature >= 0),
-                            ("--top-p", args.top_p, 0 < args.top_p <= 1), ("--top-k", args.top_k, args.top_k >= 0),
                             ("--seed", args.seed, 0 <= args.seed < 2**31)]:
         if not ok:
             p.error(f"{name} {value} is out of range")
+    try:
+        sampling_params(args).check()
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-@dataclass
-class Row:
-    """One completion to generate: sample `sample` of prompt record `index` of the data file."""
-
-    index: int  # the prompt's record number in the data file (0-based)
-    sample: int  # 0..n-1
-    prompt: str | list  # as given: a string or chat messages
-    prompt_ids: list[int]
-    answer: str | None
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 
 
-def load_rows(args, tok: Tokenizer, chat: bool, rank: int, world: int) -> tuple[list[Row], int]:
-    """This rank's rows (every world-th prompt, each repeated --n times) and the number of prompts.
+def load_rows(args, tok: Tokenizer, chat: bool, rank: int, world: int) -> tuple[list[tuple[Prompt, int]], int]:
+    """This rank's rows, (prompt, sample k), for every world-th prompt and k < --n, and the number of
+    prompts. A prompt's index is its record number in the file (0-based); its answer None if absent.
 
     Every record is checked, not only this rank's, so that all ranks fail alike on a bad file.
     """
@@ -127,44 +121,27 @@ def load_rows(args, tok: Tokenizer, chat: bool, rank: int, world: int) -> tuple[
         if not ids:
             raise ValueError(f"{args.data}: record {i + 1}: the prompt is empty (no tokens to generate from)")
         answer = str(rec[args.answer_field]) if args.answer_field in rec else None
-        rows += [Row(i, j, rec[args.prompt_field], ids, answer) for j in range(args.n)]
+        rows += [(Prompt(i, rec[args.prompt_field], ids, answer), k) for k in range(args.n)]
     return rows, len(records)
 
 
-def packs(lengths: list[int], max_tokens: int):
-    """Consecutive index groups of at most max_tokens tokens (a longer sequence goes alone)."""
-    group, size = [], 0
-    for i, n in enumerate(lengths):
-        if group and size + n > max_tokens:
-            yield group
-            group, size = [], 0
-        group.append(i)
-        size += n
-    if group:
-        yield group
-
-
 @torch.no_grad()
-def trainer_logprobs(model, prompts: list[list[int]], completions: list[Completion], params: SamplingParams,
-                     attn_backend: str, max_tokens: int = 8192) -> list[list[float | None]]:
-    """Each completion's token log-probs from the packed forward the trainer uses, same distribution.
+def trainer_logprobs(model, samples: list[Sample], params: SamplingParams, d: Dist, attn_backend: str,
+                     max_tokens: int = 8192) -> list[list[float | None]]:
+    """Each completion's token log-probs from the trainer's packing and forward, same distribution.
 
     A token the trainer's top-k/top-p set excludes has log-prob -inf there; it is returned as None
     (JSON has no infinity).
     """
-    seqs = [p + c.token_ids for p, c in zip(prompts, completions)]
-    device = model.embed_tokens.weight.device
-    out = []
-    for group in packs([len(s) - 1 for s in seqs], max_tokens):
-        ids = torch.tensor([t for i in group for t in seqs[i][:-1]], device=device)  # [T]
-        targets = torch.tensor([t for i in group for t in seqs[i][1:]], device=device)  # [T]
-        pos = torch.cat([torch.arange(len(seqs[i]) - 1, device=device) for i in group])  # [T]
-        cu_seqlens, max_seqlen = cu_seqlens_from_positions(pos)
-        logp, _ = model(ids, pos, AttnMeta(cu_seqlens, max_seqlen, attn_backend), targets=targets,
-                        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)  # [T]
-        for end, i in zip(cu_seqlens[1:].tolist(), group):
-            lp = logp[end - len(completions[i].token_ids):end].tolist()
-            out.append([x if x != -math.inf else None for x in lp])  # None: outside the trainer's top-k/top-p
+    lengths = [len(s.prompt.token_ids) + len(s.completion_ids) - 1 for s in samples]
+    out = [None] * len(samples)
+    for micro in plan_micro_batches(lengths, 1, max(max_tokens, *lengths))[0]:
+        mb = pack(samples, micro, 0, d, attn_backend)
+        logp, _ = micro_logprobs(model, mb, params.temperature, params.top_k, params.top_p)  # [t]
+        logp = logp[mb.mask.bool()].tolist()  # the completion tokens, sequence after sequence
+        for i in micro:
+            n = len(samples[i].completion_ids)
+            out[i], logp = [x if x != -math.inf else None for x in logp[:n]], logp[n:]
     return out
 
 
@@ -232,47 +209,32 @@ def summarize(out: str, seconds: float, check_dtype: str):
                   f"top-k/top-p set (trainer log-prob -inf, null in the file) and are left out above")
 
 
-def init_process_group(need_group: bool):
-    """A gloo group when under torchrun, or when vLLM needs one (it joins this process's group, even
-    alone: a group of one is made outside torchrun). Gloo is enough: the ranks only exchange one
-    number and a barrier. Returns (rank, world)."""
-    if "WORLD_SIZE" not in os.environ and need_group:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 or need_group:
-        dist.init_process_group("gloo")
-    return rank, world
-
-
-def make_generator(args, tok: Tokenizer, device, dtype):
-    """(generate(prompts, params, progress) -> completions, close()) for the chosen backend."""
+def make_generator(args, tok: Tokenizer, device, dtype) -> RolloutBackend:
+    """The chosen backend, holding the model's weights."""
     if args.backend == "naive":
-        model = load_model(args.model, device, dtype)
-        fuse_projections(model)  # inference only: one matmul for q/k/v, one for gate/up
-        return partial(generate, model, eos_ids=tok.eos_ids, pad_id=tok.pad_id, max_batch_size=args.batch_size), None
+        generator = Generator(read_config(args.model), tok.eos_ids, tok.pad_id, device, dtype,
+                              max_batch_size=args.batch_size, keep_resident=True)
+        generator.update_weights(load_state_dict_from_dir(args.model).items())
+        return generator
     from minirl.vllm_backend import VLLMGenerator  # imported only when asked: vllm is optional
     memory = {"gpu_memory_utilization": args.gpu_memory_utilization}
     if args.kv_cache_gib is not None or device.type == "cpu":  # on CPU vLLM needs an explicit size
         memory = {"kv_cache_bytes": int((args.kv_cache_gib or 2.0) * 2**30)}
     try:
-        engine = VLLMGenerator(args.model, eos_ids=tok.eos_ids, seed=args.seed, dtype=dtype, sleep_mode=False,
-                               **memory)
+        return VLLMGenerator(args.model, eos_ids=tok.eos_ids, seed=args.seed, dtype=dtype, sleep_mode=False,
+                             **memory)
     except ImportError as e:  # vllm not installed: the message says what to install
         sys.exit(f"rollout.py: error: {e}")
-    return engine.generate, engine.close
 
 
-def output_line(row: Row, c: Completion, text: str, reward_fn, trainer_lp) -> dict:
-    line = {"index": row.index, "sample": row.sample, "prompt": row.prompt, "prompt_token_ids": row.prompt_ids,
-            "completion": text, "completion_token_ids": c.token_ids, "logprobs": c.logprobs,
-            "finish_reason": c.finish_reason}
-    if row.answer is not None:
-        line["answer"] = row.answer
+def output_line(s: Sample, k: int, text: str, reward_fn, trainer_lp) -> dict:
+    p = s.prompt
+    line = {"index": p.index, "sample": k, "prompt": p.text, "prompt_token_ids": p.token_ids, "completion": text,
+            "completion_token_ids": s.completion_ids, "logprobs": s.gen_logprobs, "finish_reason": s.finish_reason}
+    if p.answer is not None:
+        line["answer"] = p.answer
     if reward_fn is not None:
-        line["reward"] = float(reward_fn(row.prompt, text, row.answer))
+        line["reward"] = float(reward_fn(p.text, text, p.answer))
     if trainer_lp is not None:
         line["trainer_logprobs"] = trainer_lp
     return line
@@ -280,18 +242,13 @@ def output_line(row: Row, c: Completion, text: str, reward_fn, trainer_lp) -> di
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world = init_process_group(need_group=args.backend == "vllm")
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if local_rank >= torch.cuda.device_count():
-            sys.exit(f"rollout.py: error: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                     "start at most one process per GPU")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    with distributed() as d:  # a gloo group on CPUs, NCCL on GPUs; one rank without torchrun
+        run(args, d)
 
+
+def run(args, d: Dist):
+    rank, world = d.rank, d.world
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if d.device.type == "cuda" else "float32")
     # Every input problem surfaces here, before any model is loaded, as one line.
     try:
         tok = Tokenizer.from_dir(args.model)
@@ -301,16 +258,16 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"rollout.py: error: {e}")
 
-    backend, close = make_generator(args, tok, device, DTYPES[dtype])
+    generator = make_generator(args, tok, d.device, DTYPES[dtype])
     if args.check_logprobs:
-        trainer = load_model(args.model, device, DTYPES[args.check_dtype])
+        trainer = load_model(args.model, d.device, DTYPES[args.check_dtype])
         # flash-attn and torch's varlen kernel take 16-bit inputs only: a float32 trainer uses sdpa.
-        attn_backend = pick_backend(device, "sdpa" if args.check_dtype == "float32" else None)
+        attn_backend = pick_backend(d.device, "sdpa" if args.check_dtype == "float32" else None)
     if rank == 0:
         print(f"rollout: {n_prompts} prompts x {args.n} samples on {world} rank(s), {args.backend} backend, "
-              f"{dtype} on {device}, chat template {'on' if chat else 'off'}")
+              f"{dtype} on {d.device}, chat template {'on' if chat else 'off'}")
 
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    params = sampling_params(args)
     path = args.out if world == 1 else f"{args.out}.rank{rank}"
     written, gen_seconds = 0, 0.0
     bar = tqdm(total=len(rows), unit="completion", disable=rank != 0, desc="rank 0" if world > 1 else None)
@@ -318,18 +275,16 @@ def main(argv=None):
         with open(path, "w", encoding="utf-8") as f:
             for start in range(0, len(rows), args.batch_size):
                 batch = rows[start:start + args.batch_size]
-                prompts = [r.prompt_ids for r in batch]
-                # A seed per batch: the user's seed in the high bits, the batch's first row (numbered
-                # over all prompts and samples) in the low ones. Different for every batch on every
-                # rank, and the same again on a rerun.
-                seed = (args.seed << 32) + batch[0].index * args.n + batch[0].sample
+                # The trainer's seed scheme (step 0): a row's samples depend on (seed, prompt, sample) only.
+                seeds = [sample_seed(args.seed, 0, p.index, k) for p, k in batch]
                 t0 = time.perf_counter()
-                completions = backend(prompts, replace(params, seed=seed), progress=bar)
+                completions = generator.generate([p.token_ids for p, _ in batch], params, progress=bar, seeds=seeds)
                 gen_seconds += time.perf_counter() - t0
-                checked = trainer_logprobs(trainer, prompts, completions, params, attn_backend) \
+                samples = [Sample(p, c.token_ids, c.logprobs, c.finish_reason) for (p, _), c in zip(batch, completions)]
+                checked = trainer_logprobs(trainer, samples, params, d, attn_backend) \
                     if args.check_logprobs else [None] * len(batch)
-                for row, c, trainer_lp in zip(batch, completions, checked):
-                    line = output_line(row, c, tok.decode(c.token_ids), reward_fn, trainer_lp)
+                for s, (_, k), trainer_lp in zip(samples, batch, checked):
+                    line = output_line(s, k, tok.decode(s.completion_ids), reward_fn, trainer_lp)
                     f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
                 written += len(batch)
@@ -339,19 +294,14 @@ def main(argv=None):
         sys.exit(130)
     bar.close()
 
-    if dist.is_initialized():
-        slowest = torch.tensor([gen_seconds])
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the ranks generate in parallel
-        gen_seconds = slowest.item()
-        dist.barrier()  # every part file is complete
-        if rank == 0 and world > 1:
-            merge(args.out, world)
-    if close is not None:
-        close()  # vLLM's shutdown also destroys the process group
-    elif dist.is_initialized():
-        dist.destroy_process_group()
+    slowest = torch.tensor([gen_seconds], device=d.device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the ranks generate in parallel
+    dist.barrier()  # every part file is complete
+    if rank == 0 and world > 1:
+        merge(args.out, world)
+    generator.close()  # before the process group goes: vLLM's shutdown tears it down
     if rank == 0:
-        summarize(args.out, max(gen_seconds, 1e-9), args.check_dtype)
+        summarize(args.out, max(slowest.item(), 1e-9), args.check_dtype)
 
 
 if __name__ == "__main__":

@@ -8,29 +8,30 @@ Works on GPUs (NCCL) and on CPUs (gloo); multi-node is plain torchrun (--nnodes,
 """
 
 import contextlib
+import math
 import os
 import sys
-import time
 
 import torch
 from tqdm import tqdm
 
-from minirl import checkpoint, report, trainer
-from minirl.config import parse_config
+from minirl import checkpoint, report
+from minirl.backend import RolloutBackend
+from minirl.config import TrainConfig, parse_config, validate
 from minirl.data import PromptDataset
-from minirl.dist import check_parallel_or_exit, distributed
+from minirl.dist import Dist, check_parallel_or_exit, distributed
+from minirl.fsdp import build_sharded, iter_full_params
 from minirl.generate import Generator
 from minirl.hf import load_state_dict_from_dir, read_config
+from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
 from minirl.rewards import get_reward_fn
 from minirl.tokenizer import Tokenizer
-
-DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "minirl", "default_task")
+from minirl.trainer import Policy, evaluate, rl_step
 
 
 def main(argv=None):
-    cfg = parse_config(argv, description=__doc__.splitlines()[0],
-                       default_job=os.path.join(DEFAULT_TASK, "train_config.json"))
+    cfg = parse_config(argv, description=__doc__.splitlines()[0])
     try:  # everything that can be wrong with the inputs fails here, before any process group or weights
         model_cfg, tok, data, test, reward_fn = load_inputs(cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -41,14 +42,8 @@ def main(argv=None):
         run(cfg, d, model_cfg, tok, data, test, reward_fn)
 
 
-def load_inputs(cfg):
-    if not cfg.data.model:  # the built-in task: a small model and its data ship in the repo
-        cfg.data.model = DEFAULT_TASK
-        cfg.data.data = cfg.data.data or os.path.join(DEFAULT_TASK, "train.jsonl")
-        cfg.data.test_data = cfg.data.test_data or os.path.join(DEFAULT_TASK, "test.jsonl")
-    if not cfg.data.data:
-        raise ValueError("--data is required with --model")
-    trainer.check_config(cfg)
+def load_inputs(cfg: TrainConfig):
+    validate(cfg)
     model_cfg = read_config(cfg.data.model)
     check_parallel_or_exit(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.sp, model_cfg)
     reward_fn = get_reward_fn(cfg.data.reward)
@@ -63,7 +58,7 @@ def load_inputs(cfg):
     return model_cfg, tok, data, test, reward_fn
 
 
-def run(cfg, d, model_cfg, tok, data, test, reward_fn):
+def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
     if cfg.parallel.numa and d.device.type == "cuda":
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         bind_to_gpu_node(d.rank, local_rank, local_world, d.device)
@@ -73,30 +68,22 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         log(f"data: dropped {data.dropped} prompts longer than {cfg.data.max_prompt_len} tokens")
     log(f"world {d.world} = dp {d.dp_size} x sp {d.sp_size} on {d.device}; model {cfg.data.model}")
 
-    # The policy (FSDP2-sharded, trained), the optional frozen reference, the generator's copy.
-    weights = load_state_dict_from_dir(cfg.data.model)
-    model = trainer.build_policy(model_cfg, weights, d, cfg.parallel, train=True)
-    ref_model = trainer.build_policy(model_cfg, weights, d, cfg.parallel, train=False) \
-        if cfg.algo.kl_coef else None
-    del weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    updates = cfg.run.steps * cfg.run.mini_batches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(cfg.optim, updates))
-    gen_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    policy = build_policy(model_cfg, cfg, d)
+    ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
     # A vLLM engine must shut down before the process group does (its shutdown tears groups down).
-    with contextlib.closing(make_generator(cfg, model_cfg, tok, d, gen_dtype)) as generator:
+    with contextlib.closing(make_generator(cfg, model_cfg, tok, d)) as generator:
         start = 0
         if cfg.run.resume:
-            state = checkpoint.load_latest(os.path.join(cfg.run.out_dir, "checkpoints"), model, optimizer, scheduler)
+            state = checkpoint.load_latest(ckpt_dir, policy.model, policy.optimizer, policy.scheduler)
             if state is not None:
                 start = state.step
                 data.load_state_dict(state.data_state)
                 log(f"resumed from step {start}")
-        trainer.sync_weights(generator, model, gen_dtype)
+        generator.update_weights(iter_full_params(policy.model, generator.dtype))
 
         metrics = report.MetricsLog(cfg.run.out_dir, fresh=start == 0) if d.is_main else None
         if test is not None and start == 0:
-            acc0 = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+            acc0 = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)
             log(f"held-out accuracy before training: {acc0:.1%}")
             if d.is_main:
                 metrics.write({"step": 0, "test_accuracy": acc0})
@@ -105,29 +92,11 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
                         initial=start, total=cfg.run.steps)
         for step in step_bar:
-            timer = report.PhaseTimer(d.device)
-            t0 = time.perf_counter()
-            prompts = data.next_batch(cfg.run.prompts_per_step)
-            timer.start("rollout")
-            samples = trainer.rollout(generator, prompts, step, d, cfg, reward_fn, tok, progress=d.is_main)
-            timer.stop("rollout")
-            generator.release()  # training gets the memory back (unless --keep-generator)
-            trainer.score_samples(samples, cfg)
-            sums = trainer.train_on_samples(model, ref_model, optimizer, scheduler, samples, d, cfg, tok.pad_id,
-                                            timer, progress=d.is_main)
-            timer.start("weight_sync")
-            trainer.sync_weights(generator, model, gen_dtype)
-            timer.stop("weight_sync")
-
-            row = {"step": step + 1, **trainer.rollout_stats(samples), **{k: v.item() for k, v in sums.items()},
-                   "lr": scheduler.get_last_lr()[0], **timer.summary()}
-            tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
-            row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
-            if d.device.type == "cuda":
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, reward_fn, tok,
+                          progress=d.is_main)
             acc = None
             if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-                acc = row["test_accuracy"] = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+                acc = row["test_accuracy"] = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)
             if d.is_main:
                 metrics.write(row)
                 step_bar.write(report.summary_line(row))
@@ -135,25 +104,49 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             last = step + 1 == cfg.run.steps
             stopping = stop.any_rank(d.device)
             if stopping or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                trainer.save(cfg, step + 1, model, optimizer, scheduler, data)
+                checkpoint.save(ckpt_dir, step + 1, policy.model, policy.optimizer, policy.scheduler,
+                                data.state_dict())
             if stopping:
                 log(f"stopped by signal after step {step + 1}; checkpoint saved, resume with --resume")
                 return
 
         if test is not None:
             if acc is None:  # not already evaluated at the last step
-                acc = trainer.evaluate(generator, test.prompts, d, cfg, reward_fn, tok)
+                acc = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)
                 if d.is_main:
                     metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
             log(f"held-out accuracy after training: {acc:.1%}")
         if cfg.run.export:
-            checkpoint.export_hf(model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
+            checkpoint.export_hf(policy.model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
             log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
         if d.is_main:
             report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
 
 
-def make_generator(cfg, model_cfg, tok, d, dtype):
+def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
+    """The FSDP2-sharded policy, the frozen reference (only with a KL penalty), AdamW and its lr schedule:
+    linear warm-up, then constant or cosine decay to 10% of the peak lr."""
+    weights = load_state_dict_from_dir(cfg.data.model)
+    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
+    ref_model = build_sharded(model_cfg, weights, d, cfg.parallel, train=False) if cfg.algo.kl_coef else None
+    del weights
+    oc, updates = cfg.optim, cfg.run.steps * cfg.run.mini_batches
+    optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+
+    def lr_multiplier(update: int) -> float:
+        if update < oc.warmup_steps:
+            return (update + 1) / oc.warmup_steps
+        if oc.schedule == "constant":
+            return 1.0
+        progress = (update - oc.warmup_steps) / max(1, updates - oc.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return Policy(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier), ref_model)
+
+
+def make_generator(cfg: TrainConfig, model_cfg: ModelConfig, tok, d: Dist) -> RolloutBackend:
+    """The rollout backend, sampling in bf16 on GPUs and fp32 on CPUs (weights: see `run`)."""
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     if cfg.rollout.backend == "vllm":
         from minirl.vllm_backend import VLLMGenerator  # optional extra, imported only when asked for
         return VLLMGenerator(cfg.data.model, tok.eos_ids, tp=cfg.rollout.tp, seed=cfg.run.seed, dtype=dtype,

@@ -5,8 +5,8 @@ n completions per prompt), log-probs (the policy scores the rollouts before the 
 log-probs that the truncated importance weights and later mini-batches need), train (packed
 forward+backward per micro-batch, clip, AdamW) and weight sync (the updated FSDP2 policy streamed
 into the generator's bf16 copy). This script runs exactly those phases with minirl's own pieces:
-`trainer.build_policy`, `generate.Generator`, `trainer.score_samples`, `trainer.train_on_samples`
-(its PhaseTimer times log-probs and train) and `trainer.sync_weights`. Only the rollout is composed
+`fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`score_samples`,
+`pack_mini_batch`, `logprobs_before_update`, `update`, the weight sync). Only the rollout is composed
 here from `Generator.generate`, because `trainer.rollout` also needs a tokenizer and text rewards.
 
 Workload (synthetic, fixed): random-weight Qwen3-0.6B shape, --prompts random-token prompts of
@@ -37,10 +37,13 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import (device_info, median, model_config, out_path, peak_memory_gb, print_table, random_model,
                           reset_peak_memory, write_json)
 from minirl import trainer
-from minirl.config import TrainConfig
+from minirl.attention import pick_backend
+from minirl.backend import SamplingParams
+from minirl.config import TrainConfig, loss_config
 from minirl.data import Prompt
 from minirl.dist import Dist, distributed
-from minirl.generate import Generator, SamplingParams
+from minirl.fsdp import build_sharded, iter_full_params
+from minirl.generate import Generator
 from minirl.report import PhaseTimer
 
 
@@ -101,8 +104,8 @@ def rollout(generator: Generator, prompts: list[Prompt], cfg: TrainConfig, seed:
             for p, o in zip(rows, outs)]
 
 
-def rl_step(step: int, policy, optimizer, scheduler, generator, prompts, cfg, d: Dist, dtype) -> dict:
-    """One step as train.py runs it; returns phase times (s), peak memory (GiB) and token counts."""
+def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist) -> dict:
+    """One step as trainer.rl_step runs it; returns phase times (s), peak memory (GiB) and token counts."""
     timer = PhaseTimer(d.device)
     reset_peak_memory(d.device)
     timer.start("rollout")
@@ -110,14 +113,22 @@ def rl_step(step: int, policy, optimizer, scheduler, generator, prompts, cfg, d:
     timer.stop("rollout")
     mem = {"rollout": peak_memory_gb(d.device)}
     generator.release()
-    trainer.score_samples(samples, cfg)
+    trainer.score_samples(samples, cfg.rollout.n_samples, cfg.algo.std_norm)
     reset_peak_memory(d.device)
-    trainer.train_on_samples(policy, None, optimizer, scheduler, samples, d, cfg, pad_id=0, timer=timer,
-                             progress=False)
+    backend, lcfg = pick_backend(d.device), loss_config(cfg.algo)
+    minis = trainer.split_mini_batches(len(samples), cfg.run.mini_batches)
+    batches = [trainer.pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, 0, backend) for mb in minis]
+    timer.start("logprobs")
+    old, ref = trainer.logprobs_before_update(policy, batches, len(minis) > 1 or lcfg.tis_cap is not None,
+                                              cfg.rollout.temperature, progress=False)
+    timer.stop("logprobs")
+    timer.start("train")
+    trainer.update(policy, samples, minis, batches, old, ref, d, lcfg, cfg.rollout, cfg.optim.grad_clip, progress=False)
+    timer.stop("train")
     mem["logprobs+train"] = peak_memory_gb(d.device)
     reset_peak_memory(d.device)
     timer.start("weight_sync")
-    trainer.sync_weights(generator, policy, dtype)
+    generator.update_weights(iter_full_params(policy.model, generator.dtype))
     timer.stop("weight_sync")
     mem["weight_sync"] = peak_memory_gb(d.device)
     times = {k.removeprefix("time/"): v for k, v in timer.summary().items()}
@@ -151,14 +162,14 @@ def build(args, d: Dist, dtype):
     """The FSDP2 policy (random weights), its AdamW and schedule, the generator holding a synced copy."""
     cfg, model_cfg = rl_config(args), model_config(args.shape)
     weights = random_model(model_cfg, d.device).state_dict()
-    policy = trainer.build_policy(model_cfg, weights, d, cfg.parallel, train=True)
+    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
     del weights
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(cfg.optim, 100))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0)  # train.py's default: constant
     generator = Generator(model_cfg, eos_ids=[], pad_id=0, device=d.device, dtype=dtype,
                           max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
-    trainer.sync_weights(generator, policy, dtype)
-    return cfg, policy, optimizer, scheduler, generator
+    generator.update_weights(iter_full_params(model, dtype))
+    return cfg, trainer.Policy(model, optimizer, scheduler), generator
 
 
 def run(args, d: Dist):
@@ -167,12 +178,12 @@ def run(args, d: Dist):
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32  # as train.py
     print(f"device: {device_info(d.device)}", flush=True)
     t0 = time.perf_counter()
-    cfg, policy, optimizer, scheduler, generator = build(args, d, dtype)
-    prompts = synthetic_prompts(args.prompts, args.prompt_len, policy.cfg.vocab_size, seed=0)
+    cfg, policy, generator = build(args, d, dtype)
+    prompts = synthetic_prompts(args.prompts, args.prompt_len, policy.model.cfg.vocab_size, seed=0)
     print(f"built policy and generator in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def step(i):
-        return rl_step(i, policy, optimizer, scheduler, generator, prompts, cfg, d, dtype)
+        return rl_step(i, policy, generator, prompts, cfg, d)
 
     t0 = time.perf_counter()
     step(0)

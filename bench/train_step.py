@@ -119,7 +119,7 @@ def build(cfg: ModelConfig, d: Dist, checkpointing: bool, compile_blocks: bool):
 
 
 def train_step(model, optimizer, batches, chunk: int):
-    """Forward+backward of every micro-batch, clip, AdamW, zero grads (as trainer.train_on_samples)."""
+    """Forward+backward of every micro-batch, clip, AdamW, zero grads (as trainer.update)."""
     for ids, pos, meta, targets, weights in batches:
         logprobs, _ = model(ids, pos, meta, targets=targets, chunk_size=chunk)
         (-(logprobs * weights).sum()).backward()

@@ -2,12 +2,22 @@
 
 Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
 `--help`, with the help text kept next to the field. Precedence: dataclass default < `--config FILE`
-< flags given on the command line.
+< flags given on the command line. Without --model the built-in default task fills in model and data.
+
+It also owns what follows from the settings: `validate`, and the forms the code uses them in
+(`loss_config`, `sampling_params`). Nothing changes the config after `parse_config` returns it.
 """
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
+
+from minirl.algorithms import LossConfig
+from minirl.backend import SamplingParams
+
+# The built-in task: a small model, its data and its settings ship in the repo.
+DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_task")
 
 
 def opt(default, help: str):
@@ -134,15 +144,57 @@ def build_parser(cfg: TrainConfig, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv=None, description: str = "", default_job: str | None = None) -> TrainConfig:
-    """Defaults, then --config FILE, then flags. With neither --config nor --model, the JSON file
-    `default_job` stands in for --config: that is how a bare `train.py` runs the built-in task."""
+def parse_config(argv=None, description: str = "") -> TrainConfig:
+    """Defaults, then --config FILE, then flags. With neither --config nor --model, the default task's
+    train_config.json stands in for --config, and its model and data fill in what is left empty:
+    that is how a bare `train.py` runs the built-in task."""
     cfg = TrainConfig()
     args = vars(build_parser(cfg, description).parse_args(argv))
-    config_file = args.pop("config") or ("" if "model" in args else default_job)
+    config_file = args.pop("config") or ("" if "model" in args else os.path.join(DEFAULT_TASK, "train_config.json"))
     if config_file:
         with open(config_file) as fh:
             apply_overrides(cfg, json.load(fh), config_file)
     apply_overrides(cfg, args, "command line")
+    if not cfg.data.model:
+        cfg.data.model = DEFAULT_TASK
+        cfg.data.data = cfg.data.data or os.path.join(DEFAULT_TASK, "train.jsonl")
+        cfg.data.test_data = cfg.data.test_data or os.path.join(DEFAULT_TASK, "test.jsonl")
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checked and derived settings
+
+
+def validate(cfg: TrainConfig):
+    """Batch sizes and choices that would otherwise fail mid-run: one clear ValueError at start-up.
+    (`dist.check_parallel_or_exit` checks the parallel layout against the model.)"""
+    if not cfg.data.data:
+        raise ValueError("--data is required with --model")
+    n = cfg.run.prompts_per_step * cfg.rollout.n_samples
+    if cfg.run.prompts_per_step < 1 or cfg.rollout.n_samples < 1 or cfg.run.steps < 1:
+        raise ValueError("--prompts-per-step, --n-samples and --steps must be >= 1")
+    if n % cfg.run.mini_batches:
+        raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
+                         f"--mini-batches {cfg.run.mini_batches}")
+    if cfg.rollout.backend not in ("naive", "vllm"):
+        raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
+    if cfg.optim.schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
+    loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, tis_cap
+    sampling_params(cfg.rollout).check()
+
+
+def loss_config(algo: AlgoConfig) -> LossConfig:
+    """The policy loss's settings; a flag's 0 ("off") is the loss's None."""
+    return LossConfig(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high,
+                      dual_clip_c=algo.dual_clip_c or None, kl_coef=algo.kl_coef,
+                      entropy_coef=algo.entropy_coef, agg=algo.loss_agg, tis_cap=algo.tis_cap or None)
+
+
+def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:
+    """How rollouts sample; `greedy` for held-out evaluation (argmax, same length limit)."""
+    if greedy:
+        return SamplingParams(rollout.max_new_tokens, temperature=0.0)
+    return SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
 

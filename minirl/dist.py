@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,24 +104,29 @@ def init_process_group(timeout_s: float = 600.0, cpu_collectives: bool = False) 
 
     `timeout_s` bounds every collective: a rank stuck in a mismatched collective fails after that
     long with an error naming the collective, instead of hanging forever. Started with plain
-    `python` (no torchrun environment) it forms a one-rank job, so the same code runs everywhere.
+    `python` it forms a one-rank job with the environment torchrun would have set (vLLM's external
+    launcher reads it), so the same code runs everywhere.
     `cpu_collectives` adds gloo beside NCCL on GPUs for collectives on CPU tensors: FSDP2's CPU
     offload keeps the gradients on the CPU, and the gradient norm is all-reduced over them.
     """
+    if "MASTER_ADDR" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                               "start at most one process per GPU")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    timeout = timedelta(seconds=timeout_s)
-    device_id = device if device.type == "cuda" else None
-    if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout, device_id=device_id)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
     return device
 
 

@@ -20,11 +20,13 @@ logging is an all_reduce SUM of the rank losses.
 from typing import Iterable, Iterator
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from minirl.model import Transformer
+from minirl.dist import Dist
+from minirl.model import ModelConfig, Transformer
 
 
 def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu_offload: bool,
@@ -50,6 +52,24 @@ def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool) -> Transformer:
+    """A sharded model on this rank's device, filled from a full (CPU) state dict; `pcfg` is the
+    run's ParallelConfig (compile, cpu_offload, checkpointing)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if pcfg.compile and d.device.type == "cuda":
+        for block in model.layers:  # fuses norms, RoPE, SwiGLU; the FSDP hooks stay outside the graph
+            block.compile()
+    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=pcfg.cpu_offload,
+                checkpointing=pcfg.checkpointing and train)
+    model.to_empty(device="cpu" if pcfg.cpu_offload else d.device)
+    # Every rank passes the full tensors; each keeps only its own shard.
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+    model.train(train)
+    model.requires_grad_(train)
     return model
 
 

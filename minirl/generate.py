@@ -10,8 +10,8 @@ One batch of prompts is generated in two phases, as in gpt-fast:
   as a CUDA graph and replayed, removing the per-kernel launch overhead that otherwise dominates
   one-token steps; the host checks for finished rows only every few steps. Attention reads the part
   of the cache filled so far, rounded up to one of a few lengths (a graph for each). Each layer's
-  norms, RoPE and activation run as torch.compile'd kernels on a GPU (see model.py), as do the
-  sampler's passes over the vocabulary; the inference copy fuses its q/k/v and gate/up projections.
+  norms, RoPE and activation run as torch.compile'd kernels on a GPU, as do the sampler's passes over
+  the vocabulary; the inference copy fuses its q/k/v and gate/up projections.
 
 Every sampled token comes with its log-prob under the distribution it was drawn from, the one
 `process_logits` defines (temperature, top-k, top-p). The trainer scores with the same function, so
@@ -28,37 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minirl.backend import Completion, SamplingParams, check_request, checked_weights
 from minirl.logprobs import process_logits
-from minirl.model import KVCache, ModelConfig, Transformer
-
+from minirl.model import MLP, Attention, Block, KVCache, ModelConfig, Transformer
 
 SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 512
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # 1 = off
-    top_k: int = 0  # 0 = off
-    seed: int = 0  # row i of a generate call samples from the stream of (seed, i), unless given its own
-
-    def check(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # ends with the EOS id when finish_reason == "stop" (as vLLM returns it)
-    logprobs: list[float]  # log-prob of each token under the processed distribution it was sampled from
-    finish_reason: str  # "stop" (an EOS id) or "length" (max_new_tokens)
+# A decode step on a GPU is a chain of small, latency-bound kernels. Inductor fuses each layer's norms,
+# RoPE, activation and residual adds into a few (model.cached_attention stays eager). Dynamic shapes:
+# one compile serves every batch size and cache length. Compiled lazily, on first CUDA use.
+_compiled_block_step = torch.compile(Block.forward_step, dynamic=True)
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -134,9 +113,9 @@ class DecodeState:
 
 
 def decode_step(model: Transformer, state: DecodeState, cache: KVCache, kv_len: int, params: SamplingParams,
-                eos: torch.Tensor):
+                eos: torch.Tensor, block_step):
     """Feed each row's current token, sample the next one and record it. Attention reads `kv_len` slots."""
-    logits = model.forward_step(state.cur[:, None], state.pos[:, None], cache, kv_len)[:, 0]  # [B, V], model dtype
+    logits = model.forward_step(state.cur[:, None], state.pos[:, None], cache, kv_len, block_step)[:, 0]  # [B, V]
     u = state.uniforms.index_select(1, state.t).squeeze(1)  # [B]
     tokens, logprobs = sample(logits, params, u)  # [B], [B]
     state.tokens.index_copy_(1, state.t, tokens[:, None])
@@ -182,29 +161,19 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     Prefill runs at most `prefill_tokens` rows x positions per forward, which bounds its activations
     (the MLP's [tokens, intermediate] tensors and the attention mask). `progress` is anything with
     tqdm's `update(n)`; it counts finished completions.
-    Each prompt samples from its own random stream: `seeds[i]` if given (one per prompt), else the
-    stream of (params.seed, i). A completion thus depends on its prompt and seed only, not on
-    max_batch_size or its neighbours, and a trainer can make rollouts independent of how prompts are
-    spread over ranks by seeding each (step, prompt, sample) itself. Reruns are exact on CPU.
+    Each prompt samples from its own random stream: `seeds[i]` if given (one per prompt), else
+    `sample_seed(params.seed, 0, i, 0)` (see backend.py). A completion thus depends on its prompt and
+    seed only, not on max_batch_size or its neighbours. Reruns are exact on CPU.
     On GPU some kernels are not bitwise deterministic (memory-efficient attention splits the keys), so
     a near-tie between two tokens can flip from run to run; torch.use_deterministic_algorithms(True)
     makes reruns exact, at a cost in speed.
     The host looks at the finished rows every SYNC_EVERY steps (a sync): a batch whose rows have
     all stopped is noticed at most that many steps late.
     """
-    params.check()
+    seeds = check_request(prompts, params, model.cfg.vocab_size, seeds)
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    vocab = model.cfg.vocab_size
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
-        if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt {i} has a token id outside the model's vocabulary [0, {vocab})")
-    if seeds is not None and len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-    # A string seed is hashed (sha512), so every (seed, row) pair gets its own stream.
-    rngs = [random.Random(f"{params.seed}:{i}" if seeds is None else seeds[i]) for i in range(len(prompts))]
+    rngs = [random.Random(seed) for seed in seeds]
     use_graph = cuda_graphs and model.embed_tokens.weight.device.type == "cuda"
     completions = []
     for start in range(0, len(prompts), max_batch_size):
@@ -238,7 +207,8 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     # few lengths (multiples of `width`, the last one max_len) that covers them: a graph each.
     width = -(-max_len // 4 // 64) * 64  # at most 4 lengths
     lengths = [min(max_len, width * (i + 1)) for i in range((S - 1) // width, (max_len - 1) // width + 1)]
-    steps = {n: functools.partial(decode_step, model, state, cache, n, params, eos) for n in lengths}
+    block_step = _compiled_block_step if device.type == "cuda" else Block.forward_step  # one layer
+    steps = {n: functools.partial(decode_step, model, state, cache, n, params, eos, block_step) for n in lengths}
     state.reset(*first)
     if use_graph:
         # Warm-up runs write junk into cache slot len_b - 1 only, the slot the first real step writes.
@@ -251,7 +221,7 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     chunk = max(1, prefill_tokens // B)
     for s in range(0, S - 1, chunk):
         e = min(s + chunk, S - 1)
-        model.fill_cache(tokens[:, s:e], positions[:, s:e], cache, kv_len=e)
+        model.fill_cache(tokens[:, s:e], positions[:, s:e], cache, e, block_step)
 
     n_done = 0
     for t in range(T):
@@ -298,22 +268,50 @@ class FusedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
 
 
+class FusedAttention(Attention):
+    """An inference copy's attention: the same submodules, with q/k/v projected by one matmul."""
+
+    def __init__(self, attn: Attention, cfg: ModelConfig):
+        with torch.device("meta"):  # the fresh submodules are replaced right away: allocate nothing
+            super().__init__(cfg)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.qkv_proj = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
+
+    def project(self, x):
+        return self.qkv_proj(x)
+
+
+class FusedMLP(MLP):
+    """An inference copy's MLP: the same submodules, with gate and up projected by one matmul."""
+
+    def __init__(self, mlp: MLP, cfg: ModelConfig):
+        with torch.device("meta"):
+            super().__init__(cfg)
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.gate_up_proj = FusedLinear(self.gate_proj, self.up_proj)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
 def fuse_projections(model: Transformer):
     """One matmul for q/k/v and one for gate/up in every layer, for an inference copy (no training:
     the fused parameters are views that autograd and FSDP know nothing of).
 
     A decode step's matmuls are small and bound by launches and tile overheads rather than bytes:
     seven a layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs
-    (bench/RESULTS.md, section 4). Parameter names and shapes are unchanged.
+    (bench/RESULTS.md, section 4). Each layer's attention and MLP are swapped for fused versions that
+    hold the same submodules: parameter names and shapes are unchanged.
     """
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.fused_qkv = FusedLinear(attn.q_proj, attn.k_proj, attn.v_proj)
-        mlp.fused_gate_up = FusedLinear(mlp.gate_proj, mlp.up_proj)
+        layer.self_attn = FusedAttention(layer.self_attn, model.cfg)
+        layer.mlp = FusedMLP(layer.mlp, model.cfg)
 
 
 class Generator:
-    """The inference copy of the policy: an unsharded model in `dtype` that rollouts are sampled from.
+    """The inference copy of the policy (a `backend.RolloutBackend`): an unsharded model in `dtype`.
 
     The trainer owns the policy (fp32 master weights, sharded by FSDP2). After each optimizer step it
     streams the full parameters in with `update_weights`, one tensor at a time, so the sync costs one
@@ -334,7 +332,7 @@ class Generator:
         """Copy every parameter, (name as in our model's state_dict, full tensor), into the copy.
 
         Each tensor is cast and moved as it is copied, and may be freed by the caller right after.
-        Every parameter must arrive exactly once: a partial sync would silently mix two policies.
+        Every parameter must arrive exactly once (`backend.checked_weights`).
         """
         if self.model is None:
             with torch.device("meta"):
@@ -343,21 +341,9 @@ class Generator:
             fuse_projections(model)  # one matmul for q/k/v, one for gate/up; parameter names unchanged
             self.model = model
         params = dict(self.model.named_parameters())
-        seen = set()
         try:
-            for name, tensor in named_tensors:
-                if name not in params:
-                    raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
-                if name in seen:
-                    raise ValueError(f"update_weights: {name!r} was sent twice")
-                if tensor.shape != params[name].shape:
-                    raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, "
-                                     f"expected {list(params[name].shape)}")
+            for name, tensor in checked_weights(named_tensors, {n: p.shape for n, p in params.items()}):
                 params[name].copy_(tensor)
-                seen.add(name)
-            if missing := params.keys() - seen:
-                raise ValueError(f"update_weights: {len(missing)} parameters were not sent, "
-                                 f"e.g. {sorted(missing)[0]!r}")
         except BaseException:
             self.model = None  # half-updated weights must never be sampled from
             raise
@@ -371,7 +357,7 @@ class Generator:
             torch.cuda.empty_cache()  # hand the cached blocks back for training's own allocations
 
     def close(self):
-        """Drop the inference copy for good (the same interface as the vLLM backend's close)."""
+        """Drop the inference copy for good."""
         self.model = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,

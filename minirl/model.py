@@ -207,14 +207,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(Hd, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.fused_qkv = None  # set on an inference copy by generate.fuse_projections
+
+    def project(self, x):
+        """x [..., D] -> q [..., H * Hd], k, v [..., Hkv * Hd] (generate.FusedAttention does it in one matmul)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def qkv(self, x, cos, sin):
         """Project, (Qwen3) normalise per head, rotate. x: [..., D] -> q [..., H, Hd], k/v [..., Hkv, Hd]."""
-        if self.fused_qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.fused_qkv(x)
+        q, k, v = self.project(x)
         q = q.unflatten(-1, (self.n_heads, self.head_dim))
         k = k.unflatten(-1, (self.n_kv, self.head_dim))
         v = v.unflatten(-1, (self.n_kv, self.head_dim))
@@ -262,11 +262,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused_gate_up = None  # set on an inference copy by generate.fuse_projections
 
     def forward(self, x):
-        gate, up = (self.gate_proj(x), self.up_proj(x)) if self.fused_gate_up is None else self.fused_gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -296,12 +294,6 @@ class Block(nn.Module):
     def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
         x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-# A decode step on a GPU is a chain of small, latency-bound kernels. Inductor fuses each layer's norms,
-# RoPE, activation and residual adds into a few (cached_attention stays eager). Dynamic shapes: one
-# compile serves every batch size and cache length. Compiled lazily, on first CUDA use.
-_compiled_block_step = torch.compile(Block.forward_step, dynamic=True)
 
 
 class Transformer(nn.Module):
@@ -335,29 +327,31 @@ class Transformer(nn.Module):
             return h
         return token_logprobs(h, self.output_weight(), targets, temperature, top_k, top_p, chunk_size)
 
-    def forward_step(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
+    def forward_step(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None,
+                     block_step=Block.forward_step) -> torch.Tensor:
         """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V].
 
         The logits stay in the model's dtype: the sampler upcasts them inside its fused kernels, which
         saves a pass over [B, S, V] fp32.
         """
-        h = self.fill_cache(tokens, input_pos, cache, kv_len)  # [B, S, D]
+        h = self.fill_cache(tokens, input_pos, cache, kv_len, block_step)  # [B, S, D]
         return self.norm(h) @ self.output_weight().t()
 
-    def fill_cache(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
+    def fill_cache(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None,
+                   block_step=Block.forward_step) -> torch.Tensor:
         """Run the layers on tokens at input_pos [B, S], writing their keys/values into the cache.
 
         Returns the last layer's hidden states [B, S, D] (before the final norm). Prefill needs only
         the cache: its logits, [B, S, V], would take GBs for a batch of long prompts.
         Attention reads the first `kv_len` cache slots (default: all), which must cover every position
-        in input_pos: a decode step need not read the unfilled end of the cache.
+        in input_pos: a decode step need not read the unfilled end of the cache. `block_step` runs one
+        layer (`Block.forward_step`, or the generator's compiled version of it).
         """
         h = self.embed_tokens(tokens)  # [B, S, D]
         cos, sin = rope_cos_sin(self.cfg, input_pos, h.dtype)  # [B, S, Hd]
         mask = decode_mask(input_pos, kv_len or cache.k.shape[3], h.dtype)  # [B, 1, S, kv_len]
-        step = _compiled_block_step if h.is_cuda else Block.forward_step
         for i, layer in enumerate(self.layers):
-            h = step(layer, h, cos, sin, input_pos, cache.k[i], cache.v[i], mask)
+            h = block_step(layer, h, cos, sin, input_pos, cache.k[i], cache.v[i], mask)
         return h
 
     def set_checkpointing(self, enabled: bool):

@@ -1,7 +1,7 @@
 """Rollouts with vLLM, colocated in the trainer's own torchrun processes (`--backend vllm`).
 
-The same interface as the naive `generate.Generator` (update_weights, generate, release), with vLLM
-doing the sampling:
+The same interface as the naive `generate.Generator` (`backend.RolloutBackend`: update_weights,
+generate, release, close), with vLLM doing the sampling:
 
 - One engine per process, built with `distributed_executor_backend="external_launcher"`: vLLM does not
   start workers or an engine process of its own, it runs inside this process and joins the process
@@ -20,14 +20,13 @@ vLLM is imported here and nowhere else, so the rest of minirl runs without it.
 """
 
 import glob
-import hashlib
 import os
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
-from minirl.generate import Completion, SamplingParams
+from minirl.backend import Completion, SamplingParams, check_request, checked_weights
 from minirl.hf import expected_shapes, ours_to_hf, read_config
 
 INSTALL_HINT = ("--backend vllm needs vLLM in this environment: `pip install vllm` on a CUDA machine, "
@@ -68,16 +67,6 @@ def repack_tied_output_layer(model: torch.nn.Module):
     model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
-def request_seed(seed: int, replica: int, index: int) -> int:
-    """A 63-bit seed for prompt `index` of a generate call, the same on every rank of one replica.
-
-    Every request gets its own generator: its samples then depend on (seed, replica, index) only, not
-    on the batch it was scheduled in, nor on the process-wide RNG the trainer also draws from.
-    """
-    digest = hashlib.sha256(f"{seed}/{replica}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 class VLLMGenerator:
     """A vLLM engine in this process, serving the policy for rollouts.
 
@@ -99,7 +88,7 @@ class VLLMGenerator:
         world, rank = dist.get_world_size(), dist.get_rank()
         if tp < 1 or world % tp:
             raise ValueError(f"tp={tp} must divide the world size {world}")
-        self.eos_ids, self.replica = list(eos_ids), rank // tp
+        self.eos_ids, self.dtype = list(eos_ids), dtype
         cfg = read_config(model_dir)
         self.shapes = expected_shapes(cfg)  # our names -> shapes, to check updates against
         self.vocab_size, self.tied = cfg.vocab_size, cfg.tie_word_embeddings
@@ -139,23 +128,14 @@ class VLLMGenerator:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
                  seeds: list[int] | None = None) -> list[Completion]:
-        """Complete every prompt; one Completion per prompt, in order, as the naive generator returns.
-
-        `seeds` (one per prompt) fix each request's sampling, as in the naive generator; by default
-        they are derived from (params.seed, replica, index).
-
-        Each token comes with its log-prob under the processed distribution it was sampled from
-        (temperature, top-k, top-p), so it is comparable with the trainer's `process_logits` log-probs.
-        """
-        params.check()
+        """One Completion per prompt, in order, as the naive generator returns. Each request samples
+        from its own seed (`backend.check_request`), not from the batch it was scheduled in nor the
+        process-wide RNG; each token comes with its log-prob under the processed distribution it was
+        sampled from (temperature, top-k, top-p), comparable with the trainer's `process_logits`."""
+        seeds = check_request(prompts, params, self.vocab_size, seeds)
         if not self.has_weights:
             raise RuntimeError("the vLLM engine holds no valid weights (released or a failed update): "
                                "call update_weights first")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
-            if min(p) < 0 or max(p) >= self.vocab_size:
-                raise ValueError(f"prompt {i} has a token id outside the model's vocabulary [0, {self.vocab_size})")
         self._wake(["kv_cache"])
         requests = [self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [self._SamplingParams(
@@ -163,11 +143,11 @@ class VLLMGenerator:
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            seed=request_seed(params.seed, self.replica, i) if seeds is None else seeds[i] % 2**63,
+            seed=seed % 2**63,
             stop_token_ids=self.eos_ids,
             logprobs=0,  # 0 extra candidates: only the sampled token's log-prob
             detokenize=False,
-        ) for i in range(len(prompts))]
+        ) for seed in seeds]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         completions = []
         for out in outputs:
@@ -191,29 +171,14 @@ class VLLMGenerator:
         self._wake(["weights"])
         self.has_weights = False  # until the whole set has arrived
         self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": self._checked_hf_tensors(named_tensors), "is_checkpoint_format": True})
+            "weights_iterator": ((ours_to_hf(name), t) for name, t in checked_weights(named_tensors, self.shapes)),
+            "is_checkpoint_format": True})
         if self.tied and self.on_cpu:
             self.llm.apply_model(repack_tied_output_layer)
         # Cached KV blocks were computed by the old weights; a prompt prefix must not reuse them.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache (requests still running?)")
         self.has_weights = True
-
-    def _checked_hf_tensors(self, named_tensors):
-        """Yield (HF name, tensor), raising on an unknown, repeated or mis-shaped name or a missing one."""
-        seen = set()
-        for name, tensor in named_tensors:
-            if name not in self.shapes:
-                raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
-            if name in seen:
-                raise ValueError(f"update_weights: {name!r} was sent twice")
-            if tensor.shape != self.shapes[name]:
-                raise ValueError(f"update_weights: {name!r} has shape {list(tensor.shape)}, "
-                                 f"expected {list(self.shapes[name])}")
-            seen.add(name)
-            yield ours_to_hf(name), tensor
-        if missing := self.shapes.keys() - seen:
-            raise ValueError(f"update_weights: {len(missing)} parameters were not sent, e.g. {sorted(missing)[0]!r}")
 
     def release(self):
         """Free the engine's weights and KV cache for training (sleep level 2); no-op without sleep mode.

@@ -96,13 +96,6 @@ def test_missing_vllm_error_names_the_install_command():
         import_vllm()
 
 
-def test_request_seeds_are_per_replica_and_index():
-    from minirl.vllm_backend import request_seed
-    seeds = {request_seed(s, r, i) for s in range(3) for r in range(3) for i in range(3)}
-    assert len(seeds) == 27 and all(0 <= x < 2**63 for x in seeds)
-    assert request_seed(5, 1, 2) == request_seed(5, 1, 2)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Worker side: runs under torchrun, in the venv that has vLLM.
 
@@ -138,7 +131,7 @@ def trainer_logprobs(model, prompts, completions, params):
 
 def pick_eos(model, prompts, max_new_tokens):
     """An EOS id that greedy decoding hits early in some rows but not in all of them."""
-    from minirl.generate import SamplingParams
+    from minirl.backend import SamplingParams
     vocab = model.cfg.vocab_size
     free = naive(model, prompts, SamplingParams(max_new_tokens, temperature=0), eos_ids=[vocab])  # never hit
     rows = [c.token_ids for c in free]
@@ -165,7 +158,7 @@ def scenario_replicas(tmp):
     import torch.distributed as dist
 
     from helpers_models import save_hf_model
-    from minirl.generate import SamplingParams
+    from minirl.backend import SamplingParams
     from minirl.hf import load_model
     from minirl.vllm_backend import VLLMGenerator
 
@@ -195,11 +188,16 @@ def scenario_replicas(tmp):
     assert gen.generate(prompts[:2], sampled)[1].token_ids == out[1].token_ids
     other = gen.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=8))
     assert [c.token_ids for c in other] != [c.token_ids for c in out]
-    # Replicas sample differently from the same prompts and seed.
-    common = gen.generate(random_prompts([4, 7, 2], model.cfg.vocab_size, seed=99), sampled)
+    # One seed scheme for both backends (backend.sample_seed): the seed alone decides a sample, so
+    # replicas given the same prompts and seeds agree, and different seeds give different samples.
+    common = random_prompts([4, 7, 2], model.cfg.vocab_size, seed=99)
+    same = gen.generate(common, sampled)
+    own = gen.generate(common, sampled, seeds=[1000 * rank + i for i in range(3)])
     both = [None, None]
-    dist.all_gather_object(both, [(c.token_ids, c.finish_reason) for c in common + want])
-    assert both[0][:3] != both[1][:3], "two replicas drew identical samples"
+    dist.all_gather_object(both, [(c.token_ids, c.finish_reason) for c in same + want + own])
+    assert both[0][:3] == both[1][:3], "two replicas drew different samples from the same seeds"
+    assert both[0][-3:] != both[1][-3:], "two replicas drew identical samples from different seeds"
+    both = [b[:-3] for b in both]
     assert {reason for _, reason in both[0][3:] + both[1][3:]} == {"stop", "length"}  # EOS was exercised
 
     # The RL loop: release for training, new weights in, generate: the naive generator on the new weights.
@@ -233,7 +231,7 @@ def scenario_tp2(tmp):
     import torch.distributed as dist
 
     from helpers_models import save_hf_model
-    from minirl.generate import SamplingParams
+    from minirl.backend import SamplingParams
     from minirl.hf import load_model
     from minirl.vllm_backend import VLLMGenerator
 

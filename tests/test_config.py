@@ -1,0 +1,60 @@
+"""Parsing, the default task, validation and the derived settings of minirl/config.py."""
+
+import os
+
+import pytest
+
+from minirl.config import DEFAULT_TASK, loss_config, parse_config, sampling_params, validate
+
+TASK = ["--model", "/some/model", "--data", "d.jsonl"]
+
+
+def test_bare_command_line_is_the_default_task():
+    cfg = parse_config([])
+    assert cfg.data.model == DEFAULT_TASK
+    assert cfg.data.data == os.path.join(DEFAULT_TASK, "train.jsonl")
+    assert cfg.data.test_data == os.path.join(DEFAULT_TASK, "test.jsonl")
+    assert (cfg.run.steps, cfg.rollout.max_new_tokens) == (80, 8)  # from its train_config.json
+    validate(cfg)
+    # Flags still override the default task's settings; its own data stays unless replaced.
+    cfg = parse_config(["--steps", "3", "--data", "mine.jsonl"])
+    assert (cfg.run.steps, cfg.data.data, cfg.data.model) == (3, "mine.jsonl", DEFAULT_TASK)
+
+
+def test_a_model_without_the_default_job():
+    cfg = parse_config(TASK)
+    assert (cfg.data.model, cfg.data.test_data, cfg.run.steps) == ("/some/model", "", 100)
+    with pytest.raises(ValueError, match="--data is required with --model"):
+        validate(parse_config(["--model", "/some/model"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompts-per-step", "0"], "must be >= 1"),
+    (["--n-samples", "0"], "must be >= 1"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--prompts-per-step", "4", "--n-samples", "3", "--mini-batches", "5"],
+     "prompts_per_step x n_samples = 12 samples do not split into --mini-batches 5"),
+    (["--backend", "sglang"], "unknown --backend 'sglang'"),
+    (["--schedule", "linear"], "unknown --schedule 'linear'"),
+    (["--loss-agg", "mean"], "agg must be one of"),
+    (["--dual-clip-c", "0.5"], "dual_clip_c must be > 1"),
+    (["--tis-cap", "-1"], "tis_cap must be > 0"),
+    (["--temperature", "-0.5"], "temperature must be >= 0"),
+    (["--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
+    (["--top-k", "-1"], "top_k must be >= 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+])
+def test_validate_rejects(flags, message):
+    with pytest.raises(ValueError, match=message):
+        validate(parse_config(TASK + flags))
+
+
+def test_derived_settings():
+    cfg = parse_config(TASK + ["--dual-clip-c", "3", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5",
+                               "--max-new-tokens", "20"])
+    lc = loss_config(cfg.algo)
+    assert (lc.dual_clip_c, lc.tis_cap, lc.agg) == (3.0, None, "token-mean")  # tis_cap 0 = off = None
+    p = sampling_params(cfg.rollout)
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k) == (20, 0.7, 0.9, 5)
+    g = sampling_params(cfg.rollout, greedy=True)
+    assert (g.max_new_tokens, g.temperature, g.top_p, g.top_k) == (20, 0.0, 1.0, 0)
