@@ -255,8 +255,10 @@ def run(args, d: Dist):
         chat = tok.has_chat_template if args.chat_template is None else args.chat_template
         reward_fn = get_reward_fn(args.reward) if args.reward else None
         rows, n_prompts = load_rows(args, tok, chat, rank, world)
-    except (OSError, ValueError) as e:
-        sys.exit(f"rollout.py: error: {e}")
+    except (OSError, ValueError) as e:  # every rank reads the same inputs: rank 0 speaks for all
+        if rank == 0:
+            print(f"rollout.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     generator = make_generator(args, tok, d.device, DTYPES[dtype])
     if args.check_logprobs:

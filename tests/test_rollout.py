@@ -125,3 +125,15 @@ def test_logprob_mismatch_by_hand():
     assert m["tokens"] == 4 and m["mean_abs"] == pytest.approx(1.0 / 4) and m["max_abs"] == 0.5
     assert m["seq_kl"] == pytest.approx(0.125)
     assert (m["outside_tokens"], m["outside_seqs"]) == (1, 1)
+
+
+def test_missing_model_on_two_ranks_is_one_line_from_rank_0(setup):
+    """Under torchrun every rank finds the same bad input: one error line (rank 0's), a non-zero exit
+    within the timeout, and no traceback through our code (torchrun's own failure summary stays)."""
+    _, data, _, tmp = setup
+    proc = run("--model", "/does/not/exist", "--data", data, "--out", str(tmp / "missing.jsonl"), torchrun=2)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("rollout.py: error:")]
+    assert len(errors) == 1 and "/does/not/exist" in errors[0], out[-3000:]
+    assert f'File "{REPO}/rollout.py"' not in out and f'File "{REPO}/minirl/' not in out, out[-3000:]

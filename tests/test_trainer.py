@@ -118,3 +118,16 @@ def test_malformed_jsonl_names_the_line(task, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(args(task, tmp_path, "--data", str(bad))[1:])
     assert capsys.readouterr().err.strip() == f"error: {bad}:2: malformed JSON (Expecting value)"
+
+
+def test_missing_model_on_two_ranks_is_one_line_from_rank_0(task, tmp_path):
+    """Under torchrun every rank finds the same bad input: one `error:` line (rank 0's), a non-zero
+    exit within the timeout, and no traceback through our code (torchrun's own failure summary stays)."""
+    _, _, data = task
+    proc = torchrun(2, ["train.py", "--model", "/does/not/exist", "--data", data, "--out-dir", str(tmp_path)],
+                    timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "/does/not/exist" in errors[0], out[-3000:]
+    assert f'File "{REPO}/train.py"' not in out and f'File "{REPO}/minirl/' not in out, out[-3000:]
