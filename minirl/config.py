@@ -2,11 +2,13 @@
 
 Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
 `--help`, with the help text kept next to the field. Precedence: dataclass default < `--config FILE`
-< flags given on the command line.
+< flags given on the command line. Config values are type-checked against the fields, and every
+problem with the file is a ValueError or FileNotFoundError naming it (entry points print it once).
 """
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -105,16 +107,36 @@ def _sections(cfg: TrainConfig):
 
 
 def apply_overrides(cfg: TrainConfig, values: dict, source: str):
-    """Set fields from a flat {"lr": ...} or nested {"optim": {"lr": ...}} dict; unknown keys are errors."""
+    """Set fields from a flat {"lr": ...} or nested {"optim": {"lr": ...}} dict, naming `source` in errors.
+
+    Unknown keys and values of the wrong type are errors: a JSON `"export": "false"` is a non-empty
+    string, which Python reads as True, so it would silently export.
+    """
+    sections = dict(_sections(cfg))
     flat = {}
     for k, v in values.items():
-        flat.update(v if isinstance(v, dict) and k in dict(_sections(cfg)) else {k: v})
-    known = {f.name: section for _, section in _sections(cfg) for f in fields(section)}
+        if k in sections and not isinstance(v, dict):
+            raise ValueError(f"{source}: section {k!r} must be an object of settings, got {type(v).__name__}")
+        flat.update(v if k in sections else {k: v})
+    known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown config keys {unknown}")
     for k, v in flat.items():
-        setattr(known[k], k, v)
+        section, expected = known[k]
+        setattr(section, k, _typed(v, expected, f"{source}: {k!r}"))
+
+
+def _typed(value, expected: type, what: str):
+    """`value` if it is an `expected` (an int is accepted as a float), else a ValueError naming `what`.
+
+    bool is checked first: in Python True is also an int, and "1" or 1 is not a yes/no answer.
+    """
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{what} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
 
 
 def build_parser(cfg: TrainConfig, description: str) -> argparse.ArgumentParser:
@@ -141,8 +163,21 @@ def parse_config(argv=None, description: str = "", default_job: str | None = Non
     args = vars(build_parser(cfg, description).parse_args(argv))
     config_file = args.pop("config") or ("" if "model" in args else default_job)
     if config_file:
-        with open(config_file) as fh:
-            apply_overrides(cfg, json.load(fh), config_file)
+        apply_overrides(cfg, read_config_file(config_file), config_file)
     apply_overrides(cfg, args, "command line")
     return cfg
+
+
+def read_config_file(path: str) -> dict:
+    """The JSON object in `path`; a missing file, bad JSON or a non-object is one error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as fh:
+        try:
+            values = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
+    return values
 
