@@ -86,8 +86,12 @@ def _agree(error: str) -> str:
 
 
 def _why(e: BaseException) -> str:
+    """One line for an exception; for DCP's CheckpointException, the first failing rank's own error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        r, (inner, _traceback) = next(iter(e.failures.items()))
+        return f"rank {r}: {_why(inner)}"
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 def _read_latest(ckpt_dir: str) -> str | None:
@@ -243,6 +247,7 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict
         if failed:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()  # the half-written directory is gone before any rank reports the failure
             raise OSError(f"could not save checkpoint {final} ({failed}; is the disk full?); {intact}")
 
     def prepare():
