@@ -67,7 +67,8 @@ def test_dataset_answer_field_missing_everywhere_is_an_error(tmp_path, tok):
 
 
 def test_dataset_counts_rows_without_an_answer(tmp_path, tok):
-    rows = [{"prompt": "a", "answer": 3}, {"prompt": "b"}, {"prompt": "c", "answer": None}, {"prompt": "d", "answer": ""}]
+    rows = [{"prompt": "a", "answer": 3}, {"prompt": "b"}, {"prompt": "c", "answer": None},
+            {"prompt": "d", "answer": ""}]
     ds = PromptDataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, chat=False)
     assert ds.missing_answers == 2  # absent or null; an empty string is an answer
     assert [p.answer for p in ds.prompts] == ["3", "", "", ""]

@@ -121,7 +121,8 @@ def failed_save(model, optimizer, scheduler, ckpt_dir: str, step: int) -> dict:
         error = None
     except (ValueError, OSError) as e:
         error = f"{type(e).__name__}: {e}"
-    return {"error": error, "files": sorted(os.listdir(ckpt_dir)), "latest": open(os.path.join(ckpt_dir, "latest")).read()}
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        return {"error": error, "files": sorted(os.listdir(ckpt_dir)), "latest": f.read()}
 
 
 def run_faults(report: Report, d: mdist.Dist, model, optimizer, scheduler, shared: str):
