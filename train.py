@@ -81,7 +81,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
                 log(f"resumed from step {start}")
         generator.update_weights(iter_full_params(policy.model, generator.dtype))
 
-        metrics = report.MetricsLog(cfg.run.out_dir, fresh=start == 0) if d.is_main else None
+        metrics = report.MetricsLog(cfg.run.out_dir, start_step=start) if d.is_main else None
         if test is not None and start == 0:
             acc0 = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)
             log(f"held-out accuracy before training: {acc0:.1%}")

@@ -1,4 +1,4 @@
-"""Training checkpoints (save, resume) and export of the trained model as an HF model directory.
+"""Training checkpoints (save, resume, pruning), the out-dir check before a run, and HF export.
 
 A checkpoint directory `step_N/` holds
 - the model and optimizer state, sharded, in torch.distributed.checkpoint (DCP) format: every rank
@@ -10,25 +10,40 @@ A checkpoint directory `step_N/` holds
   resume to the same number of ranks.
 
 Writing is atomic: everything goes to `step_N.tmp/`, rank 0 renames it to `step_N/` once every rank
-has finished, and only then rewrites the `latest` file (itself via a rename). A crash mid-save leaves
-`latest` pointing at the previous complete checkpoint. All ranks must see the same directory.
+has finished, and only then rewrites the `latest` file (itself via a rename). A crash or a full disk
+mid-save leaves `latest` pointing at the previous complete checkpoint. All ranks must see the same
+directory.
+
+`latest` is the commit point: resuming considers the checkpoint it names and older ones, newest
+first, and takes the first that is complete and loads, warning about each one it passes over (a
+truncated file, a `latest` naming a deleted directory). `step_N` directories newer than `latest`
+are leftovers of an unfinished save or of a run that fell back past them; they are ignored, and
+overwritten when the run gets there again.
 """
 
 import os
 import random
+import re
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from minirl import hf
 from minirl.fsdp import iter_full_params
 from minirl.model import ModelConfig
+from minirl.report import METRICS_FILE
 
+CHECKPOINTS = "checkpoints"  # out_dir/checkpoints holds step_N/ and `latest`
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 @dataclass
@@ -53,53 +68,256 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict) -> str:
-    """Write checkpoint `ckpt_dir/step_{step}` from every rank (a collective); returns its path."""
+def _warn(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _agree(error: str) -> str:
+    """The first rank's error from the phase just done ("" when every rank succeeded), on every rank.
+
+    A collective: all ranks go on, or stop, together. A failure on one rank alone (its disk, its file)
+    would otherwise leave the others waiting in the next collective until the timeout.
+    """
+    errors = [""] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    r, first = next(((r, e) for r, e in enumerate(errors) if e), (0, ""))
+    return f"rank {r}: {first}" if r else first
+
+
+def _why(e: BaseException) -> str:
+    """One line for an exception; for DCP's CheckpointException, the first failing rank's own error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        r, (inner, _traceback) = next(iter(e.failures.items()))
+        return f"rank {r}: {_why(inner)}"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def _read_latest(ckpt_dir: str) -> str | None:
+    """The directory name `latest` holds, or None when there is no `latest` file."""
+    try:
+        with open(os.path.join(ckpt_dir, LATEST)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def candidates(ckpt_dir: str) -> tuple[list[str], list[str]]:
+    """(checkpoint paths to try, newest first; warnings) from `latest` and the step_N directories.
+
+    Only `latest` and older checkpoints are candidates (see the module docstring); with no `latest`
+    file (a crash between the first rename and writing it) every step_N is.
+    """
+    steps = sorted((int(m[1]) for name in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                    if (m := _STEP_DIR.fullmatch(name)) and os.path.isdir(os.path.join(ckpt_dir, name))),
+                   reverse=True)
+    latest, warnings = _read_latest(ckpt_dir), []
+    if latest is not None:
+        m = _STEP_DIR.fullmatch(latest)
+        if m is None:
+            warnings.append(f"{os.path.join(ckpt_dir, LATEST)} holds {latest!r}, not a step_N name")
+        else:
+            if int(m[1]) not in steps:
+                warnings.append(f"{os.path.join(ckpt_dir, LATEST)} names {latest}, which does not exist")
+            steps = [s for s in steps if s <= int(m[1])]
+    return [os.path.join(ckpt_dir, f"step_{s}") for s in steps], warnings
+
+
+def problem(path: str, world_size: int) -> str | None:
+    """Why checkpoint `path` cannot be resumed by `world_size` ranks, or None when it looks complete.
+
+    Cheap and needs no process group: DCP's .metadata must read and every shard file must be as long
+    as it says (a full disk or a copy cut short truncates them), and there must be one non-empty
+    rank{r}.pt per rank. Bytes that are wrong but present show only when loading (see `load_latest`).
+    """
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # missing or unreadable: the save never finished
+        return f"{path}: no readable DCP metadata ({_why(e)})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have is None or have < size:
+            return f"{file} is {'missing' if have is None else f'truncated ({have} of {size} bytes)'}"
+    ranks = [f for f in os.listdir(path) if re.fullmatch(r"rank\d+\.pt", f)]
+    if len(ranks) != world_size:
+        return (f"{path} was written by {len(ranks)} ranks; this run has {world_size} "
+                f"(the per-rank RNG states need the same number)")
+    for r in range(world_size):
+        file = os.path.join(path, f"rank{r}.pt")
+        if not os.path.isfile(file) or os.path.getsize(file) == 0:
+            return f"{file} is missing or empty"
+    return None
+
+
+def newest_complete(ckpt_dir: str, world_size: int) -> tuple[str | None, list[str]]:
+    """The newest candidate checkpoint without a `problem`, and why each newer one was passed over."""
+    paths, warnings = candidates(ckpt_dir)
+    for path in paths:
+        why = problem(path, world_size)
+        if why is None:
+            return path, warnings
+        warnings.append(why)
+    return None, warnings
+
+
+def check_out_dir(out_dir: str, resume: bool, world_size: int) -> str:
+    """Before the process group starts: may a run write into `out_dir`? Raises ValueError if not.
+
+    - an out-dir that cannot be created or written to is an error;
+    - an out-dir holding a run's results (metrics, checkpoints, an exported model) without `resume`
+      is an error, so a rerun never overwrites another run's results;
+    - `resume` with results but no complete checkpoint is an error (starting fresh would overwrite them);
+    - `resume` where there is nothing at all (a first launch of a job script that always passes
+      --resume, or a mistyped dir) starts fresh: the returned note says so, for rank 0 to print.
+    Returns a note to print, or "". Every rank may call it (it only reads, and writes a probe file).
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir} is not writable ({e.strerror or e})") from None
+    ckpt_dir = os.path.join(out_dir, CHECKPOINTS)
+    metrics = os.path.join(out_dir, METRICS_FILE)
+    results = [name for name, there in (
+        (METRICS_FILE, os.path.isfile(metrics) and os.path.getsize(metrics) > 0),
+        (CHECKPOINTS + "/", os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))),
+        ("final/", os.path.isdir(os.path.join(out_dir, "final"))),
+    ) if there]
+    if not resume:
+        if results:
+            raise ValueError(f"--out-dir {out_dir} already holds a run ({', '.join(results)}); pass --resume to "
+                             f"continue it, choose another --out-dir, or delete it")
+        return ""
+    if not results:
+        return f"note: nothing to resume in {out_dir} (no checkpoint): starting a fresh run"
+    path, warnings = newest_complete(ckpt_dir, world_size)
+    if path is None:
+        why = "; ".join(warnings) or f"no checkpoint in {ckpt_dir}"
+        raise ValueError(f"--resume: {out_dir} holds a run ({', '.join(results)}) but no complete checkpoint "
+                         f"({why}); choose another --out-dir, or delete it to start again")
+    return ""
+
+
+def _non_finite(model) -> list[str]:
+    """Names of this rank's parameters holding a NaN or inf (one device sync for all of them)."""
+    named = [(n, p.to_local() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+    return [named[i][0] for i in (~finite).nonzero().flatten().tolist()]
+
+
+def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict, keep: int = 0) -> str:
+    """Write checkpoint `ckpt_dir/step_{step}` from every rank (a collective); returns its path.
+
+    Refuses (ValueError) a model with a NaN or inf parameter: the trainer skips non-finite steps, and
+    this is the second line of defence that keeps a poisoned model from becoming `latest`. It reads
+    every local shard once, which costs far less than writing it. A write that fails on any rank (a
+    full disk, a quota) is an OSError on every rank, naming the checkpoint; the half-written
+    directory is removed and `latest` still names the previous one. `keep` > 0 then deletes all but
+    the `keep` newest checkpoints (never the one `latest` names).
+    """
     rank = dist.get_rank()
     final = os.path.join(ckpt_dir, f"step_{step}")
     tmp = final + ".tmp"
-    if rank == 0:
+    previous = _read_latest(ckpt_dir)
+    intact = (f"the previous checkpoint {os.path.join(ckpt_dir, previous)} is intact" if previous
+              else "there is no earlier checkpoint")
+    bad = _agree(", ".join(_non_finite(model)[:3]))
+    if bad:
+        raise ValueError(f"refusing to save {final}: non-finite values in {bad}; {intact}")
+
+    def phase(work, on_all_ranks: bool):
+        error = ""
+        if on_all_ranks or rank == 0:
+            try:
+                work()
+            except (OSError, CheckpointException) as e:  # DCP wraps a rank's OSError in CheckpointException
+                error = _why(e)
+        failed = _agree(error)
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()  # the half-written directory is gone before any rank reports the failure
+            raise OSError(f"could not save checkpoint {final} ({failed}; is the disk full?); {intact}")
+
+    def prepare():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         os.makedirs(tmp)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_state, "rng": _rng_state()},
-               os.path.join(tmp, f"rank{rank}.pt"))
-    dist.barrier()  # every rank's files are complete
-    if rank == 0:
+
+    def write():
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_state, "rng": _rng_state()},
+                   os.path.join(tmp, f"rank{rank}.pt"))
+
+    def commit():
         # A step_N may exist from a run that crashed after renaming it but before updating `latest`.
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(ckpt_dir, LATEST + ".tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(ckpt_dir, LATEST + ".tmp"), os.path.join(ckpt_dir, LATEST))
-    dist.barrier()  # nobody reads `latest` before it is written
+
+    phase(prepare, on_all_ranks=False)
+    phase(write, on_all_ranks=True)  # every rank's files are complete after it
+    phase(commit, on_all_ranks=False)  # nobody reads `latest` before it is written
+    if keep > 0 and rank == 0:
+        try:
+            prune(ckpt_dir, keep)
+        except OSError as e:  # the new checkpoint is saved; an old one left behind only costs disk
+            _warn(f"could not delete an old checkpoint ({_why(e)})")
     return final
+
+
+def prune(ckpt_dir: str, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints up to the one `latest` names (rank 0 only)."""
+    paths, _ = candidates(ckpt_dir)  # `latest` first, then older ones
+    for path in paths[keep:]:
+        shutil.rmtree(path)
 
 
 def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:
     """Restore the newest complete checkpoint into model, optimizer, scheduler and the RNGs (a collective).
 
-    Returns None when `ckpt_dir` holds no checkpoint yet (a fresh start).
+    Walks back from the one `latest` names: a checkpoint with a `problem`, or whose loading fails on
+    any rank, is passed over with a warning on rank 0 and the next older one is tried. Returns None
+    when `ckpt_dir` holds no checkpoint (a fresh start); raises ValueError when it holds some but none loads.
     """
-    pointer = os.path.join(ckpt_dir, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
-    n_files = len([f for f in os.listdir(path) if f.startswith("rank") and f.endswith(".pt")])
-    if n_files != dist.get_world_size():
-        raise ValueError(f"checkpoint {path} was written by {n_files} ranks; this run has "
-                         f"{dist.get_world_size()} (the per-rank RNG states need the same number)")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)  # fills the sharded tensors in place
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rank_state = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=True)
-    scheduler.load_state_dict(rank_state["scheduler"])
-    _set_rng_state(rank_state["rng"])
-    return Resume(step=rank_state["step"], data_state=rank_state["data"])
+    paths, passed_over = candidates(ckpt_dir)
+    for why in passed_over:
+        _warn(why)
+    for path in paths:
+        why = _agree(problem(path, dist.get_world_size()) or "")
+        if not why:
+            error = ""
+            try:
+                model_state, optim_state = get_state_dict(model, optimizer)
+                state = {"model": model_state, "optim": optim_state}
+                dcp.load(state, checkpoint_id=path)  # fills the sharded tensors in place
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                rank_state = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=True)
+            except (Exception, CheckpointException) as e:  # whatever it is, an older checkpoint may load
+                error = f"{path} does not load ({_why(e)})"
+            why = _agree(error)
+        if not why:
+            scheduler.load_state_dict(rank_state["scheduler"])
+            _set_rng_state(rank_state["rng"])
+            return Resume(step=rank_state["step"], data_state=rank_state["data"])
+        _warn(f"{why}; trying an older checkpoint")
+        passed_over.append(why)
+    if passed_over:
+        raise ValueError(f"no loadable checkpoint in {ckpt_dir}: {'; '.join(passed_over)}")
+    return None
 
 
 def export_hf(model, cfg: ModelConfig, out_dir: str, tokenizer_dir: str | None = None,

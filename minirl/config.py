@@ -3,6 +3,8 @@
 Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
 `--help`, with the help text kept next to the field. Precedence: dataclass default < `--config FILE`
 < flags given on the command line. Without --model the built-in default task fills in model and data.
+Config values are type-checked against the fields, and every problem with the file is a ValueError or
+FileNotFoundError naming it (entry points print it once).
 
 It also owns what follows from the settings: `validate`, and the forms the code uses them in
 (`loss_config`, `sampling_params`). Nothing changes the config after `parse_config` returns it.
@@ -115,16 +117,36 @@ def _sections(cfg: TrainConfig):
 
 
 def apply_overrides(cfg: TrainConfig, values: dict, source: str):
-    """Set fields from a flat {"lr": ...} or nested {"optim": {"lr": ...}} dict; unknown keys are errors."""
+    """Set fields from a flat {"lr": ...} or nested {"optim": {"lr": ...}} dict, naming `source` in errors.
+
+    Unknown keys and values of the wrong type are errors: a JSON `"export": "false"` is a non-empty
+    string, which Python reads as True, so it would silently export.
+    """
+    sections = dict(_sections(cfg))
     flat = {}
     for k, v in values.items():
-        flat.update(v if isinstance(v, dict) and k in dict(_sections(cfg)) else {k: v})
-    known = {f.name: section for _, section in _sections(cfg) for f in fields(section)}
+        if k in sections and not isinstance(v, dict):
+            raise ValueError(f"{source}: section {k!r} must be an object of settings, got {type(v).__name__}")
+        flat.update(v if k in sections else {k: v})
+    known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown config keys {unknown}")
     for k, v in flat.items():
-        setattr(known[k], k, v)
+        section, expected = known[k]
+        setattr(section, k, _typed(v, expected, f"{source}: {k!r}"))
+
+
+def _typed(value, expected: type, what: str):
+    """`value` if it is an `expected` (an int is accepted as a float), else a ValueError naming `what`.
+
+    bool is checked first: in Python True is also an int, and "1" or 1 is not a yes/no answer.
+    """
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"{what} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
 
 
 def build_parser(cfg: TrainConfig, description: str) -> argparse.ArgumentParser:
@@ -152,14 +174,27 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
     args = vars(build_parser(cfg, description).parse_args(argv))
     config_file = args.pop("config") or ("" if "model" in args else os.path.join(DEFAULT_TASK, "train_config.json"))
     if config_file:
-        with open(config_file) as fh:
-            apply_overrides(cfg, json.load(fh), config_file)
+        apply_overrides(cfg, read_config_file(config_file), config_file)
     apply_overrides(cfg, args, "command line")
     if not cfg.data.model:
         cfg.data.model = DEFAULT_TASK
         cfg.data.data = cfg.data.data or os.path.join(DEFAULT_TASK, "train.jsonl")
         cfg.data.test_data = cfg.data.test_data or os.path.join(DEFAULT_TASK, "test.jsonl")
     return cfg
+
+
+def read_config_file(path: str) -> dict:
+    """The JSON object in `path`; a missing file, bad JSON or a non-object is one error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as fh:
+        try:
+            values = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------

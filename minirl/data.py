@@ -51,23 +51,38 @@ class Prompt:
 
 
 class PromptDataset:
-    """Tokenized prompts served in a seeded, epoch-wise shuffled order. Same order on every rank."""
+    """Tokenized prompts served in a seeded, epoch-wise shuffled order. Same order on every rank.
+
+    Every row needs a prompt: a string, or a list of chat messages when `chat`. A row without an
+    answer gets "" (its rewards are then 0): a file where every row lacks `answer_field` is an error
+    (a misspelt field would train a whole run at reward 0), and `missing_answers` counts the rows that
+    lack it, for the caller to warn about once.
+    """
 
     def __init__(self, path, tokenizer: Tokenizer, prompt_field="prompt", answer_field="answer",
                  chat=True, max_prompt_len=1024, seed=0):
         rows = read_records(path)
-        self.prompts, too_long = [], 0
+        self.prompts, too_long, no_answer = [], 0, 0
         for i, row in enumerate(rows):
             if prompt_field not in row:
                 raise ValueError(f"{path}: row {i + 1} has no field {prompt_field!r} (fields: {sorted(row)})")
-            ids = tokenizer.encode_prompt(row[prompt_field], chat=chat)
+            try:
+                ids = tokenizer.encode_prompt(row[prompt_field], chat=chat)
+            except (TypeError, ValueError) as e:  # not a string or a list of messages
+                raise ValueError(f"{path}: row {i + 1}, field {prompt_field!r}: {e}") from None
+            answer = row.get(answer_field)
+            no_answer += answer is None
             if len(ids) > max_prompt_len:
                 too_long += 1
                 continue
-            self.prompts.append(Prompt(i, row[prompt_field], ids, str(row.get(answer_field, ""))))
+            self.prompts.append(Prompt(i, row[prompt_field], ids, "" if answer is None else str(answer)))
+        if rows and no_answer == len(rows):
+            raise ValueError(f"{path}: no row has the answer field {answer_field!r} (fields of row 1: "
+                             f"{sorted(rows[0])}); set --answer-field")
         if not self.prompts:
             raise ValueError(f"{path}: no usable prompts ({len(rows)} rows, {too_long} longer than {max_prompt_len})")
         self.dropped = too_long
+        self.missing_answers = no_answer
         self.seed, self.epoch, self.pos = seed, 0, 0
         self._order = self._shuffle(0)
 

@@ -5,12 +5,15 @@ Nothing here runs inside the micro-batch loop: times and metrics are read once p
 """
 
 import json
+import math
 import os
 import signal
 import time
 
 import torch
 import torch.distributed as dist
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class PhaseTimer:
@@ -58,13 +61,20 @@ class StopFlag:
 
 
 class MetricsLog:
-    """One JSON line per row in out_dir/metrics.jsonl, and TensorBoard scalars when it is installed."""
+    """One JSON line per row in out_dir/metrics.jsonl, and TensorBoard scalars when it is installed.
 
-    def __init__(self, out_dir: str, fresh: bool):
+    `start_step` is the step the run continues after: 0 for a fresh run, which removes an old file (the
+    caller has made sure it may, see checkpoint.check_out_dir); N for a resume, which keeps the rows up
+    to step N and drops later ones, because those steps run again and would otherwise be there twice.
+    """
+
+    def __init__(self, out_dir: str, start_step: int):
         os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if fresh and os.path.exists(self.path):
-            os.remove(self.path)  # a new run does not append to an old run's curve
+        self.path = os.path.join(out_dir, METRICS_FILE)
+        if start_step == 0 and os.path.exists(self.path):
+            os.remove(self.path)
+        elif start_step > 0 and os.path.exists(self.path):
+            truncate_metrics(self.path, start_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -72,13 +82,31 @@ class MetricsLog:
             self.tb = None
 
     def write(self, row: dict):
+        """Append `row`; a NaN or inf value is written as null, so every line stays valid JSON."""
+        safe = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(safe, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":
                     self.tb.add_scalar(k, v, row["step"])
             self.tb.flush()
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the rows of `path` up to `last_step` (and drop a line cut off by a crash); atomic rewrite."""
+    kept = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed mid-write
+                continue
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as fh:
+        fh.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def summary_line(row: dict) -> str:
@@ -100,9 +128,9 @@ def plot_rewards(metrics_path: str, png_path: str):
         return
     rows = [json.loads(line) for line in open(metrics_path)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    train = [r for r in rows if "reward_mean" in r]
+    train = [r for r in rows if r.get("reward_mean") is not None]
     ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward (mean)")
-    test = [r for r in rows if "test_accuracy" in r]
+    test = [r for r in rows if r.get("test_accuracy") is not None]
     if test:
         ax.plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-", label="held-out accuracy")
     ax.set_xlabel("step")

@@ -2,11 +2,14 @@
 
 A reward function is any callable `(prompt, completion, answer) -> float`.
 Two are built in (`math`, `exact`); anything else is named as `module:function`,
-where module is a dotted import path or a path to a .py file.
+where module is a dotted import path or a path to a .py file. Callers score through
+`checked_reward`, so a NaN or a None from user code stops the run instead of training on it.
 """
 
 import importlib
 import importlib.util
+import math
+import numbers
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -118,3 +121,21 @@ def get_reward_fn(name: str) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"reward {name!r}: {module_name}.{fn_name} is not callable; {choices}")
     return fn
+
+
+def checked_reward(fn: RewardFn, name: str, prompt_index: int, prompt: str, completion: str, answer: str) -> float:
+    """`fn(prompt, completion, answer)` as a float, or a ValueError naming the reward, prompt and value.
+
+    A NaN or inf reward turns the group's advantages, then the loss and every weight, into NaN; a None
+    or a string fails far from its cause. So anything but a finite real number (bools count: 0 or 1),
+    and any exception inside `fn`, is an error that names the reward spec `name`, the prompt's row
+    `prompt_index` and what came back.
+    """
+    where = f"reward {name!r} on prompt {prompt_index}"
+    try:
+        value = fn(prompt, completion, answer)
+    except Exception as e:  # user code: say which reward and prompt, keep the traceback as the cause
+        raise ValueError(f"{where} raised {type(e).__name__}: {e}") from e
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{where} returned {value!r} ({type(value).__name__}); a reward must be a finite number")
+    return float(value)

@@ -58,6 +58,41 @@ def test_dataset_missing_field(tmp_path, tok):
         PromptDataset(path, tok, chat=False)
 
 
+def test_dataset_answer_field_missing_everywhere_is_an_error(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "solution": "1"}, {"prompt": "yo", "solution": "2"}])
+    with pytest.raises(ValueError, match=r"d\.jsonl: no row has the answer field 'answer'.*'solution'"):
+        PromptDataset(path, tok, chat=False)
+    ds = PromptDataset(path, tok, answer_field="solution", chat=False)
+    assert [p.answer for p in ds.prompts] == ["1", "2"] and ds.missing_answers == 0
+
+
+def test_dataset_counts_rows_without_an_answer(tmp_path, tok):
+    rows = [{"prompt": "a", "answer": 3}, {"prompt": "b"}, {"prompt": "c", "answer": None},
+            {"prompt": "d", "answer": ""}]
+    ds = PromptDataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, chat=False)
+    assert ds.missing_answers == 2  # absent or null; an empty string is an answer
+    assert [p.answer for p in ds.prompts] == ["3", "", "", ""]
+
+
+@pytest.mark.parametrize("chat, prompt", [
+    (True, 42),
+    (True, {"role": "user", "content": "hi"}),  # one message, not a list of them
+    (True, ["hi"]),
+    (True, []),
+    (False, [{"role": "user", "content": "hi"}]),  # messages need the chat template
+])
+def test_dataset_bad_prompt_names_the_row(tmp_path, tok, chat, prompt):
+    rows = [{"prompt": "fine", "answer": "1"}, {"prompt": prompt, "answer": "2"}]
+    with pytest.raises(ValueError, match=r"d\.jsonl: row 2, field 'prompt'"):
+        PromptDataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, chat=chat)
+
+
+def test_dataset_accepts_chat_messages(tmp_path, tok):
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "answer": "1"}, {"prompt": "plain", "answer": "2"}]
+    ds = PromptDataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, chat=True)
+    assert len(ds.prompts) == 2 and ds.prompts[0].text == rows[0]["prompt"]
+
+
 def test_plan_balances_and_equalises_micro_batch_counts():
     # Deliberately skewed: one long sequence and many short ones.
     lengths = [90, 10, 10, 10, 10, 10, 10, 10, 10, 5]

@@ -3,6 +3,7 @@
 import pytest
 
 from minirl.rewards import (
+    checked_reward,
     exact_reward,
     extract_boxed,
     extract_last_number,
@@ -97,3 +98,27 @@ def test_get_reward_fn_errors(tmp_path):
     broken.write_text("def f(:\n")
     with pytest.raises(ValueError, match="cannot import .*SyntaxError"):
         get_reward_fn(f"{broken}:f")
+
+
+def test_checked_reward_passes_finite_numbers_as_floats():
+    assert checked_reward(exact_reward, "exact", 3, "p", "a", "a") == 1.0
+    value = checked_reward(lambda p, c, a: c == a, "mod:same", 0, "p", "a", "a")  # a bool is 0 or 1
+    assert value == 1.0 and type(value) is float
+    assert checked_reward(lambda p, c, a: 2, "mod:two", 0, "p", "c", "a") == 2.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None, "1.0", [1.0]])
+def test_checked_reward_rejects_non_finite_and_non_numbers(bad):
+    with pytest.raises(ValueError) as info:
+        checked_reward(lambda p, c, a: bad, "my_reward.py:score", 17, "p", "c", "a")
+    msg = str(info.value)
+    assert "'my_reward.py:score'" in msg and "prompt 17" in msg and repr(bad) in msg
+
+
+def test_checked_reward_names_an_exception_inside_the_reward():
+    def broken(prompt, completion, answer):
+        return 1 / 0
+
+    with pytest.raises(ValueError, match=r"'mod:broken' on prompt 5 raised ZeroDivisionError") as info:
+        checked_reward(broken, "mod:broken", 5, "p", "c", "a")
+    assert isinstance(info.value.__cause__, ZeroDivisionError)  # the user's traceback is kept
