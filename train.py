@@ -22,39 +22,69 @@ from minirl.data import PromptDataset
 from minirl.dist import Dist, check_parallel_or_exit, distributed
 from minirl.fsdp import build_sharded, iter_full_params
 from minirl.generate import Generator
-from minirl.hf import load_state_dict_from_dir, read_config
+from minirl.hf import check_weights, load_state_dict_from_dir, read_config
 from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
-from minirl.rewards import get_reward_fn
+from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
 from minirl.trainer import Policy, evaluate, rl_step
 
 
+# Steps in a row whose every update was skipped for a NaN/inf gradient before the run stops: the model
+# is not learning, and a run that cannot recover should not go on burning compute.
+MAX_SKIPPED_STEPS = 3
+
+
 def main(argv=None):
-    cfg = parse_config(argv, description=__doc__.splitlines()[0])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:  # everything that can be wrong with the inputs fails here, before any process group or weights
+        cfg = parse_config(argv, description=__doc__.splitlines()[0])
         model_cfg, tok, data, test, reward_fn = load_inputs(cfg)
     except (ValueError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     with distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cpu_collectives=cfg.parallel.cpu_offload) as d:
-        run(cfg, d, model_cfg, tok, data, test, reward_fn)
+        try:
+            run(cfg, d, model_cfg, tok, data, test, reward_fn)
+        except (ValueError, OSError) as e:
+            # Raised on every rank together (a reward error, non-finite steps, a failed checkpoint save or
+            # load: each agreed through a collective), so rank 0 speaks for all.
+            if d.is_main:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 def load_inputs(cfg: TrainConfig):
     validate(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = read_config(cfg.data.model)
-    check_parallel_or_exit(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.sp, model_cfg)
-    reward_fn = get_reward_fn(cfg.data.reward)
+    check_parallel_or_exit(world, cfg.parallel.sp, model_cfg)
+    check_weights(cfg.data.model)
+    note = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world)
+    reward_fn = load_reward(cfg.data.reward)
     tok = Tokenizer.from_dir(cfg.data.model)
     chat = cfg.data.chat_template and tok.has_chat_template
-    if cfg.data.chat_template and not tok.has_chat_template and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: {cfg.data.model} has no chat template; prompts are used as raw text", flush=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    notes = [note] if note else []
+    if cfg.data.chat_template and not tok.has_chat_template:
+        notes.append(f"note: {cfg.data.model} has no chat template; prompts are used as raw text")
     data = PromptDataset(cfg.data.data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
                          cfg.data.max_prompt_len, cfg.run.seed)
     test = PromptDataset(cfg.data.test_data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
                          cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
+    longest = max(len(p.token_ids) for p in data.prompts) + cfg.rollout.max_new_tokens - 1
+    if longest > cfg.parallel.micro_batch_tokens:
+        raise ValueError(f"--micro-batch-tokens {cfg.parallel.micro_batch_tokens} cannot hold the longest prompt "
+                         f"with its completion ({longest} tokens); raise it or lower --max-new-tokens/--max-prompt-len")
+    if data.missing_answers:
+        notes.append(f"warning: {data.missing_answers} of {cfg.data.data}'s rows have no {cfg.data.answer_field!r} "
+                     f"field; their rewards compare against an empty answer")
+    if cfg.rollout.n_samples == 1:
+        notes.append("warning: --n-samples 1: every GRPO advantage is 0 (a group of one), so nothing is learned")
+    if rank0:
+        for line in notes:
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
     return model_cfg, tok, data, test, reward_fn
 
 
@@ -91,6 +121,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
         stop, acc = report.StopFlag(), None
         step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
                         initial=start, total=cfg.run.steps)
+        skipped = 0  # steps in a row that skipped every update
         for step in step_bar:
             row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, reward_fn, tok,
                           progress=d.is_main)
@@ -101,11 +132,16 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
                 metrics.write(row)
                 step_bar.write(report.summary_line(row))
 
+            skipped = skipped + 1 if row["skipped_updates"] == cfg.run.mini_batches else 0
+            if skipped == MAX_SKIPPED_STEPS:  # the same value on every rank: all stop together
+                raise ValueError(f"steps {step + 2 - skipped}-{step + 1}: every update skipped for a NaN or inf "
+                                 f"loss/gradient norm ({MAX_SKIPPED_STEPS} steps in a row); check the rewards, "
+                                 f"lower --lr, or resume from the last checkpoint")
             last = step + 1 == cfg.run.steps
             stopping = stop.any_rank(d.device)
             if stopping or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 checkpoint.save(ckpt_dir, step + 1, policy.model, policy.optimizer, policy.scheduler,
-                                data.state_dict())
+                                data.state_dict(), keep=cfg.run.keep_checkpoints)
             if stopping:
                 log(f"stopped by signal after step {step + 1}; checkpoint saved, resume with --resume")
                 return

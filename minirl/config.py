@@ -11,11 +11,13 @@ It also owns what follows from the settings: `validate`, and the forms the code 
 """
 
 import argparse
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 from minirl.algorithms import LossConfig
+from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 
 # The built-in task: a small model, its data and its settings ship in the repo.
@@ -93,7 +95,8 @@ class RunConfig:
     seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)")
-    resume: bool = opt(False, "resume from the latest checkpoint in out_dir")
+    resume: bool = opt(False, "resume from the newest complete checkpoint in out_dir (nothing there: a fresh run)")
+    keep_checkpoints: int = opt(0, "keep only the N newest checkpoints (0 = keep all)")
     eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = before and after only)")
     export: bool = opt(True, "write an HF model dir to out_dir/final at the end")
 
@@ -123,12 +126,12 @@ def apply_overrides(cfg: TrainConfig, values: dict, source: str):
     string, which Python reads as True, so it would silently export.
     """
     sections = dict(_sections(cfg))
-    flat = {}
-    for k, v in values.items():
-        if k in sections and not isinstance(v, dict):
-            raise ValueError(f"{source}: section {k!r} must be an object of settings, got {type(v).__name__}")
-        flat.update(v if k in sections else {k: v})
     known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
+    flat = {}
+    for k, v in values.items():  # "data" is a section and a setting (the data file): a dict is the section
+        if k in sections and not isinstance(v, dict) and k not in known:
+            raise ValueError(f"{source}: section {k!r} must be an object of settings, got {type(v).__name__}")
+        flat.update(v if k in sections and isinstance(v, dict) else {k: v})
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown config keys {unknown}")
@@ -214,8 +217,18 @@ def validate(cfg: TrainConfig):
                          f"--mini-batches {cfg.run.mini_batches}")
     if cfg.rollout.backend not in ("naive", "vllm"):
         raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
+    if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("--backend vllm needs vLLM, which is not installed: pip install vllm")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
+    if not cfg.optim.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.optim.lr}")
+    if cfg.rollout.gen_batch_size < 1:
+        raise ValueError(f"--gen-batch-size must be >= 1, got {cfg.rollout.gen_batch_size}")
+    if cfg.run.keep_checkpoints < 0:
+        raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
+    if cfg.parallel.attn_backend not in ("", *BACKENDS):
+        raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
     loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, tis_cap
     sampling_params(cfg.rollout).check()
 

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from minirl.model import ModelConfig, Transformer
@@ -98,6 +98,33 @@ def _shard_files(model_dir: str) -> list[str]:
     return files
 
 
+def _ours(hf_name: str, cfg: ModelConfig) -> str | None:
+    """Our name for a stored tensor, or None for one we do not load."""
+    if "rotary_emb." in hf_name:  # a RoPE buffer some exporters save; recomputed, not loaded
+        return None
+    if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:  # a copy of the embedding
+        return None
+    return hf_to_ours(hf_name)
+
+
+def check_weights(model_dir: str) -> None:
+    """The checks of `load_state_dict_from_dir` from the safetensors headers alone (no tensor is read):
+    every file readable and not cut short, names and shapes matching the config. Cheap, so entry
+    points run it before any process group starts."""
+    cfg = read_config(model_dir)
+    shapes = {}
+    for name in _shard_files(model_dir):
+        path = os.path.join(model_dir, name)
+        try:
+            with safe_open(path, "pt") as f:
+                for hf_name in f.keys():
+                    if (ours := _ours(hf_name, cfg)) is not None:
+                        shapes[ours] = torch.Size(f.get_slice(hf_name).get_shape())
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {path!r} (corrupt or truncated safetensors file): {e}") from None
+    check_state_dict(shapes, expected_shapes(cfg), f"checkpoint {model_dir!r}")
+
+
 def load_state_dict_from_dir(model_dir: str) -> dict[str, torch.Tensor]:
     """All parameters of an HF checkpoint directory, under our names, as stored (CPU, file dtype).
 
@@ -112,11 +139,8 @@ def load_state_dict_from_dir(model_dir: str) -> dict[str, torch.Tensor]:
         except SafetensorError as e:
             raise ValueError(f"cannot read {path!r} (corrupt or truncated safetensors file): {e}") from None
         for hf_name, tensor in tensors.items():
-            if "rotary_emb." in hf_name:  # a RoPE buffer some exporters save; recomputed, not loaded
-                continue
-            if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:  # a copy of the embedding
-                continue
-            state[hf_to_ours(hf_name)] = tensor
+            if (ours := _ours(hf_name, cfg)) is not None:
+                state[ours] = tensor
     check_state_dict({n: t.shape for n, t in state.items()}, expected_shapes(cfg), f"checkpoint {model_dir!r}")
     return state
 

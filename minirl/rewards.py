@@ -6,6 +6,7 @@ where module is a dotted import path or a path to a .py file. Callers score thro
 `checked_reward`, so a NaN or a None from user code stops the run instead of training on it.
 """
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -139,3 +140,9 @@ def checked_reward(fn: RewardFn, name: str, prompt_index: int, prompt: str, comp
     if not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{where} returned {value!r} ({type(value).__name__}); a reward must be a finite number")
     return float(value)
+
+
+def load_reward(name: str) -> Callable[[int, str, str, str], float]:
+    """The reward `name` as the trainer scores with it: `(prompt_index, prompt, completion, answer)`,
+    through `checked_reward`, so every error names the reward and the prompt."""
+    return functools.partial(checked_reward, get_reward_fn(name), name)

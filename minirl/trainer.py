@@ -127,6 +127,26 @@ def prompt_text(p: Prompt) -> str:
     return p.text if isinstance(p.text, str) else json.dumps(p.text)
 
 
+def score(reward_fn, prompts: list[Prompt], completions: list[str]) -> tuple[list[float], str]:
+    """(rewards, "") for the completions, or ([], the error) when the reward fails on one of them.
+
+    `reward_fn` is a checked reward (`rewards.load_reward`): a NaN, a None or an exception is a
+    ValueError naming the reward and prompt. It happens on the rank that scored that completion alone,
+    so the error is returned, carried through the caller's next collective, and raised on every rank
+    together (`raise_first`); raising it here would leave the other ranks waiting in that collective.
+    """
+    try:
+        return [reward_fn(p.index, prompt_text(p), c, p.answer) for p, c in zip(prompts, completions)], ""
+    except ValueError as e:
+        return [], str(e)
+
+
+def raise_first(errors: list[str]):
+    """Raise the first non-empty error of a gathered list (every rank holds the same list)."""
+    if first := next((e for e in errors if e), ""):
+        raise ValueError(first)
+
+
 def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, rc: RolloutConfig, seed: int,
             reward_fn, tok, progress: bool) -> list[Sample]:
     """Generate n completions for this replica's share of the prompts, score them, gather all replicas'."""
@@ -138,11 +158,12 @@ def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist
     bar = tqdm(total=len(rows), desc="rollout", leave=False, disable=not progress, unit="seq")
     outs = generator.generate([p.token_ids for p in rows], sampling_params(rc), seeds=seeds, progress=bar)
     bar.close()
-    local = [Sample(p, o.token_ids, o.logprobs, o.finish_reason,
-                    float(reward_fn(prompt_text(p), tok.decode(o.token_ids), p.answer))) for p, o in zip(rows, outs)]
+    rewards, error = score(reward_fn, rows, [tok.decode(o.token_ids) for o in outs])
+    local = [Sample(p, o.token_ids, o.logprobs, o.finish_reason, r) for p, o, r in zip(rows, outs, rewards)]
     gathered = [None] * d.world
-    dist.all_gather_object(gathered, local if reports else None)
-    gathered = [g for g in gathered if g is not None]  # one list per replica, in replica order
+    dist.all_gather_object(gathered, (local if reports else None, error))
+    raise_first([e for _, e in gathered])
+    gathered = [g for g, _ in gathered if g is not None]  # one list per replica, in replica order
     # Global order: prompt slot by slot, its n completions together (a GRPO group).
     samples = [None] * (len(prompts) * n)
     for r, replica_samples in enumerate(gathered):
@@ -244,7 +265,10 @@ def logprobs_before_update(policy: Policy, batches: list[list[MicroBatch]], need
 def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batches: list[list[MicroBatch]],
            old: dict, ref: dict, d: Dist, lcfg: LossConfig, rc: RolloutConfig, grad_clip: float,
            progress: bool) -> dict[str, torch.Tensor]:
-    """One optimizer step per mini-batch; returns the metrics averaged over mini-batches and ranks."""
+    """One optimizer step per mini-batch; returns the metrics averaged over mini-batches and ranks.
+
+    A mini-batch whose gradient norm is NaN or inf skips its optimizer step on every rank (the norm is
+    global), and `skipped_updates` counts it; train.py stops a run that does only that."""
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=sum(len(mbs) for mbs in batches), desc="train", leave=False, disable=not progress, unit="mb")
     # Completion tokens of every sample [N]; with the mini-batch's totals these are the global
@@ -265,7 +289,12 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
             bar.update()
         grad_norm = clip_grad_norm_(policy.model.parameters(), grad_clip or float("inf"))
         sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach() / len(minis)
-        policy.optimizer.step()
+        # A NaN/inf loss on any rank makes the global norm non-finite on every rank: all skip together.
+        # The one sync per mini-batch is the price of never writing a NaN into the weights.
+        if torch.isfinite(grad_norm).item():
+            policy.optimizer.step()
+        else:
+            sums["skipped_updates"] = sums.get("skipped_updates", 0) + torch.ones((), device=d.device)
         policy.scheduler.step()
         policy.optimizer.zero_grad(set_to_none=True)
     bar.close()
@@ -274,7 +303,8 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
     vec = torch.stack([sums[k].float().to(d.device) for k in keys])
     dist.all_reduce(vec)
     out = dict(zip(keys, vec))
-    out["grad_norm"] = out["grad_norm"] / d.world
+    out["grad_norm"] = out["grad_norm"] / d.world  # replicated values, summed over ranks
+    out["skipped_updates"] = out.get("skipped_updates", torch.zeros((), device=d.device)) / d.world
     return out
 
 
@@ -295,7 +325,11 @@ def evaluate(generator: RolloutBackend, prompts: list[Prompt], d: Dist, rc: Roll
     replica, n_replicas, reports = generator_replicas(d, rc)
     mine = prompts[replica::n_replicas]
     outs = generator.generate([p.token_ids for p in mine], sampling_params(rc, greedy=True)) if mine else []
-    correct = sum(reward_fn(prompt_text(p), tok.decode(o.token_ids), p.answer) > 0 for p, o in zip(mine, outs))
+    rewards, error = score(reward_fn, mine, [tok.decode(o.token_ids) for o in outs])
+    errors = [""] * d.world
+    dist.all_gather_object(errors, error)
+    raise_first(errors)
+    correct = sum(r > 0 for r in rewards)
     counts = torch.tensor([float(correct), float(len(mine))], device=d.device) * reports
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()

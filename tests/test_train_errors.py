@@ -1,0 +1,154 @@
+"""train.py under bad inputs and faults: one `error:` line, the right exit code, nothing lost or poisoned.
+
+Inputs are checked before any process group starts (exit 2, checked in-process here: fast). Faults that
+surface mid-run (a reward's NaN on one rank, non-finite gradients) are raised on every rank together
+(exit 1, one line from rank 0) and never reach a checkpoint.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+
+from helpers_dist import REPO, torchrun
+from helpers_models import save_hf_model
+from helpers_tokenizer import make_test_tokenizer
+
+import train
+
+REWARDS = '''
+def nan_on_3(prompt, completion, answer):
+    return float("nan") if answer == "3" else float(len(completion))
+
+def huge(prompt, completion, answer):
+    return 3e38  # finite, but a group's sum overflows: advantages, loss and gradients are NaN
+'''
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    model = str(root / "model")
+    make_test_tokenizer(model)
+    save_hf_model(model, "qwen3", vocab_size=320)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(1, 5) for b in range(1, 4)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "rewards.py").write_text(REWARDS)
+    return root
+
+
+def args(task, out, *extra, reward="nan_on_3"):
+    return ["train.py", "--model", str(task / "model"), "--data", str(task / "train.jsonl"), "--no-chat-template",
+            "--reward", f"{task}/rewards.py:{reward}", "--prompts-per-step", "4", "--n-samples", "2",
+            "--max-new-tokens", "4", "--micro-batch-tokens", "64", "--out-dir", str(out), "--no-export", *extra]
+
+
+def one_error_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text[-3000:]
+    return lines[0]
+
+
+def bad_model(task, tmp_path) -> str:
+    """A copy of the model whose weights file is cut in half (a broken download)."""
+    model = tmp_path / "broken_model"
+    shutil.copytree(task / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(model)
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lr", "--lr must be > 0"),
+    ("gen_batch", "--gen-batch-size"),
+    ("attn", "--attn-backend 'bogus'"),
+    ("keep", "--keep-checkpoints"),
+    ("micro_batch", "--micro-batch-tokens 4"),
+    ("weights", "truncated safetensors"),
+    ("unknown_key", "unknown config keys ['no_such_key']"),
+    ("bad_json", "malformed JSON"),
+    ("json_list", "expected a JSON object"),
+    ("json_type", "'steps' must be int"),
+    ("out_file", "is not a directory"),
+    ("used_out_dir", "already holds a run"),
+])
+def test_bad_input_fails_before_start_up(task, tmp_path, capsys, case, message):
+    out = tmp_path / "out"
+    extra = {
+        "lr": lambda: ["--lr=-1e-6"],
+        "gen_batch": lambda: ["--gen-batch-size", "0"],
+        "attn": lambda: ["--attn-backend", "bogus"],
+        "keep": lambda: ["--keep-checkpoints=-1"],
+        "micro_batch": lambda: ["--micro-batch-tokens", "4"],
+        "weights": lambda: ["--model", bad_model(task, tmp_path)],
+        "unknown_key": lambda: ["--config", write(tmp_path / "c.json", '{"no_such_key": 1}')],
+        "bad_json": lambda: ["--config", write(tmp_path / "c.json", '{"lr": ')],
+        "json_list": lambda: ["--config", write(tmp_path / "c.json", "[1, 2]")],
+        "json_type": lambda: ["--config", write(tmp_path / "c.json", '{"steps": "2"}')],
+        "out_file": lambda: ["--out-dir", write(tmp_path / "a_file", "")],
+        "used_out_dir": lambda: [],
+    }[case]()
+    if case == "used_out_dir":  # an earlier run's results must survive a rerun without --resume
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    with pytest.raises(SystemExit) as e:
+        train.main(args(task, out, *extra)[1:])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in one_error_line(err), err
+    if case == "used_out_dir":
+        assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_backend_without_vllm_is_one_line(task, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(args(task, tmp_path, "--backend", "vllm")[1:])
+    assert e.value.code == 2 and "pip install vllm" in one_error_line(capsys.readouterr().err)
+
+
+def test_resume_nothing_and_no_learning_warnings(task, tmp_path):
+    """--resume into an empty dir says it starts fresh; --n-samples 1 and rows without an answer warn."""
+    data = tmp_path / "data.jsonl"
+    data.write_text((task / "train.jsonl").read_text() + json.dumps({"prompt": "9+9="}) + "\n")
+    proc = torchrun(1, args(task, tmp_path / "out", "--data", str(data), "--resume", "--n-samples", "1",
+                            "--steps", "1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to resume" in proc.stdout
+    assert "--n-samples 1" in proc.stderr and "1 of" in proc.stderr and "'answer'" in proc.stderr
+
+
+def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(task, tmp_path):
+    """The NaN comes from the prompts with answer 3, scored on one rank; every rank stops, no hang."""
+    out = tmp_path / "out"
+    proc = torchrun(2, args(task, out, "--steps", "6", "--save-every", "1"), timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    line = one_error_line(text)
+    assert "nan_on_3" in line and "returned nan" in line, line
+    assert f'File "{REPO}/train.py"' not in text, text[-3000:]
+    # Only steps before the NaN one checkpointed, and every metrics line is JSON.
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()] if (
+        out / "metrics.jsonl").exists() else []
+    saved = sorted(os.listdir(out / "checkpoints")) if (out / "checkpoints").exists() else []
+    assert [f"step_{r['step']}" for r in rows] == [s for s in saved if s.startswith("step_")]
+
+
+def test_non_finite_gradients_skip_updates_then_stop(task, tmp_path):
+    out = tmp_path / "out"
+    proc = torchrun(2, args(task, out, "--steps", "4", reward="huge"), timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "every update skipped" in one_error_line(text)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["skipped_updates"] == 1 for r in rows)
+    assert rows[0]["grad_norm"] is None  # written as null: the file stays JSON
+    assert not (out / "checkpoints").exists() or not any(
+        n.startswith("step_") for n in os.listdir(out / "checkpoints"))
