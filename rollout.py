@@ -6,7 +6,8 @@
 
 Each output line is one completion, in prompt order (and sample order within a prompt). Lines are
 written and flushed batch by batch, so an interrupted run keeps everything finished so far; under
-torchrun each rank writes OUT.rank<r> and rank 0 merges them into OUT at the end.
+torchrun each rank writes OUT.rank<r> and rank 0 merges them into OUT at the end (an interrupted run
+leaves only the OUT.rank<r> parts: an OUT of an earlier run is removed at the start).
 
 --check-logprobs recomputes the completions' log-probs with the trainer's packed forward (in
 --check-dtype, with the same temperature/top-k/top-p) and reports how far the generator's are. The
@@ -30,8 +31,8 @@ from minirl.backend import RolloutBackend, SamplingParams, sample_seed
 from minirl.data import Prompt, plan_micro_batches, read_records
 from minirl.dist import Dist, distributed
 from minirl.generate import Generator
-from minirl.hf import load_model, load_state_dict_from_dir, read_config
-from minirl.rewards import get_reward_fn
+from minirl.hf import check_weights, load_model, load_state_dict_from_dir, read_config
+from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
 from minirl.trainer import Sample, micro_logprobs, pack
 
@@ -233,8 +234,8 @@ def output_line(s: Sample, k: int, text: str, reward_fn, trainer_lp) -> dict:
             "completion_token_ids": s.completion_ids, "logprobs": s.gen_logprobs, "finish_reason": s.finish_reason}
     if p.answer is not None:
         line["answer"] = p.answer
-    if reward_fn is not None:
-        line["reward"] = float(reward_fn(p.text, text, p.answer))
+    if reward_fn is not None:  # checked: a NaN, None or exception is a ValueError naming the prompt
+        line["reward"] = reward_fn(p.index, p.text if isinstance(p.text, str) else json.dumps(p.text), text, p.answer)
     if trainer_lp is not None:
         line["trainer_logprobs"] = trainer_lp
     return line
@@ -253,8 +254,14 @@ def run(args, d: Dist):
     try:
         tok = Tokenizer.from_dir(args.model)
         chat = tok.has_chat_template if args.chat_template is None else args.chat_template
-        reward_fn = get_reward_fn(args.reward) if args.reward else None
+        reward_fn = load_reward(args.reward) if args.reward else None
         rows, n_prompts = load_rows(args, tok, chat, rank, world)
+        if args.backend == "naive":
+            check_weights(args.model)
+        path = args.out if world == 1 else f"{args.out}.rank{rank}"
+        open(path, "w").close()  # the output is writable, before minutes of model loading
+        if world > 1 and rank == 0 and os.path.isfile(args.out):
+            os.remove(args.out)  # an earlier run's OUT must not sit beside this run's parts
     except (OSError, ValueError) as e:  # every rank reads the same inputs: rank 0 speaks for all
         if rank == 0:
             print(f"rollout.py: error: {e}", file=sys.stderr, flush=True)
@@ -270,8 +277,7 @@ def run(args, d: Dist):
               f"{dtype} on {d.device}, chat template {'on' if chat else 'off'}")
 
     params = sampling_params(args)
-    path = args.out if world == 1 else f"{args.out}.rank{rank}"
-    written, gen_seconds = 0, 0.0
+    written, gen_seconds, error = 0, 0.0, ""
     bar = tqdm(total=len(rows), unit="completion", disable=rank != 0, desc="rank 0" if world > 1 else None)
     try:
         with open(path, "w", encoding="utf-8") as f:
@@ -285,9 +291,13 @@ def run(args, d: Dist):
                 samples = [Sample(p, c.token_ids, c.logprobs, c.finish_reason) for (p, _), c in zip(batch, completions)]
                 checked = trainer_logprobs(trainer, samples, params, d, attn_backend) \
                     if args.check_logprobs else [None] * len(batch)
-                for s, (_, k), trainer_lp in zip(samples, batch, checked):
-                    line = output_line(s, k, tok.decode(s.completion_ids), reward_fn, trainer_lp)
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                try:
+                    lines = [output_line(s, k, tok.decode(s.completion_ids), reward_fn, trainer_lp)
+                             for s, (_, k), trainer_lp in zip(samples, batch, checked)]
+                except ValueError as e:  # a reward error, on this rank alone: agreed on below
+                    error = str(e)
+                    break
+                f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
                 f.flush()
                 written += len(batch)
     except KeyboardInterrupt:
@@ -296,6 +306,14 @@ def run(args, d: Dist):
         sys.exit(130)
     bar.close()
 
+    errors = [""] * world
+    dist.all_gather_object(errors, error)
+    if first := next((e for e in errors if e), ""):
+        if rank == 0:
+            print(f"rollout.py: error: {first}; the completions before it are in {args.out}"
+                  f"{'.rank*' if world > 1 else ''}", file=sys.stderr, flush=True)
+        generator.close()
+        sys.exit(1)
     slowest = torch.tensor([gen_seconds], device=d.device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the ranks generate in parallel
     dist.barrier()  # every part file is complete

@@ -137,3 +137,31 @@ def test_missing_model_on_two_ranks_is_one_line_from_rank_0(setup):
     errors = [line for line in out.splitlines() if line.startswith("rollout.py: error:")]
     assert len(errors) == 1 and "/does/not/exist" in errors[0], out[-3000:]
     assert f'File "{REPO}/rollout.py"' not in out and f'File "{REPO}/minirl/' not in out, out[-3000:]
+
+
+def test_unwritable_out_is_one_line_before_the_model_loads(setup):
+    model_dir, data, _, tmp = setup
+    proc = run("--model", model_dir, "--data", data, "--out", str(tmp / "no_such_dir" / "out.jsonl"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.fullmatch(r"rollout\.py: error: .*no_such_dir/out\.jsonl.*\n", proc.stderr), proc.stderr
+
+
+def test_nan_reward_on_two_ranks_is_one_line_and_no_stale_out(setup):
+    """The NaN comes from one prompt (answer 7), scored on one rank: every rank stops with rank 0's
+    line, the completions written before it stay in the OUT.rank<r> parts, and an OUT from an
+    earlier run is gone (it would pass for this run's result)."""
+    model_dir, data, _, tmp = setup
+    (tmp / "nan_reward.py").write_text(
+        'def f(prompt, completion, answer):\n    return float("nan") if answer == "7" else 1.0\n')
+    out = tmp / "nan.jsonl"
+    out.write_text('{"stale": true}\n')
+    proc = run("--model", model_dir, "--data", data, "--out", str(out), "--max-new-tokens", "4",
+               "--reward", f"{tmp / 'nan_reward.py'}:f", "--batch-size", "1", torchrun=2)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("rollout.py: error:")]
+    assert len(errors) == 1 and "nan_reward.py:f" in errors[0] and "prompt 2" in errors[0], text[-3000:]
+    assert f'File "{REPO}/rollout.py"' not in text, text[-3000:]
+    assert not out.exists()
+    for r in range(2):
+        assert all("reward" in d for d in read_lines(f"{out}.rank{r}"))
