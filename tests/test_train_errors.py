@@ -19,6 +19,9 @@ from helpers_tokenizer import make_test_tokenizer
 import train
 
 REWARDS = '''
+def length(prompt, completion, answer):
+    return float(len(completion))
+
 def nan_on_3(prompt, completion, answer):
     return float("nan") if answer == "3" else float(len(completion))
 
@@ -119,7 +122,7 @@ def test_resume_nothing_and_no_learning_warnings(task, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text((task / "train.jsonl").read_text() + json.dumps({"prompt": "9+9="}) + "\n")
     proc = torchrun(1, args(task, tmp_path / "out", "--data", str(data), "--resume", "--n-samples", "1",
-                            "--steps", "1"), timeout=300)
+                            "--steps", "1", reward="length"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to resume" in proc.stdout
     assert "--n-samples 1" in proc.stderr and "1 of" in proc.stderr and "'answer'" in proc.stderr
@@ -152,3 +155,22 @@ def test_non_finite_gradients_skip_updates_then_stop(task, tmp_path):
     assert rows[0]["grad_norm"] is None  # written as null: the file stays JSON
     assert not (out / "checkpoints").exists() or not any(
         n.startswith("step_") for n in os.listdir(out / "checkpoints"))
+
+
+def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(task, tmp_path):
+    """step_3 is cut short (a full disk): --resume walks back to step_2, reruns step 3 exactly as the
+    straight run did, and metrics.jsonl holds each step once."""
+    out = tmp_path / "out"
+    run = ["--steps", "3", "--save-every", "1", "--lr", "1e-3"]
+    proc = torchrun(1, args(task, out, *run, reward="length"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    shard = next(f for f in (out / "checkpoints" / "step_3").iterdir() if f.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = torchrun(1, args(task, out, *run, "--resume", reward="length"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 2" in proc.stdout and "truncated" in proc.stderr, proc.stderr[-3000:]
+    resumed = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("reward_mean", "loss", "grad_norm"):
+        assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
