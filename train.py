@@ -80,7 +80,7 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
         if cfg.algo.kl_coef else None
     del weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    updates = cfg.run.steps * cfg.run.mini_batches
+    updates = cfg.run.steps * cfg.run.mini_batches * cfg.run.ppo_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(cfg.optim, updates))
     gen_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     # A vLLM engine must shut down before the process group does (its shutdown tears groups down).
@@ -119,7 +119,7 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             trainer.sync_weights(generator, model, gen_dtype)
             timer.stop("weight_sync")
 
-            row = {"step": step + 1, **trainer.rollout_stats(samples), **{k: v.item() for k, v in sums.items()},
+            row = {"step": step + 1, **trainer.rollout_stats(samples, cfg.rollout.n_samples), **{k: v.item() for k, v in sums.items()},
                    "lr": scheduler.get_last_lr()[0], **timer.summary()}
             tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
             row["tokens_per_s"] = tokens / (time.perf_counter() - t0)

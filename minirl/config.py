@@ -42,14 +42,20 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
+    advantage: str = opt("grpo", "baseline within a group: grpo (group mean) or rloo (mean of the other n-1)")
     std_norm: bool = opt(True, "divide group advantages by the group std (--no-std-norm: Dr.GRPO)")
+    skip_zero_var: bool = opt(False, "leave groups whose rewards are all equal out of the loss and its normalisers")
     clip_eps_low: float = opt(0.2, "PPO clip range below 1")
     clip_eps_high: float = opt(0.2, "PPO clip range above 1")
     dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)")
     kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
     loss_agg: str = opt("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm")
-    tis_cap: float = opt(0.0, "truncated importance sampling cap against generator log-probs (0 = off)")
+    ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
+    tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight (0 = off)")
+    tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
+    tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
+    tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask")
 
 
 @dataclass
@@ -78,6 +84,7 @@ class RunConfig:
     steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
     prompts_per_step: int = opt(64, "prompts per step, over all ranks")
     mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
+    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
     seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)")

@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from tqdm import tqdm
 
 from minirl import checkpoint, ulysses
-from minirl.algorithms import LossConfig, group_advantages, policy_loss, token_weights
+from minirl.algorithms import (LossConfig, Sequences, check_advantage, group_advantages, policy_loss, token_weights,
+                               zero_variance_groups)
 from minirl.attention import pick_backend
 from minirl.config import TrainConfig
 from minirl.data import Prompt, plan_micro_batches
@@ -199,14 +200,16 @@ def micro_logprobs(model, mb: MicroBatch, rc):
 def loss_config(acfg) -> LossConfig:
     return LossConfig(clip_eps_low=acfg.clip_eps_low, clip_eps_high=acfg.clip_eps_high,
                       dual_clip_c=acfg.dual_clip_c or None, kl_coef=acfg.kl_coef,
-                      entropy_coef=acfg.entropy_coef, agg=acfg.loss_agg, tis_cap=acfg.tis_cap or None)
+                      entropy_coef=acfg.entropy_coef, agg=acfg.loss_agg, ratio_level=acfg.ratio_level,
+                      tis_cap=acfg.tis_cap or None, tis_level=acfg.tis_level, tis_mode=acfg.tis_mode,
+                      tis_low=acfg.tis_low)
 
 
 def check_config(cfg: TrainConfig):
     """Batch sizes and choices that would otherwise fail mid-run: one clear ValueError at start-up."""
     n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if cfg.run.prompts_per_step < 1 or cfg.rollout.n_samples < 1 or cfg.run.steps < 1:
-        raise ValueError("--prompts-per-step, --n-samples and --steps must be >= 1")
+    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.run.ppo_epochs) < 1:
+        raise ValueError("--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1")
     if n % cfg.run.mini_batches:
         raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
                          f"--mini-batches {cfg.run.mini_batches}")
@@ -214,7 +217,8 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
-    loss_config(cfg.algo)  # validates loss_agg, dual_clip_c, tis_cap
+    loss_config(cfg.algo)  # validates loss_agg, dual_clip_c, ratio_level and the tis_* flags
+    check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
     SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k).check()
 
 
@@ -226,10 +230,19 @@ def split_mini_batches(n_samples: int, n_mini: int) -> list[list[int]]:
 
 def train_on_samples(model, ref_model, optimizer, scheduler, samples: list[Sample], d: Dist, cfg: TrainConfig,
                      pad_id: int, timer: PhaseTimer, progress: bool) -> dict[str, torch.Tensor]:
-    """Old/ref log-probs, then one optimizer step per mini-batch. Returns summed metric tensors."""
-    rc, lcfg = cfg.rollout, loss_config(cfg.algo)
+    """Old/ref log-probs, then one optimizer step per mini-batch, for each of --ppo-epochs passes.
+    Returns summed metric tensors.
+
+    With --skip-zero-var the samples of zero-variance groups are left out of the mini-batches (and
+    so of the loss normalisers and of backward); a mini-batch left empty runs one dummy micro-batch
+    (collectives still pair up) and skips its optimizer step."""
+    rc, lcfg, epochs = cfg.rollout, loss_config(cfg.algo), cfg.run.ppo_epochs
     backend = pick_backend(d.device, cfg.parallel.attn_backend or None)
     minis = split_mini_batches(len(samples), cfg.run.mini_batches)
+    if cfg.algo.skip_zero_var:
+        rewards = torch.tensor([s.reward for s in samples])
+        flat = zero_variance_groups(rewards, rc.n_samples).repeat_interleave(rc.n_samples).tolist()  # [N]
+        minis = [[i for i in mb if not flat[i]] for mb in minis]
     plans = [plan_micro_batches([len(samples[i].prompt.token_ids) + len(samples[i].completion_ids) - 1
                                  for i in mb], d.dp_size, cfg.parallel.micro_batch_tokens)[d.dp_rank]
              for mb in minis]
@@ -238,7 +251,7 @@ def train_on_samples(model, ref_model, optimizer, scheduler, samples: list[Sampl
     n_micro = sum(len(p) for p in batches)
 
     # Log-probs before any update: needed when later mini-batches are off-policy, or for TIS/KL.
-    need_old = len(minis) > 1 or lcfg.tis_cap is not None
+    need_old = len(minis) > 1 or epochs > 1 or lcfg.tis_cap is not None
     timer.start("logprobs")
     old, ref = {}, {}
     if need_old or ref_model is not None:
@@ -256,26 +269,30 @@ def train_on_samples(model, ref_model, optimizer, scheduler, samples: list[Sampl
 
     timer.start("train")
     sums: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=n_micro, desc="train", leave=False, disable=not progress, unit="mb")
+    bar = tqdm(total=n_micro * epochs, desc="train", leave=False, disable=not progress, unit="mb")
     # Completion tokens of every sample [N]; with the mini-batch's totals these are the global
     # normalisers of the loss weights, identical on every rank.
     comp_lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32, device=d.device)
-    for m, (mb_idx, mbs) in enumerate(zip(minis, batches)):
+    n_updates = len(minis) * epochs
+    for m, (mb_idx, mbs) in [(m, mb) for _ in range(epochs) for m, mb in enumerate(zip(minis, batches))]:
         n_tokens = comp_lens[mb_idx].sum().clamp_min(1)
         for j, mb in enumerate(mbs):
             lp, ent = micro_logprobs(model, mb, rc)
-            w = token_weights(mb.mask, mb.seq_ids, comp_lens, len(mb_idx), n_tokens, lcfg.agg,
+            w = token_weights(mb.mask, mb.seq_ids, comp_lens, max(1, len(mb_idx)), n_tokens, lcfg.agg,
                               float(rc.max_new_tokens))
+            seqs = Sequences(mb.seq_ids, mb.mask, comp_lens, d.sp_group)
             loss, metrics = policy_loss(lp, old.get((m, j), lp.detach()), mb.advantages, w, lcfg,
-                                        ref_logprobs=ref.get((m, j)), gen_logprobs=mb.gen_logprobs, entropy=ent)
+                                        ref_logprobs=ref.get((m, j)), gen_logprobs=mb.gen_logprobs, entropy=ent,
+                                        seqs=seqs)
             loss.backward()
             metrics["loss"] = loss.detach()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v / len(minis)
+                sums[k] = sums.get(k, 0) + v / n_updates
             bar.update()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach() / len(minis)
-        optimizer.step()
+        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach() / n_updates
+        if mb_idx:  # the same on every rank: all hold every sample
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     bar.close()
@@ -290,19 +307,20 @@ def train_on_samples(model, ref_model, optimizer, scheduler, samples: list[Sampl
 
 
 def score_samples(samples: list[Sample], cfg: TrainConfig):
-    """GRPO advantages: rewards standardised within each prompt's group of n completions."""
+    """GRPO/RLOO advantages: rewards relative to each prompt's group of n completions."""
     rewards = torch.tensor([s.reward for s in samples])
-    adv = group_advantages(rewards, cfg.rollout.n_samples, std_norm=cfg.algo.std_norm)
+    adv = group_advantages(rewards, cfg.rollout.n_samples, std_norm=cfg.algo.std_norm, estimator=cfg.algo.advantage)
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
 
 
-def rollout_stats(samples: list[Sample]) -> dict[str, float]:
+def rollout_stats(samples: list[Sample], group_size: int) -> dict[str, float]:
     r = torch.tensor([s.reward for s in samples])
     lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
     return {"reward_mean": r.mean().item(), "reward_std": r.std(correction=0).item(),
             "solved": (r > 0).float().mean().item(), "response_len": lens.mean().item(),
-            "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+            "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "zero_var_groups": zero_variance_groups(r, group_size).float().mean().item()}
 
 
 def sync_weights(generator, model, dtype):
