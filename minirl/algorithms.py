@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -86,19 +85,39 @@ class Sequences:
     group: dist.ProcessGroup | None = None  # the sp group holding the other slices; None: sequences are whole
 
 
+class SumOverGroup(torch.autograd.Function):
+    """all_reduce(SUM) over a process group as an autograd op.
+
+    Every rank's loss uses the summed vector, and the loss being minimised is the sum of the ranks'
+    losses, so the gradient w.r.t. one rank's addend is the sum over ranks of their gradients w.r.t.
+    the sum: the backward is the same all-reduce.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def sequence_sums(values: Tensor, seqs: Sequences) -> Tensor:
     """Sum of `values` [T] over the counted tokens of each sequence, all slices included: [S].
 
     Each rank adds its own tokens into a vector over all sequences (zeros for sequences it does not
     hold), and the sp group all-reduces it. Every sp rank must call this the same number of times
-    (it does: they run the same micro-batches with the same config). The all-reduce is autograd's:
-    its backward all-reduces the gradient, which is right because the summed loss of the sp ranks
-    depends on every rank's slice through every rank's copy of the sums.
+    (it does: they run the same micro-batches with the same config). Differentiable: see SumOverGroup.
     """
     v = torch.where(seqs.mask.bool(), values, 0.0)  # [T]; where, not *, so a -inf outside the mask stays out
     sums = v.new_zeros(seqs.lens.shape[0]).index_add(0, seqs.ids, v)  # [S]
     if seqs.group is not None:
-        sums = dist_fn.all_reduce(sums, group=seqs.group)
+        sums = SumOverGroup.apply(sums, seqs.group)
     return sums
 
 

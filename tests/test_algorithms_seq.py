@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers_dist import failures, run_worker
 
 from minirl.algorithms import LossConfig, Sequences, policy_loss, rollout_is_weights, token_weights
 
@@ -153,3 +154,11 @@ def test_sequence_modes_split_invariance(mode, agg):
     for k, v in full_metrics.items():
         torch.testing.assert_close(sum(r[1][k] for r in results), v)
     assert full_metrics.get("tis_masked", 1) > 0 and full_metrics["clip_frac"] > 0  # the modes did something
+
+
+@pytest.mark.parametrize("layout", ["sp2", "dp2"])
+def test_sequence_modes_across_ranks(layout):
+    """Sequences cut across 2 sp ranks (per-sequence sums all-reduced, gradient included), or whole
+    on 2 dp ranks: the ranks' summed losses, metrics and gradients equal one process's."""
+    failed = failures(run_worker("algorithms_worker.py", 2), "seq/")
+    assert [f for f in failed if f"/{layout}/" in f or "/nontrivial" in f] == []
