@@ -119,8 +119,8 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             trainer.sync_weights(generator, model, gen_dtype)
             timer.stop("weight_sync")
 
-            row = {"step": step + 1, **trainer.rollout_stats(samples, cfg.rollout.n_samples), **{k: v.item() for k, v in sums.items()},
-                   "lr": scheduler.get_last_lr()[0], **timer.summary()}
+            row = {"step": step + 1, **trainer.rollout_stats(samples, cfg.rollout.n_samples),
+                   **{k: v.item() for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0], **timer.summary()}
             tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
             row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
             if d.device.type == "cuda":

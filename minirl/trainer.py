@@ -273,11 +273,13 @@ def train_on_samples(model, ref_model, optimizer, scheduler, samples: list[Sampl
     # Completion tokens of every sample [N]; with the mini-batch's totals these are the global
     # normalisers of the loss weights, identical on every rank.
     comp_lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32, device=d.device)
-    n_updates = len(minis) * epochs
-    for m, (mb_idx, mbs) in [(m, mb) for _ in range(epochs) for m, mb in enumerate(zip(minis, batches))]:
+    passes = list(enumerate(zip(minis, batches))) * epochs  # each epoch: the same mini-batches, same order
+    n_updates = len(passes)
+    for m, (mb_idx, mbs) in passes:
         n_tokens = comp_lens[mb_idx].sum().clamp_min(1)
         for j, mb in enumerate(mbs):
             lp, ent = micro_logprobs(model, mb, rc)
+            # max(1, ...): a mini-batch emptied by --skip-zero-var runs only a zero-weight dummy
             w = token_weights(mb.mask, mb.seq_ids, comp_lens, max(1, len(mb_idx)), n_tokens, lcfg.agg,
                               float(rc.max_new_tokens))
             seqs = Sequences(mb.seq_ids, mb.mask, comp_lens, d.sp_group)
@@ -291,7 +293,7 @@ def train_on_samples(model, ref_model, optimizer, scheduler, samples: list[Sampl
             bar.update()
         grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach() / n_updates
-        if mb_idx:  # the same on every rank: all hold every sample
+        if mb_idx:  # an emptied mini-batch has no gradient; every rank holds every sample, so all agree
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
