@@ -69,11 +69,6 @@ class LossConfig:
         if not 0.0 <= self.tis_low < self.tis_cap:
             raise ValueError(f"need 0 <= tis_low < tis_cap, got tis_low={self.tis_low}, tis_cap={self.tis_cap}")
 
-    @property
-    def per_sequence(self) -> bool:
-        """Whether the loss needs whole-sequence sums (and so `Sequences`, and a collective under sp)."""
-        return self.ratio_level != "token" or (self.tis_cap is not None and self.tis_level == "sequence")
-
 
 @dataclass
 class Sequences:
@@ -185,7 +180,9 @@ def policy_log_ratio(logprobs: Tensor, old_logprobs: Tensor, level: str, seqs: S
                       token form would let per-token advantages in, and under sp it needs no
                       differentiable all-reduce.
     GSPO uses tiny clip ranges (its paper: 3e-4 below, 4e-4 above), since a sequence's mean
-    log-ratio moves far less than a single token's.
+    log-ratio moves far less than a single token's. The log-ratio is not clamped before exp (verl
+    clamps it, at +-20 for tokens and 10 for GSPO's): a ratio that large means the policy has left
+    the rollout's, which should show in the metrics rather than be bounded away.
     """
     if level == "token":
         return logprobs - old_logprobs
@@ -212,7 +209,9 @@ def rollout_is_weights(old_logprobs: Tensor, gen_logprobs: Tensor, cfg: LossConf
       tis_mode mask       weight = ratio inside [tis_low, tis_cap], 0 outside: tokens (or whole
                           sequences) the generator sampled too differently are dropped from the loss
     Dropped tokens still count in the loss normalisers, so the weights of the others do not depend
-    on how many were dropped (and a micro-batch's share does not depend on the others').
+    on how many were dropped (and a micro-batch's share does not depend on the others'). Peers
+    offer the weight and the rejection as two separate knobs that can be combined; mask mode is
+    that combination (weight kept inside the bounds, 0 outside), and truncate the weight alone.
     """
     log_w = old_logprobs - gen_logprobs  # [T]
     if cfg.tis_level == "sequence":
@@ -242,7 +241,8 @@ def policy_loss(
     All inputs are [T]; only `logprobs` (and `entropy`, if given) carry gradient.
     `weights` come from `token_weights`, so the returned loss is this micro-batch's
     exact share of the mini-batch loss. `seqs` is needed for the sequence-level modes
-    (`cfg.per_sequence`); under sp they issue one all-reduce each on `seqs.group`.
+    (ratio_level other than token, tis_level sequence); under sp each issues one all-reduce
+    on `seqs.group` (GSPO's a second one in backward).
 
     The metrics are weighted sums with the same weights, so they too add up over
     micro-batches to mini-batch means (under seq-mean-token-sum-norm the weights do
