@@ -63,11 +63,13 @@ def test_skip_zero_var_renormalises(one_rank, test_data, tmp_path):
 
 
 def test_ppo_epochs_and_gspo_token(test_data, tmp_path):
-    rows = run(2, tmp_path, test_data, "--steps", "2", "--sp", "2", "--ppo-epochs", "2", "--mini-batches", "2",
-               "--schedule", "cosine", "--ratio-level", "sequence-token", "--tis-cap", "2", "--tis-mode", "mask",
-               "--tis-low", "0.5")
-    assert sorted(rows) == [1, 2]
-    # 2 steps x 2 mini-batches x 2 epochs = 8 updates; after step 1's four, cosine is half way down.
+    # One group per mini-batch: with --skip-zero-var, the mini-batch of a zero-variance group is empty
+    # and runs only a zero-weight dummy micro-batch, without an optimizer step.
+    rows = run(2, tmp_path, test_data, "--steps", "2", "--sp", "2", "--ppo-epochs", "2", "--mini-batches", "8",
+               "--skip-zero-var", "--schedule", "cosine", "--ratio-level", "sequence-token", "--tis-cap", "2",
+               "--tis-mode", "mask", "--tis-low", "0.5")
+    assert sorted(rows) == [1, 2] and rows[1]["zero_var_groups"] > 0
+    # 2 steps x 8 mini-batches x 2 epochs = 32 updates; after step 1's 16, cosine is half way down.
     assert rows[1]["lr"] == pytest.approx(LR * (0.1 + 0.9 * 0.5))
     assert rows[1]["approx_kl"] > 0  # later passes see a policy that moved since the old log-probs
 
