@@ -130,7 +130,7 @@ def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
     model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
     ref_model = build_sharded(model_cfg, weights, d, cfg.parallel, train=False) if cfg.algo.kl_coef else None
     del weights
-    oc, updates = cfg.optim, cfg.run.steps * cfg.run.mini_batches
+    oc, updates = cfg.optim, cfg.run.steps * cfg.run.mini_batches * cfg.run.ppo_epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
 
     def lr_multiplier(update: int) -> float:
