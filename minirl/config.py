@@ -130,12 +130,13 @@ def apply_overrides(cfg: TrainConfig, values: dict, source: str):
     string, which Python reads as True, so it would silently export.
     """
     sections = dict(_sections(cfg))
+    known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
     flat = {}
     for k, v in values.items():
-        if k in sections and not isinstance(v, dict):
+        is_section = k in sections and (isinstance(v, dict) or k not in known)  # "data" is a section and a field
+        if is_section and not isinstance(v, dict):
             raise ValueError(f"{source}: section {k!r} must be an object of settings, got {type(v).__name__}")
-        flat.update(v if k in sections else {k: v})
-    known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
+        flat.update(v if is_section else {k: v})
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown config keys {unknown}")
