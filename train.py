@@ -30,8 +30,8 @@ from minirl.tokenizer import Tokenizer
 from minirl.trainer import Policy, evaluate, rl_step
 
 
-# Steps in a row whose every update was skipped for a NaN/inf gradient before the run stops: the model
-# is not learning, and a run that cannot recover should not go on burning compute.
+# Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
+# learning, and a run that cannot recover should not go on burning compute.
 MAX_SKIPPED_STEPS = 3
 
 
@@ -132,9 +132,9 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
                 metrics.write(row)
                 step_bar.write(report.summary_line(row))
 
-            skipped = skipped + 1 if row["skipped_updates"] == cfg.run.mini_batches else 0
+            skipped = skipped + 1 if row["skipped_updates"] else 0
             if skipped == MAX_SKIPPED_STEPS:  # the same value on every rank: all stop together
-                raise ValueError(f"steps {step + 2 - skipped}-{step + 1}: every update skipped for a NaN or inf "
+                raise ValueError(f"steps {step + 2 - skipped}-{step + 1} each skipped an update for a NaN or inf "
                                  f"loss/gradient norm ({MAX_SKIPPED_STEPS} steps in a row); check the rewards, "
                                  f"lower --lr, or resume from the last checkpoint")
             last = step + 1 == cfg.run.steps
@@ -166,7 +166,7 @@ def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
     model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
     ref_model = build_sharded(model_cfg, weights, d, cfg.parallel, train=False) if cfg.algo.kl_coef else None
     del weights
-    oc, updates = cfg.optim, cfg.run.steps * cfg.run.mini_batches
+    oc, updates = cfg.optim, cfg.run.steps * cfg.run.mini_batches * cfg.run.ppo_epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
 
     def lr_multiplier(update: int) -> float:

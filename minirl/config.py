@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from minirl.algorithms import LossConfig
+from minirl.algorithms import LossConfig, check_advantage
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 
@@ -56,14 +56,20 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
+    advantage: str = opt("grpo", "baseline within a group: grpo (group mean) or rloo (mean of the other n-1)")
     std_norm: bool = opt(True, "divide group advantages by the group std (--no-std-norm: Dr.GRPO)")
+    skip_zero_var: bool = opt(False, "leave groups whose rewards are all equal out of the loss and its normalisers")
     clip_eps_low: float = opt(0.2, "PPO clip range below 1")
     clip_eps_high: float = opt(0.2, "PPO clip range above 1")
     dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)")
     kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
     loss_agg: str = opt("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm")
-    tis_cap: float = opt(0.0, "truncated importance sampling cap against generator log-probs (0 = off)")
+    ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
+    tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight (0 = off)")
+    tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
+    tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
+    tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask")
 
 
 @dataclass
@@ -92,6 +98,7 @@ class RunConfig:
     steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
     prompts_per_step: int = opt(64, "prompts per step, over all ranks")
     mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
+    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
     seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)")
@@ -128,10 +135,11 @@ def apply_overrides(cfg: TrainConfig, values: dict, source: str):
     sections = dict(_sections(cfg))
     known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
     flat = {}
-    for k, v in values.items():  # "data" is a section and a setting (the data file): a dict is the section
-        if k in sections and not isinstance(v, dict) and k not in known:
+    for k, v in values.items():
+        is_section = k in sections and (isinstance(v, dict) or k not in known)  # "data" is a section and a field
+        if is_section and not isinstance(v, dict):
             raise ValueError(f"{source}: section {k!r} must be an object of settings, got {type(v).__name__}")
-        flat.update(v if k in sections and isinstance(v, dict) else {k: v})
+        flat.update(v if is_section else {k: v})
     unknown = sorted(set(flat) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown config keys {unknown}")
@@ -210,8 +218,8 @@ def validate(cfg: TrainConfig):
     if not cfg.data.data:
         raise ValueError("--data is required with --model")
     n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if cfg.run.prompts_per_step < 1 or cfg.rollout.n_samples < 1 or cfg.run.steps < 1:
-        raise ValueError("--prompts-per-step, --n-samples and --steps must be >= 1")
+    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.run.ppo_epochs) < 1:
+        raise ValueError("--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1")
     if n % cfg.run.mini_batches:
         raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
                          f"--mini-batches {cfg.run.mini_batches}")
@@ -229,7 +237,8 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
     if cfg.parallel.attn_backend not in ("", *BACKENDS):
         raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
-    loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, tis_cap
+    loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
+    check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
     sampling_params(cfg.rollout).check()
 
 
@@ -237,7 +246,9 @@ def loss_config(algo: AlgoConfig) -> LossConfig:
     """The policy loss's settings; a flag's 0 ("off") is the loss's None."""
     return LossConfig(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high,
                       dual_clip_c=algo.dual_clip_c or None, kl_coef=algo.kl_coef,
-                      entropy_coef=algo.entropy_coef, agg=algo.loss_agg, tis_cap=algo.tis_cap or None)
+                      entropy_coef=algo.entropy_coef, agg=algo.loss_agg, ratio_level=algo.ratio_level,
+                      tis_cap=algo.tis_cap or None, tis_level=algo.tis_level, tis_mode=algo.tis_mode,
+                      tis_low=algo.tis_low)
 
 
 def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:

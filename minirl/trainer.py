@@ -25,7 +25,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minirl import ulysses
-from minirl.algorithms import LossConfig, group_advantages, policy_loss, token_weights
+from minirl.algorithms import (LossConfig, Sequences, group_advantages, policy_loss, token_weights,
+                               zero_variance_groups)
 from minirl.attention import pick_backend
 from minirl.backend import RolloutBackend, sample_seed
 from minirl.config import RolloutConfig, TrainConfig, loss_config, sampling_params
@@ -81,25 +82,30 @@ def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], st
     samples = rollout(generator, prompts, step, d, cfg.rollout, cfg.run.seed, reward_fn, tok, progress)
     timer.stop("rollout")
     generator.release()  # training gets the memory back (unless --keep-generator)
-    score_samples(samples, cfg.rollout.n_samples, cfg.algo.std_norm)
+    score_samples(samples, cfg.rollout.n_samples, cfg.algo.std_norm, cfg.algo.advantage)
 
     backend = pick_backend(d.device, cfg.parallel.attn_backend or None)
     minis = split_mini_batches(len(samples), cfg.run.mini_batches)
+    if cfg.algo.skip_zero_var:  # their advantages are 0: out of the normalisers, and no backward for them
+        zero = zero_variance_groups(torch.tensor([s.reward for s in samples]), cfg.rollout.n_samples)
+        flat = zero.repeat_interleave(cfg.rollout.n_samples).tolist()  # [N]
+        minis = [[i for i in mb if not flat[i]] for mb in minis]
     batches = [pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, tok.pad_id, backend) for mb in minis]
     lcfg = loss_config(cfg.algo)
     # Log-probs before any update: needed when later mini-batches are off-policy, or for TIS/KL.
-    need_old = len(minis) > 1 or lcfg.tis_cap is not None
+    need_old = len(minis) > 1 or cfg.run.ppo_epochs > 1 or lcfg.tis_cap is not None
     timer.start("logprobs")
     old, ref = logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress)
     timer.stop("logprobs")
     timer.start("train")
-    sums = update(policy, samples, minis, batches, old, ref, d, lcfg, cfg.rollout, cfg.optim.grad_clip, progress)
+    sums = update(policy, samples, minis, batches, old, ref, d, lcfg, cfg.rollout, cfg.optim.grad_clip,
+                  cfg.run.ppo_epochs, progress)
     timer.stop("train")
     timer.start("weight_sync")
     generator.update_weights(iter_full_params(policy.model, generator.dtype))  # a collective
     timer.stop("weight_sync")
 
-    row = {"step": step + 1, **rollout_stats(samples), **{k: v.item() for k, v in sums.items()},
+    row = {"step": step + 1, **rollout_stats(samples, cfg.rollout.n_samples), **{k: v.item() for k, v in sums.items()},
            "lr": policy.scheduler.get_last_lr()[0], **timer.summary()}
     tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
     row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
@@ -229,10 +235,10 @@ def pack_mini_batch(samples: list[Sample], idx: list[int], d: Dist, token_budget
 # Advantages, log-probs, updates
 
 
-def score_samples(samples: list[Sample], n_samples: int, std_norm: bool):
-    """GRPO advantages: rewards standardised within each prompt's group of n completions."""
+def score_samples(samples: list[Sample], n_samples: int, std_norm: bool, estimator: str):
+    """GRPO/RLOO advantages: rewards relative to each prompt's group of n completions."""
     rewards = torch.tensor([s.reward for s in samples])
-    adv = group_advantages(rewards, n_samples, std_norm=std_norm)
+    adv = group_advantages(rewards, n_samples, std_norm=std_norm, estimator=estimator)
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
 
@@ -263,38 +269,44 @@ def logprobs_before_update(policy: Policy, batches: list[list[MicroBatch]], need
 
 
 def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batches: list[list[MicroBatch]],
-           old: dict, ref: dict, d: Dist, lcfg: LossConfig, rc: RolloutConfig, grad_clip: float,
+           old: dict, ref: dict, d: Dist, lcfg: LossConfig, rc: RolloutConfig, grad_clip: float, epochs: int,
            progress: bool) -> dict[str, torch.Tensor]:
-    """One optimizer step per mini-batch; returns the metrics averaged over mini-batches and ranks.
-
-    A mini-batch whose gradient norm is NaN or inf skips its optimizer step on every rank (the norm is
-    global), and `skipped_updates` counts it; train.py stops a run that does only that."""
+    """One optimizer step per mini-batch, for each of `epochs` passes over the same mini-batches in the
+    same order (PPO epochs; `old` was computed once, before the first); returns the metrics averaged
+    over updates and ranks. A mini-batch emptied by --skip-zero-var runs one zero-weight dummy
+    micro-batch (so collectives still pair up) and skips its optimizer step. A mini-batch whose
+    gradient norm is NaN or inf skips its optimizer step on every rank (the norm is global), and
+    `skipped_updates` counts it; train.py stops a run that keeps doing that."""
     sums: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=sum(len(mbs) for mbs in batches), desc="train", leave=False, disable=not progress, unit="mb")
+    bar = tqdm(total=epochs * sum(len(mbs) for mbs in batches), desc="train", leave=False, disable=not progress,
+               unit="mb")
     # Completion tokens of every sample [N]; with the mini-batch's totals these are the global
     # normalisers of the loss weights, identical on every rank.
     comp_lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32, device=d.device)
-    for m, (mb_idx, mbs) in enumerate(zip(minis, batches)):
+    passes = list(enumerate(zip(minis, batches))) * epochs
+    for m, (mb_idx, mbs) in passes:
         n_tokens = comp_lens[mb_idx].sum().clamp_min(1)
         for j, mb in enumerate(mbs):
             lp, ent = micro_logprobs(policy.model, mb, rc.temperature)
-            w = token_weights(mb.mask, mb.seq_ids, comp_lens, len(mb_idx), n_tokens, lcfg.agg,
+            w = token_weights(mb.mask, mb.seq_ids, comp_lens, max(1, len(mb_idx)), n_tokens, lcfg.agg,
                               float(rc.max_new_tokens))
+            seqs = Sequences(mb.seq_ids, mb.mask, comp_lens, d.sp_group)  # for sequence-level ratios
             loss, metrics = policy_loss(lp, old.get((m, j), lp.detach()), mb.advantages, w, lcfg,
-                                        ref_logprobs=ref.get((m, j)), gen_logprobs=mb.gen_logprobs, entropy=ent)
+                                        ref_logprobs=ref.get((m, j)), gen_logprobs=mb.gen_logprobs, entropy=ent,
+                                        seqs=seqs)
             loss.backward()
             metrics["loss"] = loss.detach()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v / len(minis)
+                sums[k] = sums.get(k, 0) + v / len(passes)
             bar.update()
         grad_norm = clip_grad_norm_(policy.model.parameters(), grad_clip or float("inf"))
-        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach() / len(minis)
+        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach() / len(passes)
         # A NaN/inf loss on any rank makes the global norm non-finite on every rank: all skip together.
         # The one sync per mini-batch is the price of never writing a NaN into the weights.
-        if torch.isfinite(grad_norm).item():
-            policy.optimizer.step()
-        else:
+        if not torch.isfinite(grad_norm).item():
             sums["skipped_updates"] = sums.get("skipped_updates", 0) + torch.ones((), device=d.device)
+        elif mb_idx:  # an emptied mini-batch has no gradient; every rank holds every sample, so all agree
+            policy.optimizer.step()
         policy.scheduler.step()
         policy.optimizer.zero_grad(set_to_none=True)
     bar.close()
@@ -312,12 +324,13 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
 # Reporting
 
 
-def rollout_stats(samples: list[Sample]) -> dict[str, float]:
+def rollout_stats(samples: list[Sample], group_size: int) -> dict[str, float]:
     r = torch.tensor([s.reward for s in samples])
     lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
     return {"reward_mean": r.mean().item(), "reward_std": r.std(correction=0).item(),
             "solved": (r > 0).float().mean().item(), "response_len": lens.mean().item(),
-            "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples)}
+            "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "zero_var_groups": zero_variance_groups(r, group_size).float().mean().item()}
 
 
 def evaluate(generator: RolloutBackend, prompts: list[Prompt], d: Dist, rc: RolloutConfig, reward_fn, tok) -> float:

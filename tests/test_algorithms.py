@@ -10,8 +10,9 @@ from minirl.algorithms import (
     group_advantages,
     k3_kl,
     policy_loss,
+    rollout_is_weights,
     token_weights,
-    truncated_is_weights,
+    zero_variance_groups,
 )
 
 LN2 = math.log(2.0)
@@ -138,10 +139,16 @@ def test_kl_and_entropy_terms():
         policy_loss(lp, lp.detach(), _zeros(2), w, cfg, entropy=ent)  # kl without ref
 
 
-def test_truncated_is_weights_capped():
-    old = torch.tensor([math.log(3.0), math.log(0.5), 0.0])
-    gen = torch.zeros(3)
-    torch.testing.assert_close(truncated_is_weights(old, gen, cap=2.0), torch.tensor([2.0, 0.5, 1.0]))
+def test_token_is_weights_truncate_and_mask():
+    old = torch.tensor([math.log(3.0), math.log(0.5), 0.0, math.log(0.1)])
+    gen = torch.zeros(4)
+    w, kept = rollout_is_weights(old, gen, LossConfig(tis_cap=2.0), None)
+    torch.testing.assert_close(w, torch.tensor([2.0, 0.5, 1.0, 0.1]))
+    assert kept.all()
+    # mask [0.2, 2]: 3 and 0.1 are dropped, the others keep their (uncapped) ratio
+    w, kept = rollout_is_weights(old, gen, LossConfig(tis_cap=2.0, tis_mode="mask", tis_low=0.2), None)
+    torch.testing.assert_close(w, torch.tensor([0.0, 0.5, 1.0, 0.0]))
+    assert kept.tolist() == [False, True, True, False]
 
 
 def test_tis_scales_policy_loss_and_is_detached():
@@ -233,3 +240,33 @@ def test_split_invariance(agg):
     if agg != "seq-mean-token-sum-norm":  # these weights sum to 1
         w = token_weights(mask, seq_ids, seq_lens, n_seqs, n_tokens, agg, norm_len=20.0)
         assert w.sum().item() == pytest.approx(1.0)
+
+
+# ---- RLOO, zero-variance groups ----
+
+
+def test_rloo_advantages():
+    # leave-one-out: r_i - mean of the other three.
+    # group 1 [1, 0, 0, 1]: 1 - 1/3, 0 - 2/3;  group 2 [3, 0, 0, 0]: 3 - 0, 0 - 1
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    adv = group_advantages(rewards, group_size=4, std_norm=False, estimator="rloo")
+    expected = torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 3, -1, -1, -1], dtype=torch.float64)
+    torch.testing.assert_close(adv, expected)
+    # with std_norm: divided by the biased group std (0.5 and sqrt(27/16))
+    adv = group_advantages(rewards, group_size=4, estimator="rloo", eps=0.0)
+    std = torch.tensor([0.5] * 4 + [math.sqrt(27 / 16)] * 4, dtype=torch.float64)
+    torch.testing.assert_close(adv, expected / std)
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(rewards, group_size=1, estimator="rloo")
+    with pytest.raises(ValueError, match="advantage must be one of"):
+        group_advantages(rewards, group_size=4, estimator="ppo")
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_equal_rewards_give_exact_zeros(estimator):
+    # seven 0.3s average to 0.3 - 3e-8 in float32; divided by std + 1e-6 that would be -0.03
+    rewards = torch.tensor([0.3] * 7 + [0.0] * 6 + [1.0])
+    adv = group_advantages(rewards, group_size=7, estimator=estimator)
+    assert torch.equal(adv[:7], torch.zeros(7))
+    assert zero_variance_groups(rewards, 7).tolist() == [True, False]
+    assert adv[7:].abs().min() > 0
