@@ -25,8 +25,15 @@ def length(prompt, completion, answer):
 def nan_on_3(prompt, completion, answer):
     return float("nan") if answer == "3" else float(len(completion))
 
+calls = 0
+
+
 def huge(prompt, completion, answer):
-    return 3e38  # finite, but a group's sum overflows: advantages, loss and gradients are NaN
+    """Finite, but unequal in each group (2 samples) and their float32 sum overflows: the group mean is
+    inf, and the advantages, loss and gradients are NaN."""
+    global calls
+    calls += 1
+    return 3e38 if calls % 2 else 2e38
 '''
 
 
