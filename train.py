@@ -121,7 +121,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
         stop, acc = report.StopFlag(), None
         step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
                         initial=start, total=cfg.run.steps)
-        skipped = 0  # steps in a row that skipped every update
+        skipped = 0  # steps in a row that skipped an update
         for step in step_bar:
             row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, reward_fn, tok,
                           progress=d.is_main)
