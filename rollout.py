@@ -33,6 +33,7 @@ from minirl.attention import AttnMeta, cu_seqlens_from_positions, pick_backend
 from minirl.data import read_records
 from minirl.generate import Completion, SamplingParams, fuse_projections, generate
 from minirl.hf import load_model
+from minirl.ledger import start as start_ledger
 from minirl.rewards import get_reward_fn
 from minirl.tokenizer import Tokenizer
 
@@ -75,6 +76,8 @@ def parse_args(argv=None):
                    help="vllm: fraction of GPU memory for its weights, activations and KV cache (default 0.8)")
     p.add_argument("--kv-cache-gib", type=float,
                    help="vllm: KV cache size in GiB, instead of --gpu-memory-utilization (default on CPU: 2)")
+    p.add_argument("--trace-collectives", action="store_true",
+                   help="record every collective in OUT's directory/ledger (see minirl/ledger.py)")
     p.add_argument("--check-logprobs", action="store_true",
                    help="recompute the log-probs with the trainer's packed forward, store them as "
                         "trainer_logprobs (null: outside the trainer's top-k/top-p set) and report the mismatch "
@@ -281,6 +284,8 @@ def output_line(row: Row, c: Completion, text: str, reward_fn, trainer_lp) -> di
 def main(argv=None):
     args = parse_args(argv)
     rank, world = init_process_group(need_group=args.backend == "vllm")
+    traced = start_ledger(os.path.join(os.path.dirname(os.path.abspath(args.out)), "ledger")) \
+        if args.trace_collectives else None
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if local_rank >= torch.cuda.device_count():
@@ -346,6 +351,8 @@ def main(argv=None):
         dist.barrier()  # every part file is complete
         if rank == 0 and world > 1:
             merge(args.out, world)
+    if traced is not None:
+        traced.stop()
     if close is not None:
         close()  # vLLM's shutdown also destroys the process group
     elif dist.is_initialized():

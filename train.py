@@ -15,7 +15,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from minirl import checkpoint, report, trainer
+from minirl import checkpoint, ledger, report, trainer
 from minirl.config import parse_config
 from minirl.data import PromptDataset
 from minirl.dist import check_parallel_or_exit, distributed
@@ -37,8 +37,11 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    with distributed(cfg.parallel.sp, cfg.parallel.timeout_s) as d:
-        run(cfg, d, model_cfg, tok, data, test, reward_fn)
+    ledger_dir = os.path.join(cfg.run.out_dir, "ledger")
+    if cfg.parallel.trace_collectives:
+        ledger.flight_recorder_env(ledger_dir)  # read when the process group is created
+    with distributed(cfg.parallel.sp, cfg.parallel.timeout_s) as d, trace_collectives(cfg, d, ledger_dir) as traced:
+        run(cfg, d, model_cfg, tok, data, test, reward_fn, traced)
 
 
 def load_inputs(cfg):
@@ -63,7 +66,15 @@ def load_inputs(cfg):
     return model_cfg, tok, data, test, reward_fn
 
 
-def run(cfg, d, model_cfg, tok, data, test, reward_fn):
+def trace_collectives(cfg, d, ledger_dir: str):
+    """--trace-collectives: every collective of every rank in ledger_dir; stacks before the timeout."""
+    if not cfg.parallel.trace_collectives:
+        return contextlib.nullcontext()
+    return ledger.Ledger(ledger_dir, d.rank, labels={"sp": d.sp_group, "fsdp": d.fsdp_mesh.get_group()},
+                         stall_s=0.75 * cfg.parallel.timeout_s)
+
+
+def run(cfg, d, model_cfg, tok, data, test, reward_fn, traced=None):
     if cfg.parallel.numa and d.device.type == "cuda":
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         bind_to_gpu_node(d.rank, local_rank, local_world, d.device)
@@ -118,6 +129,8 @@ def run(cfg, d, model_cfg, tok, data, test, reward_fn):
             timer.start("weight_sync")
             trainer.sync_weights(generator, model, gen_dtype)
             timer.stop("weight_sync")
+            if traced is not None:  # same micro-batch count on every dp rank, same collectives on every sp rank
+                traced.check_step(step + 1)
 
             row = {"step": step + 1, **trainer.rollout_stats(samples), **{k: v.item() for k, v in sums.items()},
                    "lr": scheduler.get_last_lr()[0], **timer.summary()}
