@@ -205,7 +205,7 @@ class Ledger(TorchDispatchMode):
                 print(f"rank {self.rank}: no collective started for {self.stall_s:.0f} s; its stacks:",
                       file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(sys.stderr, all_threads=True)
-                if self._claim(f"stall{self.n}"):
+                if self._claim("stalled"):
                     print(report(self.dir), file=sys.stderr, flush=True)
 
     # -- the invariant ------------------------------------------------------------------------------
