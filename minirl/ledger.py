@@ -61,8 +61,10 @@ class Ledger(TorchDispatchMode):
 
     labels: names for process groups ({"sp": group}) shown in reports; otherwise a group's own
     description (DeviceMesh names them "mesh_<dim>") or "world". stall_s: when no collective has
-    started for that long, print every thread's stack and the ledgers' first divergence so far; set
-    it a little below the collective timeout, so both come before the process group gives up.
+    started for that long, faulthandler prints every thread's stack (from a thread of its own, which
+    needs no GIL: some waits in collectives hold it) and a Python thread prints the ledgers' first
+    divergence so far (when it gets the GIL); set it a little below the collective timeout, so both
+    come before the process group gives up.
     Leaving the `with` block writes an end line; on an exception, the first rank to fail prints the
     first divergence.
     """
@@ -82,12 +84,12 @@ class Ledger(TorchDispatchMode):
         self.file = open(os.path.join(ledger_dir, f"rank{self.rank}.jsonl"), "w", buffering=1)  # line-buffered
         self.labels = {}  # process group name -> label
         if dist.is_initialized():
-            self.labels[dist.group.WORLD.group_name] = "world"
+            self.labels[dist.group.WORLD.group_name] = "world"  # (when not yet, `_group` names it)
         for label, group in (labels or {}).items():
             if group is not None:
                 self.labels[group.group_name] = "+".join(filter(None, (self.labels.get(group.group_name), label)))
         self.ranks: dict[str, list[int]] = {}  # groups described in the file so far -> their global ranks
-        self.n, self.start_time, self.last = 0, time.monotonic(), time.monotonic()
+        self.n, self.start_time, self.last, self.armed = 0, time.monotonic(), time.monotonic(), 0.0
         self.checked = 0  # entries already covered by check_step
         self.entries: list[dict] = []  # this rank's collectives, for check_step
         self.depth = threading.local()  # .n: module forwards running on this thread
@@ -120,6 +122,9 @@ class Ledger(TorchDispatchMode):
         self.entries.append(entry)
         self.n += 1
         self.last = time.monotonic()
+        if self.stall_s and self.last - self.armed > min(1.0, self.stall_s / 10):  # re-arming starts a thread:
+            faulthandler.dump_traceback_later(self.stall_s)  # at most once a second
+            self.armed = self.last
 
     def _group(self, func, args, kwargs) -> str | None:
         """The process group's name (a ScriptObject argument of c10d ops, a `group_name` string of
@@ -139,7 +144,8 @@ class Ledger(TorchDispatchMode):
             return None
         if name not in self.ranks:
             self.ranks[name] = dist.get_process_group_ranks(group)
-            label = self.labels.get(name) or getattr(group, "group_desc", "") or name
+            world = "world" if name == dist.group.WORLD.group_name else ""
+            label = self.labels.get(name) or world or getattr(group, "group_desc", "") or name
             self.write(group_name=name, label=label, ranks=self.ranks[name])
         return name
 
@@ -172,6 +178,8 @@ class Ledger(TorchDispatchMode):
 
     def __exit__(self, exc_type, exc, tb):
         self._stop.set()
+        if self.stall_s:
+            faulthandler.cancel_dump_traceback_later()
         for hook in self._hooks:
             hook.remove()
         super().__exit__(exc_type, exc, tb)
@@ -197,16 +205,11 @@ class Ledger(TorchDispatchMode):
             return False
 
     def _watch(self):
-        """At a stall (no new collective for stall_s): every thread's stack, and the divergence so far."""
-        reported_at = None
+        """At a stall (no new collective for stall_s), one rank prints the divergence so far."""
         while not self._stop.wait(min(1.0, self.stall_s / 10)):
-            if time.monotonic() - self.last > self.stall_s and reported_at != self.last:
-                reported_at = self.last
-                print(f"rank {self.rank}: no collective started for {self.stall_s:.0f} s; its stacks:",
+            if time.monotonic() - self.last > self.stall_s and self._claim("stalled"):
+                print(f"rank {self.rank}: no collective started for {self.stall_s:.0f} s\n{report(self.dir)}",
                       file=sys.stderr, flush=True)
-                faulthandler.dump_traceback(sys.stderr, all_threads=True)
-                if self._claim("stalled"):
-                    print(report(self.dir), file=sys.stderr, flush=True)
 
     # -- the invariant ------------------------------------------------------------------------------
 

@@ -344,12 +344,17 @@ CASES = [
 ] + [Case("fsdp_moe", "naive", ("--reduce-unused",), COMPLETED)] * HAS_REDUCE_UNUSED
 
 
-SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first
+SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first (torch 2.11 to 2.14)
     ("Detected mismatch between collectives", "DETAIL: mismatch reported"),
     ("doesn't match expected size", "gloo: size mismatch, abort"),
     ("Watchdog caught collective operation timeout", "NCCL: watchdog timeout"),
+    ("detected by watchdog", "NCCL: watchdog timeout"),
     ("Timed out waiting", "gloo: timeout"),
 )
+KILLED = "killed at the deadline"
+# A hang: the process group's timeout ended it, or (torch 2.14's gloo waits past it) the launcher did.
+HANG_SYMPTOMS = ("gloo: timeout", "NCCL: watchdog timeout", KILLED)
+SIZE_SYMPTOMS = ("gloo: size mismatch, abort",)
 
 
 @dataclass
@@ -420,7 +425,7 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
     divergence = first_divergence(ledgers)
     with open(log_path) as f:
         text = f.read()
-    how = "" if completed else "killed at the deadline" if killed else \
+    how = "" if completed else KILLED if killed else \
         next((label for pattern, label in SYMPTOMS if pattern in text), "other error (see torchrun.log)")
     code = COMPLETED if completed else FAILED if divergence else UNEXPLAINED
     return Result(case, code, seconds, killed, divergence, how, out_dir)

@@ -7,7 +7,7 @@ only to be one of those the supported versions print (repro.SYMPTOMS).
 
 Each case is its own torchrun launch (a mismatched collective leaves the process group unusable), so
 they are launched a few at a time: a hanging case mostly waits. With a 10 s collective timeout the
-whole module takes about a minute on 2 busy cores.
+whole module takes 1-4 minutes on 2 busy cores.
 """
 
 import importlib.util
@@ -26,7 +26,7 @@ _spec = importlib.util.spec_from_file_location("repro_recompute_hang",
 repro = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(repro)
 
-TIMEOUT = 10.0  # the collective timeout of every launch
+TIMEOUT = 15.0  # the collective timeout of every launch
 LAYERS = repro.tiny_config(n_layers=2).num_hidden_layers
 DETAIL = repro.Case("tail_skew", "naive", (), repro.FAILED)  # once more, with --detail
 CASES = {(c.scenario, c.name): c for c in repro.CASES}
@@ -56,9 +56,10 @@ def log_of(r) -> str:
 def test_case_ends_as_documented(results, key):
     r, case = results[key], CASES[key]
     assert r.code == case.expect, f"{key}: {repro.OUTCOMES[r.code]} ({r.how}), divergence {r.divergence}\n{log_of(r)}"
-    assert not r.killed and r.seconds < 2 * TIMEOUT + 30, f"{key} took {r.seconds:.0f} s"
+    # Within the launcher's bound: by itself, or (a hang the process group does not end) killed there.
+    assert r.seconds < 2 * TIMEOUT + 30 + 10, f"{key} took {r.seconds:.0f} s"
     if case.expect == repro.COMPLETED:
-        assert r.divergence is None, str(r.divergence)
+        assert r.divergence is None and not r.killed, str(r.divergence)
 
 
 def without_time(entries) -> list[dict]:
@@ -94,8 +95,8 @@ def test_tail_skew_rank0_recomputes_a_gather_that_rank1_skips(results):
     rank0, rank1 = r.divergence.entries[0], r.divergence.entries[1]
     assert (rank0["phase"], rank0["op"], rank0["dtype"]) == ("recompute", "_allgather_base_", "int64")
     assert (rank1["phase"], rank1["op"]) == ("backward", "alltoall_base_")
-    # gloo pairs the two by order and both wait for the other's bytes: a timeout (its wording varies)
-    assert r.how in repro.TIMEOUT_SYMPTOMS, log_of(r)
+    # gloo pairs the two by order and both wait for the other's bytes: a hang (see repro.HANG_SYMPTOMS)
+    assert r.how in repro.HANG_SYMPTOMS, log_of(r)
     # Recompute of the last layer: attention's gather on both ranks, the tail's on rank 0 only.
     assert [position_gathers(ledger, "recompute") for ledger in ledgers_of(r)] == [2, 1]
 
