@@ -90,8 +90,7 @@ class Ledger(TorchDispatchMode):
                 self.labels[group.group_name] = "+".join(filter(None, (self.labels.get(group.group_name), label)))
         self.ranks: dict[str, list[int]] = {}  # groups described in the file so far -> their global ranks
         self.n, self.start_time, self.last, self.armed = 0, time.monotonic(), time.monotonic(), 0.0
-        self.checked = 0  # entries already covered by check_step
-        self.entries: list[dict] = []  # this rank's collectives, for check_step
+        self.entries: list[dict] = []  # this rank's collectives since the last check_step
         self.depth = threading.local()  # .n: module forwards running on this thread
         self._hooks = []
         self.stall_s, self._stop = stall_s, threading.Event()
@@ -188,8 +187,9 @@ class Ledger(TorchDispatchMode):
         else:
             error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             self.write(end="failed", t=self.seconds(), error=error)
+            print(f"rank {self.rank} failed: {error}", file=sys.stderr, flush=True)  # every rank: its own cause
             if self._claim("reported"):  # the other ranks are killed soon after this one exits
-                print(f"rank {self.rank} failed: {error}\n{report(self.dir)}", file=sys.stderr, flush=True)
+                print(report(self.dir), file=sys.stderr, flush=True)
         self.file.close()
 
     def stop(self):
@@ -224,8 +224,7 @@ class Ledger(TorchDispatchMode):
         (each one all-gathers every block's parameters); each sp group checks its own sequence.
         Call it only where all ranks are (it issues collectives); it is recorded like any other.
         """
-        new = self.entries[self.checked:]
-        self.checked = len(self.entries)
+        new, self.entries = self.entries, []
         digests = {}
         for e in new:
             digests.setdefault(e["group"], hashlib.sha1()).update(json.dumps(signature(e)).encode())

@@ -6,7 +6,7 @@ what is stable: the outcome, the time bound and the divergent collectives; a sym
 only to be one of those the supported versions print (repro.SYMPTOMS).
 
 Each case is its own torchrun launch (a mismatched collective leaves the process group unusable), so
-they are launched a few at a time: a hanging case mostly waits. With a 10 s collective timeout the
+they are launched a few at a time: a hanging case mostly waits. With a 15 s collective timeout the
 whole module takes 1-4 minutes on 2 busy cores.
 """
 
