@@ -41,6 +41,7 @@ these codes; torchrun itself then reports 1 for any failure.
 import argparse
 import gc
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -352,6 +353,7 @@ SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first (t
     ("Timed out waiting", "gloo: timeout"),
 )
 KILLED = "killed at the deadline"
+STARTUP_S = 300  # the launcher's limit for torchrun, `import torch` and init on a busy machine
 # A hang: the process group's timeout ended it, or (torch 2.14's gloo waits past it) the launcher did.
 HANG_SYMPTOMS = ("gloo: timeout", "NCCL: watchdog timeout", KILLED)
 SIZE_SYMPTOMS = ("gloo: size mismatch, abort",)
@@ -361,7 +363,7 @@ SIZE_SYMPTOMS = ("gloo: size mismatch, abort",)
 class Result:
     case: Case
     code: int
-    seconds: float
+    seconds: float  # from the ranks being up (their ledgers exist) to the end
     killed: bool  # still running at the launcher's deadline
     divergence: Divergence | None
     how: str  # the failure's symptom (SYMPTOMS), "" when it completed
@@ -397,29 +399,37 @@ def kill_tree(pid: int):
 
 
 def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = False) -> Result:
-    """Run one case with torchrun (output to OUT/torchrun.log); kill it after 2x the collective timeout.
+    """Run one case with torchrun (output to OUT/torchrun.log); kill it 2x the collective timeout after
+    its ranks are up (their ledgers exist), or STARTUP_S after the launch if they never get there.
 
-    (Plus 30 s for torchrun and `import torch` in every rank.) The outcome comes from the ledgers,
-    not from torchrun's exit code, so it is the same whether the ranks failed by themselves or were
-    killed (NCCL's watchdog aborts the process).
+    Result.seconds counts from the ranks being up, so start-up on a busy machine does not count. The
+    outcome comes from the ledgers, not from torchrun's exit code, so it is the same whether the
+    ranks failed by themselves or were killed (NCCL's watchdog aborts the process).
     """
+    ledger_dir = os.path.join(out_dir, "ledger")
+    shutil.rmtree(ledger_dir, ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", os.path.abspath(__file__), "--scenario", case.scenario,
            "--mode", case.mode, *case.flags, "--timeout", str(timeout), "--out-dir", out_dir] + ["--detail"] * detail
     log_path = os.path.join(out_dir, "torchrun.log")
-    start = time.monotonic()
+    deadline, up = time.monotonic() + STARTUP_S, None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=2 * timeout + 30)
-            killed = False
-        except subprocess.TimeoutExpired:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if up is None and all(os.path.exists(os.path.join(ledger_dir, f"rank{r}.jsonl")) for r in range(nproc)):
+                up = time.monotonic()
+                deadline = up + 2 * timeout
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        killed = proc.poll() is None
+        if killed:
             kill_tree(proc.pid)
             proc.wait()
-            killed = True
-    seconds = time.monotonic() - start
-    ledgers = read_ledgers(os.path.join(out_dir, "ledger"))
+    seconds = time.monotonic() - (up or deadline - STARTUP_S)
+    ledgers = read_ledgers(ledger_dir)
     ends = [ledger[-1]["end"] for ledger in ledgers if ledger and "end" in ledger[-1]]
     completed = proc.returncode == 0 and ends == ["completed"] * nproc
     divergence = first_divergence(ledgers)

@@ -56,8 +56,8 @@ def log_of(r) -> str:
 def test_case_ends_as_documented(results, key):
     r, case = results[key], CASES[key]
     assert r.code == case.expect, f"{key}: {repro.OUTCOMES[r.code]} ({r.how}), divergence {r.divergence}\n{log_of(r)}"
-    # Within the launcher's bound: by itself, or (a hang the process group does not end) killed there.
-    assert r.seconds < 2 * TIMEOUT + 30 + 10, f"{key} took {r.seconds:.0f} s"
+    # Within 2x the timeout of the ranks being up: by itself, or killed there by the launcher.
+    assert r.seconds < 2 * TIMEOUT + 10, f"{key} took {r.seconds:.0f} s"
     if case.expect == repro.COMPLETED:
         assert r.divergence is None and not r.killed, str(r.divergence)
 
@@ -124,7 +124,7 @@ def test_fsdp_moe_reduce_scatters_differ_in_size(results, mode):
 def test_detail_reports_the_mismatch_without_waiting(results):
     r = results["detail"]
     assert r.code == repro.FAILED and r.how == "DETAIL: mismatch reported", log_of(r)
-    assert r.seconds < TIMEOUT + 30
+    assert r.seconds < TIMEOUT
 
 
 @gpus(2)
@@ -134,5 +134,5 @@ def test_nccl_count_completes_and_tail_skew_is_reported_in_time(tmp_path):
     ok = repro.launch(CASES["count", "naive"], 2, TIMEOUT, str(tmp_path / "count"))
     assert ok.code == repro.COMPLETED and ok.divergence is None, log_of(ok)
     r = repro.launch(CASES["tail_skew", "naive"], 2, TIMEOUT, str(tmp_path / "tail"))
-    assert r.code == repro.FAILED and r.seconds < 2 * TIMEOUT + 30, log_of(r)
+    assert r.code == repro.FAILED and r.seconds < 2 * TIMEOUT + 10, log_of(r)
     assert r.divergence.entries[0]["op"] == "_allgather_base_" and r.divergence.entries[0]["phase"] == "recompute"
