@@ -354,6 +354,7 @@ SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first (t
 )
 KILLED = "killed at the deadline"
 STARTUP_S = 300  # the launcher's limit for torchrun, `import torch` and init on a busy machine
+TEARDOWN_S = 60  # and for the ranks to exit once their ledgers have ended
 # A hang: the process group's timeout ended it, or (torch 2.14's gloo waits past it) the launcher did.
 HANG_SYMPTOMS = ("gloo: timeout", "NCCL: watchdog timeout", KILLED)
 SIZE_SYMPTOMS = ("gloo: size mismatch, abort",)
@@ -363,7 +364,7 @@ SIZE_SYMPTOMS = ("gloo: size mismatch, abort",)
 class Result:
     case: Case
     code: int
-    seconds: float  # from the ranks being up (their ledgers exist) to the end
+    seconds: float  # from the ranks being up (their ledgers exist) to the first failure, or the end
     killed: bool  # still running at the launcher's deadline
     divergence: Divergence | None
     how: str  # the failure's symptom (SYMPTOMS), "" when it completed
@@ -401,6 +402,7 @@ def kill_tree(pid: int):
 def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = False) -> Result:
     """Run one case with torchrun (output to OUT/torchrun.log); kill it 2x the collective timeout after
     its ranks are up (their ledgers exist), or STARTUP_S after the launch if they never get there.
+    Ranks whose ledgers all ended by then get TEARDOWN_S more to exit.
 
     Result.seconds counts from the ranks being up, so start-up on a busy machine does not count. The
     outcome comes from the ledgers, not from torchrun's exit code, so it is the same whether the
@@ -413,13 +415,18 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
            f"--master-port={free_port()}", os.path.abspath(__file__), "--scenario", case.scenario,
            "--mode", case.mode, *case.flags, "--timeout", str(timeout), "--out-dir", out_dir] + ["--detail"] * detail
     log_path = os.path.join(out_dir, "torchrun.log")
-    deadline, up = time.monotonic() + STARTUP_S, None
+    deadline, up, tearing_down = time.monotonic() + STARTUP_S, None, False
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None:
             if up is None and all(os.path.exists(os.path.join(ledger_dir, f"rank{r}.jsonl")) for r in range(nproc)):
                 up = time.monotonic()
                 deadline = up + 2 * timeout
+            if time.monotonic() >= deadline:
+                ledgers = read_ledgers(ledger_dir)
+                if tearing_down or up is None or not all(ledger and "end" in ledger[-1] for ledger in ledgers):
+                    break
+                deadline, tearing_down = deadline + TEARDOWN_S, True
             try:
                 proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
@@ -428,8 +435,10 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
         if killed:
             kill_tree(proc.pid)
             proc.wait()
-    seconds = time.monotonic() - (up or deadline - STARTUP_S)
     ledgers = read_ledgers(ledger_dir)
+    failed_at = [ledger[-1]["t"] for ledger in ledgers if ledger and ledger[-1].get("end") == "failed"]
+    # To the first rank's failure (its ledger's clock starts when it is up), else to the end or the kill.
+    seconds = min(failed_at) if failed_at else time.monotonic() - (up or deadline - STARTUP_S)
     ends = [ledger[-1]["end"] for ledger in ledgers if ledger and "end" in ledger[-1]]
     completed = proc.returncode == 0 and ends == ["completed"] * nproc
     divergence = first_divergence(ledgers)
