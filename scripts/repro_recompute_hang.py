@@ -353,7 +353,7 @@ SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first (t
     ("Timed out waiting", "gloo: timeout"),
 )
 KILLED = "killed at the deadline"
-STARTUP_S = 300  # the launcher's limit for torchrun, `import torch` and init on a busy machine
+STARTUP_S = 600  # the launcher's limit for torchrun, `import torch` and init (minutes on a starved machine)
 TEARDOWN_S = 60  # and for the ranks to exit once their ledgers have ended
 # A hang: the process group's timeout ended it, or (torch 2.14's gloo waits past it) the launcher did.
 HANG_SYMPTOMS = ("gloo: timeout", "NCCL: watchdog timeout", KILLED)
