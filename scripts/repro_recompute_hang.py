@@ -444,8 +444,9 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
     divergence = first_divergence(ledgers)
     with open(log_path) as f:
         text = f.read()
-    how = "" if completed else KILLED if killed else \
-        next((label for pattern, label in SYMPTOMS if pattern in text), "other error (see torchrun.log)")
+    # A symptom in the log wins over the kill: a rank may abort (gloo) while torchrun is slow to stop the rest.
+    how = "" if completed else next((label for pattern, label in SYMPTOMS if pattern in text),
+                                    KILLED if killed else "other error (see torchrun.log)")
     code = COMPLETED if completed else FAILED if divergence else UNEXPLAINED
     return Result(case, code, seconds, killed, divergence, how, out_dir)
 
