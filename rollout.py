@@ -32,6 +32,7 @@ from minirl.data import Prompt, plan_micro_batches, read_records
 from minirl.dist import Dist, distributed
 from minirl.generate import Generator
 from minirl.hf import check_weights, load_model, load_state_dict_from_dir, read_config
+from minirl.ledger import start as start_ledger
 from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
 from minirl.trainer import Sample, micro_logprobs, pack
@@ -81,6 +82,9 @@ def parse_args(argv=None):
                         "(mean |dlogprob|, sequence KL estimate)")
     p.add_argument("--check-dtype", choices=tuple(DTYPES), default="float32",
                    help="dtype of the trainer model that --check-logprobs scores with (default float32)")
+    p.add_argument("--trace-collectives", action="store_true",
+                   help="record every collective of every rank in ledger/ beside --out and report where the "
+                        "ranks parted on a hang (minirl/ledger.py)")
     args = p.parse_args(argv)
     for name, value, ok in [("--n", args.n, args.n >= 1), ("--batch-size", args.batch_size, args.batch_size >= 1),
                             ("--seed", args.seed, 0 <= args.seed < 2**31)]:
@@ -243,8 +247,13 @@ def output_line(s: Sample, k: int, text: str, reward_fn, trainer_lp) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    # Started before the process group, the ledger also switches on NCCL's flight recorder.
+    traced = start_ledger(os.path.join(os.path.dirname(os.path.abspath(args.out)), "ledger")) \
+        if args.trace_collectives else None
     with distributed() as d:  # a gloo group on CPUs, NCCL on GPUs; one rank without torchrun
         run(args, d)
+        if traced is not None:
+            traced.stop()
 
 
 def run(args, d: Dist):

@@ -15,7 +15,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from minirl import checkpoint, report
+from minirl import checkpoint, ledger, report
 from minirl.backend import RolloutBackend
 from minirl.config import TrainConfig, parse_config, validate
 from minirl.data import PromptDataset
@@ -44,9 +44,13 @@ def main(argv=None):
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    with distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cpu_collectives=cfg.parallel.cpu_offload) as d:
+    ledger_dir = os.path.join(cfg.run.out_dir, "ledger")
+    if cfg.parallel.trace_collectives:
+        ledger.flight_recorder_env(ledger_dir)  # read when the process group is created
+    with (distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cpu_collectives=cfg.parallel.cpu_offload) as d,
+          trace_collectives(cfg, d, ledger_dir) as traced):
         try:
-            run(cfg, d, model_cfg, tok, data, test, reward_fn)
+            run(cfg, d, model_cfg, tok, data, test, reward_fn, traced)
         except (ValueError, OSError) as e:
             # Raised on every rank together (a reward error, non-finite steps, a failed checkpoint save or
             # load: each agreed through a collective), so rank 0 speaks for all.
@@ -88,7 +92,15 @@ def load_inputs(cfg: TrainConfig):
     return model_cfg, tok, data, test, reward_fn
 
 
-def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
+def trace_collectives(cfg: TrainConfig, d: Dist, ledger_dir: str):
+    """--trace-collectives: every collective of every rank in ledger_dir; stacks before the timeout."""
+    if not cfg.parallel.trace_collectives:
+        return contextlib.nullcontext()
+    return ledger.Ledger(ledger_dir, d.rank, labels={"sp": d.sp_group, "fsdp": d.fsdp_mesh.get_group()},
+                         stall_s=0.75 * cfg.parallel.timeout_s)
+
+
+def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced=None):
     if cfg.parallel.numa and d.device.type == "cuda":
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         bind_to_gpu_node(d.rank, local_rank, local_world, d.device)
@@ -125,6 +137,8 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn):
         for step in step_bar:
             row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, reward_fn, tok,
                           progress=d.is_main)
+            if traced is not None:  # every rank issued the same collectives this step, or fail here
+                traced.check_step(step + 1)
             acc = None
             if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                 acc = row["test_accuracy"] = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)

@@ -100,8 +100,7 @@ def micro_batch(cfg: ModelConfig, tokens: int, doc_len: int, seed: int, d: Dist,
                                                               d.sp_group)
     targets = ulysses.local_slice(ids[1:], d.sp_rank, d.sp_size)  # [t]
     weights = ulysses.local_slice(torch.full((tokens,), 1.0 / (tokens * dp_size)), d.sp_rank, d.sp_size)  # [t]
-    if meta.cu_seqlens is not None:
-        meta.cu_seqlens = meta.cu_seqlens.to(d.device)
+    meta.cu_seqlens = meta.cu_seqlens.to(d.device)
     to = lambda x: x.to(d.device)  # noqa: E731
     return to(local_ids), to(local_pos), meta, to(targets), to(weights)
 

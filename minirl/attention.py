@@ -33,13 +33,10 @@ class AttnMeta:
     checkpointed layer recomputes with exactly the metadata its forward saw.
     """
 
-    cu_seqlens: torch.Tensor | None  # [B+1] int32 over the FULL packed sequence (all SP ranks)
+    cu_seqlens: torch.Tensor  # [B+1] int32 over the FULL packed sequence (all SP ranks)
     max_seqlen: int
     backend: str = "sdpa"
     sp_group: object = None  # a ProcessGroup: Ulysses sequence parallelism when not None
-    # The peers' way, kept only for the hang reproducer and the benchmark: each attention call
-    # all_gathers the local position_ids to rebuild cu_seqlens (a collective inside recompute).
-    local_position_ids: torch.Tensor | None = None  # [t] set only with in-layer gather
 
 
 def _available(backend: str, device: torch.device) -> bool:

@@ -91,6 +91,8 @@ class ParallelConfig:
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
     numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)")
+    trace_collectives: bool = opt(False, "record every collective in out_dir/ledger, check each step that the ranks "
+                                  "issued the same ones, report where they parted on a hang (minirl/ledger.py)")
 
 
 @dataclass

@@ -205,8 +205,7 @@ def pack(samples: list[Sample], idx: list[int], pad_id: int, d: Dist, backend: s
     local_ids, local_pos, meta, _ = ulysses.shard_micro_batch(
         T(ids, torch.long), T(pos, torch.long), d.sp_rank, d.sp_size, backend, d.sp_group)
     sl = lambda x, dt=torch.float32: ulysses.local_slice(T(x, dt), d.sp_rank, d.sp_size).to(d.device)  # noqa: E731
-    if meta.cu_seqlens is not None:
-        meta.cu_seqlens = meta.cu_seqlens.to(d.device)
+    meta.cu_seqlens = meta.cu_seqlens.to(d.device)
     return MicroBatch(local_ids.to(d.device), local_pos.to(d.device), meta, sl(tgt, torch.long), sl(mask),
                       sl(seq, torch.long), sl(adv), sl(gen))
 

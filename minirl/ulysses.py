@@ -11,9 +11,8 @@ Metadata without collectives: attention needs document boundaries (cu_seqlens) o
 micro-batch. Every rank of the group already has the full micro-batch before slicing it, so
 `shard_micro_batch` computes them once, before the model call, and they travel in AttnMeta through
 forward. A checkpointed layer therefore recomputes with the very metadata its forward saw, and
-backward issues nothing on the sp group but all-to-alls. The peers' way, an all_gather of
-position_ids inside every attention call (so inside the checkpointed region, re-run during
-recompute), is kept behind `gather_in_layer=True` for the hang reproducer and the benchmark only.
+backward issues nothing on the sp group but all-to-alls. (The peers' way, an all_gather of
+position_ids inside every attention call, re-run in recompute, lives in scripts/repro_recompute_hang.py.)
 """
 
 import torch
@@ -79,11 +78,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta)
         # query heads j*H/sp .. (j+1)*H/sp - 1 use.
         k = k.repeat_interleave(sp // Hkv, dim=1)  # [t, sp, D]
         v = v.repeat_interleave(sp // Hkv, dim=1)
-    cu_seqlens, max_seqlen = meta.cu_seqlens, meta.max_seqlen
-    if cu_seqlens is None:  # gather_in_layer: a collective in every call, recompute included
-        cu_seqlens, max_seqlen = cu_seqlens_from_positions(gather_tokens(meta.local_position_ids, group))
     q, k, v = (SeqToHead.apply(x, group) for x in (q, k, v))  # [T, H/sp, D], [T, max(Hkv/sp, 1), D]
-    o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, meta.backend)  # [T, H/sp, D]
+    o = varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, meta.backend)  # [T, H/sp, D]
     return HeadToSeq.apply(o, group)  # [t, H, D]
 
 
@@ -101,7 +97,7 @@ def local_slice(x: torch.Tensor, sp_rank: int, sp_size: int, fill=0) -> torch.Te
 
 
 def shard_micro_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, sp_rank: int, sp_size: int,
-                      backend: str, sp_group=None, gather_in_layer: bool = False):
+                      backend: str, sp_group=None):
     """Pad, slice and describe one packed micro-batch for this SP rank.
 
     input_ids, position_ids: [T], the FULL micro-batch, identical on every rank of the sp group.
@@ -119,12 +115,7 @@ def shard_micro_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, sp_ra
     full_pos = torch.cat([position_ids, torch.arange(pad, dtype=position_ids.dtype, device=position_ids.device)])
     ids = local_slice(input_ids, sp_rank, sp_size)  # [t]
     pos = local_slice(full_pos, sp_rank, sp_size)  # [t]
-    if sp_size == 1:
-        meta = AttnMeta(*cu_seqlens_from_positions(full_pos), backend=backend)
-    elif gather_in_layer:
-        meta = AttnMeta(None, 0, backend=backend, sp_group=sp_group, local_position_ids=pos)
-    else:
-        meta = AttnMeta(*cu_seqlens_from_positions(full_pos), backend=backend, sp_group=sp_group)
+    meta = AttnMeta(*cu_seqlens_from_positions(full_pos), backend=backend, sp_group=sp_group if sp_size > 1 else None)
     return ids, pos, meta, pad
 
 

@@ -7,8 +7,10 @@ hang when they issue DIFFERENT collectives, and recompute is one way to get ther
 runs one forward + backward of minirl's own model (model.py, ulysses.py, fsdp.py; all ranks form one
 SP group, FSDP shards over all of them) and records every collective each rank issues:
 
-- count      minirl as is. naive (the in-layer gather) adds one all_gather per layer to forward and
-             one to recompute, identical on every rank: it completes. pregather issues none.
+- count      minirl as is (pregather: document boundaries computed once, before the model call), or with
+             naive attention (`GatheringAttention`, swapped in at build time: each call all_gathers the
+             position_ids, as the peers do), which adds one all_gather per layer to forward and one to
+             recompute, identical on every rank: both complete, with the same loss.
 - tail_skew  mechanism A, early stop. Non-reentrant checkpoint stops recomputing once the last tensor
              saved in forward is rebuilt, so a collective after a rank's last saved tensor is skipped
              on that rank only. Here each layer ends with a tail that looks up document lengths (in
@@ -21,15 +23,15 @@ SP group, FSDP shards over all of them) and records every collective each rank i
              so their gradients are zeros, not missing) and --reduce-unused (FSDP2's own switch,
              `set_reduce_scatter_unused_params`) complete.
 
-Fail fast: every collective has a timeout (--timeout); a stack dump of every thread comes when no
-collective has started for 3/4 of it; each rank appends its collectives to OUT/rank{r}.jsonl line by
-line BEFORE issuing them, so after a crash or a kill the files still show where the ranks parted.
-The first rank that fails prints the first collective on which the ledgers differ.
+Fail fast: every collective has a timeout (--timeout); each rank records its collectives with
+minirl.ledger in OUT/ledger/rank{r}.jsonl, line by line BEFORE issuing them, so after a crash or a
+kill the files still show where the ranks parted; a stack dump of every thread comes when no
+collective has started for 3/4 of the timeout. The first rank that fails prints the first
+collective on which the ledgers differ (`python -m minirl.ledger OUT/ledger` does it afterwards).
 
     torchrun --nproc-per-node 2 scripts/repro_recompute_hang.py --scenario tail_skew --mode naive
     python scripts/repro_recompute_hang.py --scenario tail_skew --mode naive   # launches torchrun itself
     python scripts/repro_recompute_hang.py --all                # every case, then a table
-    python scripts/repro_recompute_hang.py --diff OUT           # first divergence in OUT/rank*.jsonl
 
 Exit status: 0 completed, 1 failed and the ledgers show where the ranks diverged, 2 bad usage,
 3 failed with identical ledgers (not a collective mismatch). Under torchrun the ranks exit with
@@ -37,10 +39,9 @@ these codes; torchrun itself then reports 1 for any failure.
 """
 
 import argparse
-import faulthandler
 import gc
-import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,14 +49,13 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,9 @@ sys.path.insert(0, REPO)  # `python scripts/...` from anywhere, without installi
 from minirl import dist as mdist  # noqa: E402
 from minirl.attention import AttnMeta, cu_seqlens_from_positions, pick_backend  # noqa: E402
 from minirl.fsdp import shard_model  # noqa: E402
-from minirl.model import MLP, Block, ModelConfig, Transformer, init_weights  # noqa: E402
+from minirl.ledger import (Divergence, Ledger, first_divergence, flight_recorder_env, group_labels,  # noqa: E402
+                           read_ledgers)
+from minirl.model import MLP, Attention, Block, ModelConfig, Transformer, init_weights  # noqa: E402
 from minirl.ulysses import gather_tokens, local_slice, shard_micro_batch  # noqa: E402
 
 SCENARIOS = ("count", "tail_skew", "fsdp_moe")
@@ -80,114 +82,7 @@ HAS_REDUCE_UNUSED = hasattr(FSDPModule, "set_reduce_scatter_unused_params")  # t
 
 
 # ---------------------------------------------------------------------------------------------------
-# The ledger: every collective this rank issues, in order, on disk before it runs.
-
-
-class Ledger(TorchDispatchMode):
-    """Writes each c10d collective as one JSON line: index n, seconds t, phase, op, group, shapes, dtype.
-
-    phase: "forward" outside backward; inside backward (autograd is running a graph) "recompute"
-    when a module's forward is running -- a checkpointed region being rebuilt -- else "backward"
-    (gradient all-to-alls, FSDP's all-gathers and reduce-scatters). `watch(model)` tracks that.
-
-    Every entry also re-arms a faulthandler timer: if no further collective starts within
-    `stall_s`, every thread's Python stack goes to stderr, before the process group times out.
-    """
-
-    def __init__(self, path: str, groups: dict[str, str], stall_s: float):
-        super().__init__()
-        self.file = open(path, "w", buffering=1)  # line-buffered: each entry reaches the file at once
-        self.groups, self.stall_s = groups, stall_s
-        self.depth, self.n, self.start = 0, 0, time.monotonic()
-
-    def watch(self, model: nn.Module):
-        for m in model.modules():
-            m.register_forward_pre_hook(self._enter)
-            m.register_forward_hook(self._leave, always_call=True)  # also when early stop raises
-
-    def _enter(self, module, args):
-        self.depth += 1
-
-    def _leave(self, module, args, output):
-        self.depth -= 1
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "c10d":
-            phase = "forward" if torch._C._current_graph_task_id() == -1 else \
-                "recompute" if self.depth > 0 else "backward"
-            tensors = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a])
-                       if isinstance(x, torch.Tensor)]
-            self.write(n=self.n, t=self.seconds(), phase=phase, op=func._opname, group=self._group(args),
-                       shapes=[list(x.shape) for x in tensors], dtype=str(tensors[0].dtype).removeprefix("torch."))
-            self.n += 1
-            faulthandler.dump_traceback_later(self.stall_s)
-        return func(*args, **(kwargs or {}))
-
-    def _group(self, args) -> str:
-        for a in args:
-            if isinstance(a, torch.ScriptObject) and a._type().name() == "ProcessGroup":
-                name = dist.ProcessGroup.unbox(a).group_name
-                return self.groups.get(name, name)
-        return "?"
-
-    def seconds(self) -> float:
-        return round(time.monotonic() - self.start, 3)
-
-    def write(self, **entry):
-        self.file.write(json.dumps(entry) + "\n")
-
-    def close(self, outcome: str, error: str = ""):
-        faulthandler.cancel_dump_traceback_later()
-        self.write(end=outcome, t=self.seconds(), error=error)
-        self.file.close()
-
-
-def read_ledgers(out_dir: str) -> list[list[dict]]:
-    """Every rank's entries, rank order; a missing file is an empty ledger."""
-    ledgers, r = [], 0
-    while os.path.exists(path := os.path.join(out_dir, f"rank{r}.jsonl")):
-        with open(path) as f:
-            ledgers.append([json.loads(line) for line in f if line.strip()])
-        r += 1
-    return ledgers
-
-
-@dataclass
-class Divergence:
-    """The first place where the ranks' collectives on one process group differ."""
-
-    group: str
-    index: int  # position in that group's sequence of collectives
-    entries: list[dict | None]  # each rank's ledger entry there; None where a ledger ends before
-
-    def __str__(self) -> str:
-        return f"group {self.group}, its collective {self.index}:" + "".join(
-            f"\n  rank {r}: " + (f"#{e['n']} {e['phase']:9s} {e['op']} {e['dtype']} {e['shapes']}" if e
-                                 else "nothing (its ledger ends before)") for r, e in enumerate(self.entries))
-
-    def short(self) -> str:
-        """One line for the table: phase, op, dtype and the first tensor's shape, per rank."""
-        return "; ".join(f"{e['phase']} {e['op']} {e['dtype']}{e['shapes'][0]}" if e else "nothing"
-                          for e in self.entries)
-
-
-def first_divergence(ledgers: list[list[dict]]) -> Divergence | None:
-    """The earliest collective on which the ranks disagree; None if the ledgers agree.
-
-    Each process group matches collectives in the order they are issued, so each group's sequence
-    is compared on its own: same op, shapes and dtype at every position. The phase is shown but not
-    compared (the same collective may run in recompute on one rank and in backward on another).
-    Of several groups that diverge, the one whose divergence was issued first is reported.
-    """
-    found = []
-    for g in dict.fromkeys(e["group"] for ledger in ledgers for e in ledger if "op" in e):
-        seqs = [[e for e in ledger if e.get("group") == g] for ledger in ledgers]
-        for i in range(max(map(len, seqs))):
-            got = [s[i] if i < len(s) else None for s in seqs]
-            if len({json.dumps(e and [e["op"], e["shapes"], e["dtype"]]) for e in got}) > 1:
-                found.append((min(e["n"] for e in got if e), Divergence(g, i, got)))
-                break
-    return min(found, key=lambda f: f[0])[1] if found else None
+# What the ledgers show
 
 
 def phase_counts(ledger: list[dict]) -> dict[tuple[str, str, str, str], int]:
@@ -210,6 +105,32 @@ def tiny_config(n_layers: int) -> ModelConfig:
                        head_dim=16, qk_norm=True, rope_theta=1000.0)
 
 
+@dataclass
+class InLayerMeta(AttnMeta):
+    """AttnMeta plus this rank's own position_ids, for attention that rebuilds the boundaries itself."""
+
+    local_position_ids: torch.Tensor | None = None  # [t]
+
+
+def in_layer_meta(meta: AttnMeta, local_position_ids: torch.Tensor) -> InLayerMeta:
+    return InLayerMeta(**{f.name: getattr(meta, f.name) for f in fields(AttnMeta)},
+                       local_position_ids=local_position_ids)
+
+
+def gathered_meta(meta: InLayerMeta) -> AttnMeta:
+    """The peers' way: all_gather the position_ids of the whole micro-batch and find the documents
+    again, here, inside the layer (and so inside its checkpoint: it runs again in recompute)."""
+    cu_seqlens, max_seqlen = cu_seqlens_from_positions(gather_tokens(meta.local_position_ids, meta.sp_group))
+    return AttnMeta(cu_seqlens, max_seqlen, meta.backend, meta.sp_group)
+
+
+class GatheringAttention(Attention):
+    """minirl's attention, but ignoring the precomputed boundaries: the naive mode's attention."""
+
+    def forward(self, x, cos, sin, meta: InLayerMeta):
+        return super().forward(x, cos, sin, gathered_meta(meta))
+
+
 class DocTail(nn.Module):
     """tail_skew's layer tail: an extra op on tokens of long documents, skipped where there are none.
 
@@ -222,10 +143,9 @@ class DocTail(nn.Module):
     long_tokens = 0  # of the last call, for the report
 
     def forward(self, x: torch.Tensor, meta: AttnMeta) -> torch.Tensor:  # [t, D] -> [t, D]
-        cu_seqlens = meta.cu_seqlens
-        if cu_seqlens is None:
-            cu_seqlens, _ = cu_seqlens_from_positions(gather_tokens(meta.local_position_ids, meta.sp_group))
-        lengths = cu_seqlens.diff()  # [B]
+        if isinstance(meta, InLayerMeta):
+            meta = gathered_meta(meta)
+        lengths = meta.cu_seqlens.diff()  # [B]
         per_token = lengths.repeat_interleave(lengths)  # [T]: each token's document length
         sp_rank, sp = dist.get_rank(meta.sp_group), dist.get_world_size(meta.sp_group)
         long = local_slice(per_token, sp_rank, sp) >= LONG_DOC  # [t]
@@ -290,11 +210,14 @@ def route_marker_to_last_expert(model: Transformer):
             row[0] = 2.0
 
 
-def build_model(scenario: str, run_idle: bool) -> Transformer:
+def build_model(scenario: str, run_idle: bool, gather_in_layer: bool) -> Transformer:
     cfg = tiny_config(n_layers=2)
     model = Transformer(cfg)
     if scenario == "tail_skew":
         model.layers = nn.ModuleList(TailSkewBlock(cfg) for _ in range(cfg.num_hidden_layers))
+    if gather_in_layer:
+        for layer in model.layers:
+            layer.self_attn = GatheringAttention(cfg)
     if scenario == "fsdp_moe":
         for layer in model.layers:
             layer.mlp = MoE(cfg, run_idle)
@@ -322,23 +245,26 @@ def micro_batch(scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_scenario(args, d: mdist.Dist, ledger: Ledger):
     """One forward + backward of the scenario's model on this rank's slice, every collective recorded."""
-    model = build_model(args.scenario, run_idle=args.all_experts)
+    naive = args.mode == "naive"
+    model = build_model(args.scenario, run_idle=args.all_experts, gather_in_layer=naive)
     # As training runs: bf16 compute on GPUs (torch's varlen kernel takes 16-bit inputs only), fp32 on CPU.
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing=True)
     if args.reduce_unused:
         model.set_reduce_scatter_unused_params(True)
-    ledger.watch(model)
     ids, pos = (x.to(d.device) for x in micro_batch(args.scenario))
-    lids, lpos, meta, _ = shard_micro_batch(ids, pos, d.sp_rank, d.sp_size, pick_backend(d.device), d.sp_group,
-                                            gather_in_layer=args.mode == "naive")
+    lids, lpos, meta, _ = shard_micro_batch(ids, pos, d.sp_rank, d.sp_size, pick_backend(d.device), d.sp_group)
+    if naive:
+        meta = in_layer_meta(meta, lpos)
     targets = torch.roll(lids, -1)  # [t]: any tokens do, only the collectives of backward matter
-    with ledger, set_checkpoint_early_stop(not args.no_early_stop):
+    with set_checkpoint_early_stop(not args.no_early_stop):
         logprobs, _ = model(lids, lpos, meta, targets=targets)
+        if args.scenario == "count":
+            ledger.note(f"loss share: {-logprobs.sum().item():.6f}")
         if args.scenario == "tail_skew":
-            ledger.write(note=f"tokens of documents >= {LONG_DOC} long: {model.layers[0].tail.long_tokens}")
+            ledger.note(f"tokens of documents >= {LONG_DOC} long: {model.layers[0].tail.long_tokens}")
         if args.scenario == "fsdp_moe":
             load = [block.mlp.tokens_per_expert for block in model.layers]
-            ledger.write(note=f"tokens per expert, per layer: {load}")
+            ledger.note(f"tokens per expert, per layer: {load}")
         (-logprobs.sum()).backward()
 
 
@@ -346,83 +272,49 @@ def run_scenario(args, d: mdist.Dist, ledger: Ledger):
 # One rank under torchrun.
 
 
-def flight_recorder_env(out_dir: str):
-    """NCCL's flight recorder: keep the last 2000 collectives, dump them to OUT/nccl_trace_rank_{r} on a timeout.
-
-    Read the dumps with `python -m torch.distributed.flight_recorder.fr_trace OUT -p nccl_trace_rank_`.
-    The names are the ones torch 2.11 and 2.13 read (2.13 calls TORCH_NCCL_TRACE_BUFFER_SIZE deprecated).
-    After a timeout the watchdog waits 4x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC (default 15 s, so a minute)
-    for every rank to dump before it ends the process; the dumps took under a second on 2 H200s, so
-    2 s keeps a failure within seconds of the timeout.
-    Set before the process group exists; the environment wins over these defaults.
-    """
-    for key, value in (("TORCH_FR_BUFFER_SIZE", "2000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
-                       ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "2000"),
-                       ("TORCH_FR_DUMP_TEMP_FILE", os.path.join(out_dir, "nccl_trace_rank_"))):
-        os.environ.setdefault(key, value)
-
-
 def worker(args) -> int:
     rank = int(os.environ["RANK"])
-    os.makedirs(args.out_dir, exist_ok=True)
-    if rank == 0:  # a reused --out-dir: no rank gets past init before rank 0 has cleared it
-        for name in os.listdir(args.out_dir):
-            if name.startswith(("rank", "nccl_trace_rank_")) or name == "reported":
-                os.remove(os.path.join(args.out_dir, name))
+    ledger_dir = os.path.join(args.out_dir, "ledger")
+    if rank == 0 and os.path.isdir(ledger_dir):  # a reused --out-dir: no rank gets past init before it is clear
+        for name in os.listdir(ledger_dir):
+            os.remove(os.path.join(ledger_dir, name))
     if args.detail:  # read when the process group is created, so it must be set before init
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
         dist.set_debug_level_from_env()
     if torch.cuda.is_available():
-        flight_recorder_env(args.out_dir)
+        flight_recorder_env(ledger_dir)
     mdist.init_process_group(args.timeout)
     d = mdist.build_dist(sp=dist.get_world_size())
-    groups = {}  # group name -> label; with sp = world both meshes may use the default group
-    for label, group in (("sp", d.sp_group), ("fsdp", d.fsdp_mesh.get_group())):
-        groups[group.group_name] = "+".join(filter(None, (groups.get(group.group_name), label)))
-    ledger = Ledger(os.path.join(args.out_dir, f"rank{rank}.jsonl"), groups, stall_s=0.75 * args.timeout)
     try:
-        run_scenario(args, d, ledger)
-        ledger.close("completed")
+        with Ledger(ledger_dir, rank, labels={"sp": d.sp_group, "fsdp": d.fsdp_mesh.get_group()},
+                    stall_s=0.75 * args.timeout) as ledger:
+            run_scenario(args, d, ledger)
         code = COMPLETED
-    except Exception as e:  # a timeout, a gloo size mismatch, a DETAIL mismatch report
-        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-        ledger.close("failed", error)
-        ledgers = read_ledgers(args.out_dir)
-        divergence = first_divergence(ledgers)
-        code = FAILED if divergence else UNEXPLAINED
-        if _first_to_fail(args.out_dir):  # torchrun kills the other ranks soon after this one exits
-            print(f"rank {rank} failed: {error}\n{notes(ledgers)}first divergent collective: "
-                  f"{divergence or 'none'}\nledgers: {args.out_dir}", flush=True)
+    except Exception:  # a timeout, a gloo size mismatch, a DETAIL mismatch report; the ledger printed it
+        code = FAILED if first_divergence(read_ledgers(ledger_dir)) else UNEXPLAINED
     if code == COMPLETED:
         dist.barrier()  # all ledgers are complete
         if rank == 0:
-            report_completed(args.out_dir)
+            report_completed(ledger_dir)
     del d  # no mesh or FSDP state may outlive the group (see minirl.dist.shutdown)
     gc.collect()
     dist.destroy_process_group()
     return code
 
 
-def _first_to_fail(out_dir: str) -> bool:
-    try:
-        os.close(os.open(os.path.join(out_dir, "reported"), os.O_CREAT | os.O_EXCL))
-        return True
-    except FileExistsError:
-        return False
-
-
 def notes(ledgers: list[list[dict]]) -> str:
     return "".join(f"  rank {r}: {e['note']}\n" for r, ledger in enumerate(ledgers) for e in ledger if "note" in e)
 
 
-def report_completed(out_dir: str):
-    ledgers = read_ledgers(out_dir)
+def report_completed(ledger_dir: str):
+    ledgers = read_ledgers(ledger_dir)
+    labels = group_labels(ledgers)
     same = first_divergence(ledgers) is None
-    print(f"completed; ledgers {'identical on all ranks' if same else 'DIFFER'} ({out_dir})\n{notes(ledgers)}"
+    print(f"completed; ledgers {'identical on all ranks' if same else 'DIFFER'} ({ledger_dir})\n{notes(ledgers)}"
           f"  {'phase':10s} {'group':8s} {'op':22s} {'dtype':8s} count (rank 0)")
     for (phase, group, op, dtype), n in sorted(phase_counts(ledgers[0]).items(),
                                               key=lambda kv: PHASES.index(kv[0][0])):
-        print(f"  {phase:10s} {group:8s} {op:22s} {dtype:8s} {n}")
+        print(f"  {phase:10s} {labels.get(group, group):8s} {op:22s} {dtype:8s} {n}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,19 +345,26 @@ CASES = [
 ] + [Case("fsdp_moe", "naive", ("--reduce-unused",), COMPLETED)] * HAS_REDUCE_UNUSED
 
 
-SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first
+SYMPTOMS = (  # how a failure shows in torchrun's output, most specific first (torch 2.11 to 2.14)
     ("Detected mismatch between collectives", "DETAIL: mismatch reported"),
     ("doesn't match expected size", "gloo: size mismatch, abort"),
     ("Watchdog caught collective operation timeout", "NCCL: watchdog timeout"),
+    ("detected by watchdog", "NCCL: watchdog timeout"),
     ("Timed out waiting", "gloo: timeout"),
 )
+KILLED = "killed at the deadline"
+STARTUP_S = 600  # the launcher's limit for torchrun, `import torch` and init (minutes on a starved machine)
+TEARDOWN_S = 60  # and for the ranks to exit once their ledgers have ended
+# A hang: the process group's timeout ended it, or (torch 2.14's gloo waits past it) the launcher did.
+HANG_SYMPTOMS = ("gloo: timeout", "NCCL: watchdog timeout", KILLED)
+SIZE_SYMPTOMS = ("gloo: size mismatch, abort",)
 
 
 @dataclass
 class Result:
     case: Case
     code: int
-    seconds: float
+    seconds: float  # from the ranks being up (their ledgers exist) to the first failure, or the end
     killed: bool  # still running at the launcher's deadline
     divergence: Divergence | None
     how: str  # the failure's symptom (SYMPTOMS), "" when it completed
@@ -478,59 +377,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_leftover_ranks(out_dir: str) -> list[int]:
-    """SIGKILL every process whose command line names `out_dir` (this launch's ranks); returns their pids.
-
-    torchrun starts each rank in a session of its own, so killing torchrun's process group leaves
-    ranks stuck in a collective running, holding their GPUs. Linux only (reads /proc).
-    """
-    killed = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) == os.getpid():  # the launcher itself may have been given the same --out-dir
-            continue
+def kill_tree(pid: int):
+    """SIGKILL a process and all its descendants. (torchrun starts each rank in a session of its own,
+    so killing torchrun's process group would leave the ranks running.) Linux: reads /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if out_dir.encode() in f.read().split(b"\0"):
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed.append(int(pid))
-        except (FileNotFoundError, ProcessLookupError, PermissionError):  # gone meanwhile
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the state
+        except (OSError, ValueError, IndexError):  # not a process, or it just ended
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
             pass
-    return killed
 
 
 def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = False) -> Result:
-    """Run one case with torchrun (output to OUT/torchrun.log); kill it after 2x the collective timeout.
+    """Run one case with torchrun (output to OUT/torchrun.log); kill it 2x the collective timeout after
+    its ranks are up (their ledgers exist), or STARTUP_S after the launch if they never get there.
+    Ranks whose ledgers all ended by then get TEARDOWN_S more to exit.
 
-    (Plus 30 s for torchrun and `import torch` in every rank.) The outcome comes from the ledgers,
-    not from torchrun's exit code, so it is the same whether the ranks failed by themselves or were
-    killed (NCCL's watchdog aborts the process).
+    Result.seconds counts from the ranks being up, so start-up on a busy machine does not count. The
+    outcome comes from the ledgers, not from torchrun's exit code, so it is the same whether the
+    ranks failed by themselves or were killed (NCCL's watchdog aborts the process).
     """
+    ledger_dir = os.path.join(out_dir, "ledger")
+    shutil.rmtree(ledger_dir, ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", os.path.abspath(__file__), "--scenario", case.scenario,
            "--mode", case.mode, *case.flags, "--timeout", str(timeout), "--out-dir", out_dir] + ["--detail"] * detail
     log_path = os.path.join(out_dir, "torchrun.log")
-    start = time.monotonic()
+    deadline, up, tearing_down = time.monotonic() + STARTUP_S, None, False
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=2 * timeout + 30)
-            killed = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if up is None and all(os.path.exists(os.path.join(ledger_dir, f"rank{r}.jsonl")) for r in range(nproc)):
+                up = time.monotonic()
+                deadline = up + 2 * timeout
+            if time.monotonic() >= deadline:
+                ledgers = read_ledgers(ledger_dir)
+                if tearing_down or up is None or not all(ledger and "end" in ledger[-1] for ledger in ledgers):
+                    break
+                deadline, tearing_down = deadline + TEARDOWN_S, True
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        killed = proc.poll() is None
+        if killed:
+            kill_tree(proc.pid)
             proc.wait()
-            killed = True
-    kill_leftover_ranks(out_dir)
-    seconds = time.monotonic() - start
-    ledgers = read_ledgers(out_dir)
+    ledgers = read_ledgers(ledger_dir)
+    failed_at = [ledger[-1]["t"] for ledger in ledgers if ledger and ledger[-1].get("end") == "failed"]
+    # To the first rank's failure (its ledger's clock starts when it is up), else to the end or the kill.
+    seconds = min(failed_at) if failed_at else time.monotonic() - (up or deadline - STARTUP_S)
     ends = [ledger[-1]["end"] for ledger in ledgers if ledger and "end" in ledger[-1]]
     completed = proc.returncode == 0 and ends == ["completed"] * nproc
     divergence = first_divergence(ledgers)
     with open(log_path) as f:
         text = f.read()
-    how = "" if completed else "killed at the deadline" if killed else \
-        next((label for pattern, label in SYMPTOMS if pattern in text), "other error (see torchrun.log)")
+    # A symptom in the log wins over the kill: a rank may abort (gloo) while torchrun is slow to stop the rest.
+    how = "" if completed else next((label for pattern, label in SYMPTOMS if pattern in text),
+                                    KILLED if killed else "other error (see torchrun.log)")
     code = COMPLETED if completed else FAILED if divergence else UNEXPLAINED
     return Result(case, code, seconds, killed, divergence, how, out_dir)
 
@@ -583,10 +499,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="ranks, when this script launches torchrun")
     p.add_argument("--all", action="store_true", help="run every case and print a table")
     p.add_argument("--jobs", type=int, default=1, help="with --all: launches at a time")
-    p.add_argument("--diff", metavar="DIR", help="print the first divergence of DIR/rank*.jsonl and exit")
     args = p.parse_args(argv)
-    if args.diff is None and not args.all and args.scenario is None:
-        p.error("give --scenario (or --all, or --diff DIR)")
+    if not args.all and args.scenario is None:
+        p.error("give --scenario (or --all)")
     if args.reduce_unused and not HAS_REDUCE_UNUSED:
         p.error(f"--reduce-unused needs FSDPModule.set_reduce_scatter_unused_params, "
                 f"which torch {torch.__version__} lacks")
@@ -597,10 +512,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if args.diff:
-        divergence = first_divergence(read_ledgers(args.diff))
-        print(f"first divergent collective: {divergence}" if divergence else "the ledgers agree")
-        return FAILED if divergence else COMPLETED
     if args.all:
         return run_all(args)
     if "RANK" in os.environ:  # one rank under torchrun
@@ -616,7 +527,7 @@ def main() -> int:
     with open(os.path.join(out_dir, "torchrun.log")) as f:
         print(f.read())
     print(f"{OUTCOMES[result.code]}{' (' + result.how + ')' if result.how else ''} in {result.seconds:.1f} s\n"
-          f"{notes(read_ledgers(out_dir))}first divergent collective: {result.divergence or 'none'}\n"
+          f"{notes(read_ledgers(os.path.join(out_dir, 'ledger')))}first divergent collective: {result.divergence or 'none'}\n"
           f"ledgers: {out_dir}")
     return result.code
 

@@ -6,8 +6,6 @@ tests/workers/parallel_worker.py): `attention` on slices equals attention on the
 rank issues in one checkpointed forward+backward.
 """
 
-from collections import Counter
-
 import pytest
 import torch
 from helpers_dist import failures, run_worker
@@ -26,14 +24,7 @@ def test_shard_micro_batch_pads_with_its_own_document():
     assert torch.equal(torch.cat([s[1] for s in slices]), torch.cat([pos, torch.arange(1)]))
     for _, _, meta, _ in slices:  # every rank describes the FULL padded batch, padding as a document
         assert meta.cu_seqlens.tolist() == [0, 4, 5, 11, 12] and meta.max_seqlen == 6
-        assert meta.sp_group is SP_GROUP and meta.local_position_ids is None
-
-
-def test_shard_micro_batch_in_layer_gather_defers_metadata():
-    pos = torch.cat([torch.arange(3), torch.arange(5)])
-    _, lpos, meta, pad = shard_micro_batch(pos, pos, 1, 2, "sdpa", SP_GROUP, gather_in_layer=True)
-    assert pad == 0 and meta.cu_seqlens is None and torch.equal(meta.local_position_ids, lpos)
-    assert lpos.tolist() == [1, 2, 3, 4]
+        assert meta.sp_group is SP_GROUP
 
 
 def test_shard_micro_batch_without_sp_is_the_whole_batch():
@@ -61,9 +52,8 @@ def test_shard_micro_batch_rejects(pos, sp, group, message):
 
 
 @pytest.mark.parametrize("nproc, sp", [(2, 2), (4, 4)])
-@pytest.mark.parametrize("metadata", ["pregathered", "in_layer"])
-def test_attention_matches_whole_sequence(nproc, sp, metadata):
-    assert failures(run_worker("parallel_worker.py", nproc), f"attention/sp{sp}-{metadata}/") == []
+def test_attention_matches_whole_sequence(nproc, sp):
+    assert failures(run_worker("parallel_worker.py", nproc), f"attention/sp{sp}/") == []
 
 
 @pytest.mark.parametrize("nproc, sp", [(2, 2), (4, 4)])
@@ -71,20 +61,16 @@ def test_gather_tokens(nproc, sp):
     assert failures(run_worker("parallel_worker.py", nproc), f"attention/sp{sp}-gather_tokens") == []
 
 
-@pytest.mark.parametrize("metadata", ["pregathered", "in_layer"])
-def test_collective_ledger(metadata):
-    """dp2 x sp2, checkpointing on, one forward+backward per rank.
+def test_collective_ledger():
+    """dp2 x sp2, checkpointing on, one forward+backward per rank, recorded by minirl.ledger.
 
-    Pre-gathered metadata: the sp group sees 4 all-to-alls per layer in forward and 8 in backward
-    (4 recomputed, 4 reversed) and nothing else. In-layer gather: one extra position_ids all_gather per
-    layer in forward and again in recompute. Every rank issues the same sequence of collectives.
+    The sp group sees 4 all-to-alls per layer in forward, 4 again in recompute and 4 reversed in
+    backward, and nothing else: the document boundaries were computed before the model call. Every
+    rank issues the same sequence of collectives. (The peers' in-layer gather, and what it adds,
+    is in scripts/repro_recompute_hang.py and its test.)
     """
     reports = run_worker("parallel_worker.py", 4)
-    assert failures(reports, f"ledger/{metadata}") == []
-    ledgers = [rep["data"][f"ledger/{metadata}"] for rep in reports]
+    assert failures(reports, "ledger") == []
+    ledgers = [rep["data"]["ledger"] for rep in reports]
     assert all(ledger == ledgers[0] for ledger in ledgers[1:])
-    sp_in_backward = Counter(op for op, group, phase in ledgers[0] if group == "sp" and phase == "backward")
-    if metadata == "pregathered":
-        assert set(sp_in_backward) == {"alltoall_base_"}
-    else:
-        assert sp_in_backward["_allgather_base_"] == 2  # one per layer, in recompute
+    assert {op for op, group, phase in ledgers[0] if group == "sp"} == {"alltoall_base_"}

@@ -2,7 +2,7 @@
 
 `torchrun --nproc-per-node 2 parallel_worker.py --out DIR`: layouts dp2 and sp2, iter_full_params.
 `torchrun --nproc-per-node 4 parallel_worker.py --out DIR`: layouts dp2 x sp2 and sp4 (the 2 kv heads
-repeated to 4), and the ledger of collectives. Every rank writes DIR/rank{r}.json (see common.py).
+repeated to 4), and the ledger of collectives (minirl/ledger.py). Every rank writes DIR/rank{r}.json (see common.py).
 
 The reference for every layout is the same single-process, unsharded model taking one SGD step on the
 whole global batch (both micro-batches), with clipping done by hand; it runs on each rank, no
@@ -14,11 +14,11 @@ import os
 import torch
 import torch.distributed as dist
 from common import MICRO_BATCHES, Report, full_meta, make_model, parse_args, packed, rel_err, tiny_config
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from minirl import dist as mdist
 from minirl.attention import varlen_attention
 from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
+from minirl.ledger import Ledger
 from minirl.ulysses import attention, gather_tokens, local_slice, shard_micro_batch
 
 SEED, LR, TOL = 0, 0.5, 1e-5
@@ -44,12 +44,12 @@ def reference_step(cfg, device="cpu"):
     return dict(loss=loss, grads=grads, norm=norm.item(), max_norm=max_norm, clipped=clipped, params=params)
 
 
-def local_batches(d: mdist.Dist, gather_in_layer: bool, backend="sdpa"):
+def local_batches(d: mdist.Dist, backend="sdpa"):
     """This rank's slices of its dp group's micro-batches, loss weights normalised by the GLOBAL count."""
     local = []
     for i in range(d.dp_rank, len(MICRO_BATCHES), d.dp_size):
         ids, pos, tgt, mask = (x.to(d.device) for x in packed(MICRO_BATCHES[i], seed=i))
-        lids, lpos, meta, _ = shard_micro_batch(ids, pos, d.sp_rank, d.sp_size, backend, d.sp_group, gather_in_layer)
+        lids, lpos, meta, _ = shard_micro_batch(ids, pos, d.sp_rank, d.sp_size, backend, d.sp_group)
         local.append((lids, lpos, meta, local_slice(tgt, d.sp_rank, d.sp_size),
                       local_slice(mask, d.sp_rank, d.sp_size, fill=0.0)))
     count = torch.stack([mask.sum() for *_, mask in local]).sum()
@@ -83,7 +83,7 @@ def check_layout(report: Report, ref: dict, cfg, sp: int, checkpointing: bool, m
                  and sp_ranks == (None if sp == 1 else list(range(first, first + sp))),
                  f"rank {d.rank} dp {d.dp_rank} sp {d.sp_rank} sp group {sp_ranks}")
     model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, mixed_precision, cpu_offload, checkpointing)
-    loss = forward_backward(model, local_batches(d, gather_in_layer=False, backend=backend))
+    loss = forward_backward(model, local_batches(d, backend=backend))
     dist.all_reduce(loss)  # the global loss is the SUM of the rank shares
     report.close(abs(loss.item() - ref["loss"]) / abs(ref["loss"]), tol, f"{name}/loss")
 
@@ -124,64 +124,36 @@ def check_attention(report: Report, sp: int):
     meta_ref = full_meta(pos)
     o_ref = varlen_attention(q_ref, k_ref, v_ref, meta_ref.cu_seqlens, meta_ref.max_seqlen, "sdpa")
     (o_ref * r).sum().backward()
-    for in_layer in (False, True):
-        name = f"attention/sp{sp}-{'in_layer' if in_layer else 'pregathered'}"
-        _, lpos, meta, pad = shard_micro_batch(pos, pos, d.sp_rank, sp, "sdpa", d.sp_group, in_layer)
-        ql, kl, vl = (local_slice(x, d.sp_rank, sp).requires_grad_() for x in (q, k, v))
-        o = attention(ql, kl, vl, meta)
-        (o * local_slice(r, d.sp_rank, sp)).sum().backward()
-        report.close(rel_err(o, local_slice(o_ref.detach(), d.sp_rank, sp)), TOL, f"{name}/out")
-        for x, x_ref, what in ((ql, q_ref, "q"), (kl, k_ref, "k"), (vl, v_ref, "v")):
-            report.close(rel_err(x.grad, local_slice(x_ref.grad, d.sp_rank, sp)), TOL, f"{name}/grad_{what}")
+    name = f"attention/sp{sp}"
+    _, lpos, meta, pad = shard_micro_batch(pos, pos, d.sp_rank, sp, "sdpa", d.sp_group)
+    ql, kl, vl = (local_slice(x, d.sp_rank, sp).requires_grad_() for x in (q, k, v))
+    o = attention(ql, kl, vl, meta)
+    (o * local_slice(r, d.sp_rank, sp)).sum().backward()
+    report.close(rel_err(o, local_slice(o_ref.detach(), d.sp_rank, sp)), TOL, f"{name}/out")
+    for x, x_ref, what in ((ql, q_ref, "q"), (kl, k_ref, "k"), (vl, v_ref, "v")):
+        report.close(rel_err(x.grad, local_slice(x_ref.grad, d.sp_rank, sp)), TOL, f"{name}/grad_{what}")
     report.check(f"attention/sp{sp}-gather_tokens", torch.equal(gather_tokens(lpos, d.sp_group, pad), pos))
 
 
-class Ledger(TorchDispatchMode):
-    """Every torch.distributed collective this rank issues, as (op, group label, phase).
-
-    The phase is "backward" while autograd runs a backward graph, which is when a checkpointed
-    block recomputes its forward.
-    """
-
-    def __init__(self, labels: dict[str, str]):
-        super().__init__()
-        self.labels, self.entries = labels, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "c10d":
-            phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-            self.entries.append((func._opname, self._group(args), phase))
-        return func(*args, **(kwargs or {}))
-
-    def _group(self, args) -> str:
-        for a in args:
-            if isinstance(a, torch.ScriptObject) and a._type().name() == "ProcessGroup":
-                name = dist.ProcessGroup.unbox(a).group_name
-                return self.labels.get(name, f"group {name}")
-        return "?"
-
-
-def record_ledgers(report: Report, cfg):
-    """One forward+backward with checkpointing on sp=2, with and without the in-layer gather."""
+def record_ledger(report: Report, cfg, ledger_dir: str):
+    """One forward+backward with checkpointing on dp2 x sp2, every collective recorded by minirl.ledger."""
     d = mdist.build_dist(2)
-    labels = {d.fsdp_mesh.get_group().group_name: "fsdp", d.sp_group.group_name: "sp"}
-    for in_layer in (False, True):
-        model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, checkpointing=True)
-        batches = local_batches(d, gather_in_layer=in_layer)
-        with Ledger(labels) as ledger:
-            forward_backward(model, batches)
-        name = "ledger/" + ("in_layer" if in_layer else "pregathered")
-        report.data[name] = ledger.entries
-        count = {}
-        for op, group, phase in ledger.entries:
-            if group == "sp":
-                count[op, phase] = count.get((op, phase), 0) + 1
-        L = cfg.num_hidden_layers
-        # q, k, v in and o out per layer; backward re-runs them (recompute) and reverses them (gradient).
-        want = {("alltoall_base_", "forward"): 4 * L, ("alltoall_base_", "backward"): 8 * L}
-        if in_layer:  # one position_ids gather per attention call: forward and recompute
-            want |= {("_allgather_base_", "forward"): L, ("_allgather_base_", "backward"): L}
-        report.check(name, count == want, f"sp-group collectives {count}, expected {want}")
+    model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, checkpointing=True)
+    batches = local_batches(d)
+    with Ledger(ledger_dir, d.rank, labels={"sp": d.sp_group, "fsdp": d.fsdp_mesh.get_group()}) as ledger:
+        forward_backward(model, batches)
+    entries = [(e["op"], ledger.labels.get(e["group"], e["group"]), e["phase"]) for e in ledger.entries]
+    report.data["ledger"] = entries
+    count = {}
+    for op, group, phase in entries:
+        if group == "sp":
+            count[op, phase] = count.get((op, phase), 0) + 1
+    L = cfg.num_hidden_layers
+    # q, k, v in and o out per layer: in forward, again when backward recomputes the block, and reversed
+    # for the gradient.
+    want = {("alltoall_base_", "forward"): 4 * L, ("alltoall_base_", "recompute"): 4 * L,
+            ("alltoall_base_", "backward"): 4 * L}
+    report.check("ledger", count == want, f"sp-group collectives {count}, expected {want}")
 
 
 def main():
@@ -203,7 +175,7 @@ def main():
                 check_layout(report, ref, cfg, sp=2, checkpointing=checkpointing)
                 check_layout(report, ref, cfg, sp=4, checkpointing=checkpointing)
             check_attention(report, sp=4)
-            record_ledgers(report, cfg)
+            record_ledger(report, cfg, os.path.join(args.out, "ledger"))
         report.write()
     os._exit(0)
 

@@ -1,0 +1,380 @@
+"""A ledger of every collective a process issues, to find where ranks parted when a job hangs.
+
+A data-parallel job hangs when its ranks issue DIFFERENT collectives: one rank runs an extra
+all-gather, or a reduce-scatter of another size, and every process group matches collectives by
+order, so the ranks wait for each other until the collective timeout. The stack trace printed then
+blames whatever each rank was waiting in, which is rarely the collective that diverged (on NCCL
+the host even blocks somewhere later). What does tell is the sequence of collectives each rank
+issued. So each rank appends every collective (op, process group, shapes, dtype, phase, call site)
+to `DIR/rank{r}.jsonl`, one line per collective, flushed BEFORE the collective is issued: after a
+timeout, an abort or a kill the files still show each rank's last step, and comparing them gives
+the first collective on which the ranks disagree.
+
+    with Ledger("out/ledger", rank):            # or: ledger = start("out/ledger") ... ledger.stop()
+        train()                                 # any PyTorch program; gloo or NCCL
+    python -m minirl.ledger out/ledger          # after the fact: the first divergence per group
+
+It is a TorchDispatchMode: every c10d op (`dist.all_reduce`, FSDP2's all-gathers, functional
+collectives) passes through `__torch_dispatch__`, and so does every other op, which is the cost of
+turning it on (measured in scripts/README.md). Off, nothing of it runs.
+
+The phase of a collective: "forward" outside autograd's backward; inside it, "recompute" while a
+module's forward runs (a checkpointed region being rebuilt; global module hooks count the depth,
+per thread, as autograd may run on threads of its own) and "backward" otherwise (gradient
+all-to-alls, FSDP's backward all-gathers and reduce-scatters).
+"""
+
+import faulthandler
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+
+NAMESPACES = ("c10d", "_c10d_functional")  # process-group ops and the functional collectives
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_WRAPPERS = ("distributed_c10d.py", "c10d_logger.py", "_python_dispatch.py", "_functional_collectives.py",
+             "typing_extensions.py", "contextlib.py", "functools.py", os.path.join("minirl", "ledger.py"))
+
+
+def flight_recorder_env(ledger_dir: str):
+    """NCCL's flight recorder: keep the last 2000 collectives, dump them to DIR/nccl_trace_rank_{r} on a timeout.
+
+    Only read when a process group is created, so call it before `init_process_group`. The names are
+    the ones torch 2.11 to 2.14 read; variables already set win. Read the dumps with
+    `python -m torch.distributed.flight_recorder.fr_trace DIR -p nccl_trace_rank_`.
+    After a timeout the watchdog waits 4x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC (default 15 s: a minute)
+    for the ranks to dump before it ends the process; the dumps took under a second on 2 H200s, so
+    2 s keeps a failure within seconds of the timeout.
+    """
+    for key, value in (("TORCH_FR_BUFFER_SIZE", "2000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+                       ("TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC", "2000"),
+                       ("TORCH_FR_DUMP_TEMP_FILE", os.path.join(os.path.abspath(ledger_dir), "nccl_trace_rank_"))):
+        os.environ.setdefault(key, value)
+
+
+class Ledger(TorchDispatchMode):
+    """Records this rank's collectives to `ledger_dir/rank{rank}.jsonl` while entered.
+
+    labels: names for process groups ({"sp": group}) shown in reports; otherwise a group's own
+    description (DeviceMesh names them "mesh_<dim>") or "world". stall_s: when no collective has
+    started for that long, faulthandler prints every thread's stack (from a thread of its own, which
+    needs no GIL: some waits in collectives hold it) and a Python thread prints the ledgers' first
+    divergence so far (when it gets the GIL); set it a little below the collective timeout, so both
+    come before the process group gives up.
+    Leaving the `with` block writes an end line; on an exception, the first rank to fail prints the
+    first divergence.
+    """
+
+    def __init__(self, ledger_dir: str, rank: int | None = None, labels: dict | None = None,
+                 stall_s: float | None = None):
+        super().__init__()
+        self.dir = ledger_dir
+        self.rank = rank if rank is not None else int(os.environ.get("RANK", "0"))
+        os.makedirs(ledger_dir, exist_ok=True)
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        if self.rank == 0:  # an earlier run's claims, and files of ranks this run does not have
+            for name in os.listdir(ledger_dir):
+                r = name.removeprefix("rank").removesuffix(".jsonl")
+                if not (name == f"rank{r}.jsonl" and r.isdigit() and int(r) < world):
+                    os.remove(os.path.join(ledger_dir, name))
+        self.file = open(os.path.join(ledger_dir, f"rank{self.rank}.jsonl"), "w", buffering=1)  # line-buffered
+        self.labels = {}  # process group name -> label
+        if dist.is_initialized():
+            self.labels[dist.group.WORLD.group_name] = "world"  # (when not yet, `_group` names it)
+        for label, group in (labels or {}).items():
+            if group is not None:
+                self.labels[group.group_name] = "+".join(filter(None, (self.labels.get(group.group_name), label)))
+        self.ranks: dict[str, list[int]] = {}  # groups described in the file so far -> their global ranks
+        self.n, self.start_time, self.last, self.armed = 0, time.monotonic(), time.monotonic(), 0.0
+        self.entries: list[dict] = []  # this rank's collectives since the last check_step
+        self.depth = threading.local()  # .n: module forwards running on this thread
+        self._hooks = []
+        self.stall_s, self._stop = stall_s, threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True) if stall_s else None
+        self.write(rank=self.rank, pid=os.getpid(), torch=torch.__version__)
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in NAMESPACES:
+            group = self._group(func, args, kwargs)  # None: no process group, not a collective (a wait)
+            if group is not None:
+                self.record(func, args, kwargs, group)
+        return func(*args, **kwargs)
+
+    def record(self, func, args, kwargs, group: str):
+        if torch._C._current_graph_task_id() == -1:
+            phase = "forward"
+        else:
+            phase = "recompute" if getattr(self.depth, "n", 0) > 0 else "backward"
+        tensors = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else [a])
+                   if isinstance(x, torch.Tensor)]
+        entry = dict(n=self.n, t=self.seconds(), phase=phase, op=func._opname, group=group,
+                     shapes=[list(x.shape) for x in tensors],
+                     dtype=str(tensors[0].dtype).removeprefix("torch.") if tensors else "-", site=call_site())
+        self.write(**entry)
+        self.entries.append(entry)
+        self.n += 1
+        self.last = time.monotonic()
+        if self.stall_s and self.last - self.armed > min(1.0, self.stall_s / 10):  # re-arming starts a thread:
+            faulthandler.dump_traceback_later(self.stall_s)  # at most once a second
+            self.armed = self.last
+
+    def _group(self, func, args, kwargs) -> str | None:
+        """The process group's name (a ScriptObject argument of c10d ops, a `group_name` string of
+        functional ones); described once in the file with its label and global ranks."""
+        name = None
+        for arg, value in zip(func._schema.arguments, (*args, *[kwargs.get(a.name) for a in
+                                                                 func._schema.arguments[len(args):]])):
+            if isinstance(value, torch.ScriptObject) and value._type().name() == "ProcessGroup":
+                group = dist.ProcessGroup.unbox(value)
+                name = group.group_name
+                break
+            if arg.name == "group_name" and isinstance(value, str):
+                name = value
+                group = dist.distributed_c10d._resolve_process_group(name)  # how funcol finds it, too
+                break
+        if name is None:
+            return None
+        if name not in self.ranks:
+            self.ranks[name] = dist.get_process_group_ranks(group)
+            world = "world" if name == dist.group.WORLD.group_name else ""
+            label = self.labels.get(name) or world or getattr(group, "group_desc", "") or name
+            self.write(group_name=name, label=label, ranks=self.ranks[name])
+        return name
+
+    def seconds(self) -> float:
+        return round(time.monotonic() - self.start_time, 3)
+
+    def write(self, **line):
+        self.file.write(json.dumps(line) + "\n")
+
+    def note(self, text: str):
+        """A free-form line (routing, token counts, ...) shown with the divergence."""
+        self.write(note=text, t=self.seconds())
+
+    # -- start, stop, failure -----------------------------------------------------------------------
+
+    def _enter_module(self, module, args):
+        self.depth.n = getattr(self.depth, "n", 0) + 1
+
+    def _leave_module(self, module, args, output):
+        self.depth.n -= 1
+
+    def __enter__(self):
+        super().__enter__()
+        self._hooks = [register_module_forward_pre_hook(self._enter_module),
+                       register_module_forward_hook(self._leave_module, always_call=True)]  # also when
+        # checkpoint's early stop raises out of a forward
+        if self._watcher is not None:
+            self._watcher.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stop.set()
+        if self.stall_s:
+            faulthandler.cancel_dump_traceback_later()
+        for hook in self._hooks:
+            hook.remove()
+        super().__exit__(exc_type, exc, tb)
+        if exc is None:
+            self.write(end="completed", t=self.seconds())
+        else:
+            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            self.write(end="failed", t=self.seconds(), error=error)
+            print(f"rank {self.rank} failed: {error}", file=sys.stderr, flush=True)  # every rank: its own cause
+            if self._claim("reported"):  # the other ranks are killed soon after this one exits
+                print(report(self.dir), file=sys.stderr, flush=True)
+        self.file.close()
+
+    def stop(self):
+        """End a ledger begun with `start`."""
+        self.__exit__(None, None, None)
+
+    def _claim(self, name: str) -> bool:
+        """True for the first rank (on this file system) to ask: one report, not one per rank."""
+        try:
+            os.close(os.open(os.path.join(self.dir, name), os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
+
+    def _watch(self):
+        """At a stall (no new collective for stall_s), one rank prints the divergence so far."""
+        while not self._stop.wait(min(1.0, self.stall_s / 10)):
+            if time.monotonic() - self.last > self.stall_s and self._claim("stalled"):
+                print(f"rank {self.rank}: no collective started for {self.stall_s:.0f} s\n{report(self.dir)}",
+                      file=sys.stderr, flush=True)
+
+    # -- the invariant ------------------------------------------------------------------------------
+
+    def check_step(self, step: int):
+        """Assert that, since the last check, the ranks of every group issued the same collectives.
+
+        Every rank sends a digest of its new entries per group to every other (one all_gather_object
+        over the world; every rank calls this at the same point, e.g. at the end of each step). If
+        the members of a group disagree, their entries are exchanged too and a RuntimeError names
+        the first divergent collective. For minirl this covers the trainer's invariants: all ranks
+        share the FSDP group, so the same sequence there means the same number of micro-batches
+        (each one all-gathers every block's parameters); each sp group checks its own sequence.
+        Call it only where all ranks are (it issues collectives); it is recorded like any other.
+        """
+        new, self.entries = self.entries, []
+        digests = {}
+        for e in new:
+            digests.setdefault(e["group"], hashlib.sha1()).update(json.dumps(signature(e)).encode())
+        mine = {g: (sum(e["group"] == g for e in new), h.hexdigest(), self.ranks[g]) for g, h in digests.items()}
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        members = {g: ranks for d in everyone for g, (_, _, ranks) in d.items()}
+        bad = sorted(g for g, ranks in members.items() if len({str(everyone[m].get(g, "")[:2]) for m in ranks}) > 1)
+        if not bad:
+            self.write(check=step, t=self.seconds(), ok=True)
+            return
+        ledgers = [None] * dist.get_world_size()
+        dist.all_gather_object(ledgers, [e for e in new if e["group"] in bad])
+        self.write(check=step, t=self.seconds(), ok=False)
+        divergence = first_divergence(ledgers, {g: members[g] for g in bad})
+        raise RuntimeError(f"step {step}: ranks issued different collectives (minirl.ledger check): {divergence}")
+
+
+def start(ledger_dir: str, labels: dict | None = None, stall_s: float | None = None) -> Ledger:
+    """Begin recording in one call (any PyTorch program); `.stop()` ends it. Before the process group
+    exists it also switches on NCCL's flight recorder, dumping beside the ledgers."""
+    if not dist.is_initialized():
+        flight_recorder_env(ledger_dir)
+    return Ledger(ledger_dir, labels=labels, stall_s=stall_s).__enter__()
+
+
+def call_site() -> str:
+    """`file.py:line function` of the innermost caller outside torch, plus the innermost frame of
+    torch.distributed below it when there is one (FSDP's hooks during `loss.backward()`), c10d's
+    own wrappers skipped."""
+    frame, inner = sys._getframe(2), None
+    while frame is not None:
+        path = frame.f_code.co_filename
+        here = f"{frame.f_lineno} {frame.f_code.co_name}"
+        if not path.endswith(_WRAPPERS):
+            if not path.startswith(_TORCH_DIR):
+                return f"{os.path.basename(path)}:{here}" + (f" via {inner}" if inner else "")
+            if inner is None and path.startswith(os.path.join(_TORCH_DIR, "distributed")):  # e.g. FSDP's hooks
+                inner = f"{os.path.relpath(path, _TORCH_DIR)}:{here}"
+        frame = frame.f_back
+    return inner or "?"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading and comparing ledgers
+
+
+def signature(entry: dict) -> list:
+    """What must match across ranks: op, shapes, dtype. (The phase may legitimately differ.)"""
+    return [entry["op"], entry["shapes"], entry["dtype"]]
+
+
+def read_ledgers(ledger_dir: str) -> list[list[dict]]:
+    """Every rank's lines, in rank order; ranks without a file get an empty ledger."""
+    names = os.listdir(ledger_dir) if os.path.isdir(ledger_dir) else []
+    paths = {int(name[4:-6]): os.path.join(ledger_dir, name) for name in names
+             if name.startswith("rank") and name.endswith(".jsonl") and name[4:-6].isdigit()}
+    ledgers = [[] for _ in range(max(paths, default=-1) + 1)]
+    for r, path in paths.items():
+        with open(path) as f:
+            for line in f:
+                try:
+                    ledgers[r].append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    pass
+    return ledgers
+
+
+def group_members(ledgers: list[list[dict]]) -> dict[str, list[int]]:
+    """Each group's global ranks, from the description lines the ledgers contain."""
+    return {e["group_name"]: e["ranks"] for ledger in ledgers for e in ledger if "group_name" in e}
+
+
+def group_labels(ledgers: list[list[dict]]) -> dict[str, str]:
+    return {e["group_name"]: e["label"] for ledger in ledgers for e in ledger if "group_name" in e}
+
+
+@dataclass
+class Divergence:
+    """The first place where the ranks' collectives on one process group differ."""
+
+    group: str
+    label: str
+    index: int  # position in that group's sequence of collectives
+    entries: dict[int, dict | None]  # member rank -> its entry there; None where its ledger ends before
+
+    def __str__(self) -> str:
+        return f"group {self.label} (ranks {list(self.entries)}), its collective {self.index}:" + "".join(
+            f"\n  rank {r}: " + (f"#{e['n']} {e['phase']:9s} {e['op']} {e['dtype']} {e['shapes']}"
+                                 + (f"  at {e['site']}" if e.get("site") else "") if e
+                                 else "nothing (its ledger ends before)") for r, e in self.entries.items())
+
+    def short(self) -> str:
+        """One line for a table: phase, op, dtype and the first tensor's shape, per rank."""
+        return "; ".join(f"{e['phase']} {e['op']} {e['dtype']}{e['shapes'][0] if e['shapes'] else ''}"
+                         if e else "nothing" for e in self.entries.values())
+
+
+def first_divergence(ledgers: list[list[dict]], members: dict[str, list[int]] | None = None) -> Divergence | None:
+    """The earliest collective on which the ranks of a group disagree; None if they all agree.
+
+    A process group matches collectives in the order they are issued, so each group's sequence is
+    compared on its own, among its members (all ranks with entries where the ledgers do not say):
+    same op, shapes and dtype at every position. Of several groups that diverge, the one whose
+    divergence was issued first (smallest `n`) is reported.
+    """
+    members = {**group_members(ledgers), **(members or {})}
+    labels = group_labels(ledgers)
+    found = []
+    for g in dict.fromkeys(e["group"] for ledger in ledgers for e in ledger if "op" in e):
+        ranks = members.get(g) or [r for r, ledger in enumerate(ledgers) if any(e.get("group") == g for e in ledger)]
+        seqs = {r: [e for e in ledgers[r] if e.get("group") == g] if r < len(ledgers) else [] for r in ranks}
+        for i in range(max(map(len, seqs.values()))):
+            got = {r: s[i] if i < len(s) else None for r, s in seqs.items()}
+            if len({json.dumps(e and signature(e)) for e in got.values()}) > 1:
+                found.append((min(e["n"] for e in got.values() if e), Divergence(g, labels.get(g, g), i, got)))
+                break
+    return min(found, key=lambda f: f[0])[1] if found else None
+
+
+def report(ledger_dir: str) -> str:
+    """Each rank's notes, last collective and end, then the first divergence: what a user reads."""
+    ledgers = read_ledgers(ledger_dir)
+    lines = [f"ledgers in {ledger_dir}:"]
+    for r, ledger in enumerate(ledgers):
+        ops = [e for e in ledger if "op" in e]
+        end = next((e for e in reversed(ledger) if "end" in e), None)
+        lines += [f"  rank {r}: {e['note']}" for e in ledger if "note" in e]
+        lines.append(f"  rank {r}: {len(ops)} collectives" + (f", last #{ops[-1]['n']} {ops[-1]['op']} at "
+                     f"{ops[-1].get('site', '?')}" if ops else "") + (f"; {end['end']} {end.get('error', '')}"
+                                                                         if end else "; no end (still running or killed)"))
+    divergence = first_divergence(ledgers)
+    lines.append(f"first divergent collective: {divergence}" if divergence else
+                 "the ledgers agree (as far as each got)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description="Print the first divergent collective of DIR/rank*.jsonl "
+                                            "(exit 1 if the ranks diverged, 0 if they agree).")
+    p.add_argument("dir", help="the ledger directory (train.py: OUT_DIR/ledger)")
+    args = p.parse_args(argv)
+    print(report(args.dir))
+    return 1 if first_divergence(read_ledgers(args.dir)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
