@@ -35,7 +35,7 @@ from minirl.hf import check_weights, load_model, load_state_dict_from_dir, read_
 from minirl.ledger import start as start_ledger
 from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Sample, micro_logprobs, pack
+from minirl.trainer import Sample, micro_logprobs, pack, prompt_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -239,7 +239,7 @@ def output_line(s: Sample, k: int, text: str, reward_fn, trainer_lp) -> dict:
     if p.answer is not None:
         line["answer"] = p.answer
     if reward_fn is not None:  # checked: a NaN, None or exception is a ValueError naming the prompt
-        line["reward"] = reward_fn(p.index, p.text if isinstance(p.text, str) else json.dumps(p.text), text, p.answer)
+        line["reward"] = reward_fn(p.index, prompt_text(p), text, p.answer)
     if trainer_lp is not None:
         line["trainer_logprobs"] = trainer_lp
     return line
