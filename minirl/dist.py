@@ -115,11 +115,9 @@ def init_process_group(timeout_s: float = 600.0, cpu_collectives: bool = False) 
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                               "start at most one process per GPU")
-        device = torch.device("cuda", local_rank)
+        # Entry points check this before start-up (check_parallel_or_exit); here for direct callers.
+        validate_devices(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         backend = "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
     else:
