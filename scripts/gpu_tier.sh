@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU test tier: every test marked `gpu` (CUDA kernels, NCCL, multi-GPU layouts, the hang reproducer
-# under NCCL) in one run, then a short summary. Multi-rank tests need 2 GPUs and skip with fewer.
+# under NCCL) in one run, then a short summary. Multi-rank tests need 2 (or 4) GPUs and skip with fewer.
 # About 5.5 minutes on 2 H200s (9 tests, tests/GPU_TIER.md).
 #
 #   bash scripts/gpu_tier.sh [OUT_DIR]      # default OUT_DIR: $OUT, else /tmp/minirl-gpu-tier
@@ -20,7 +20,7 @@ rc=${PIPESTATUS[0]}
   python -c "import torch; print('torch', torch.__version__, 'NCCL', '.'.join(map(str, torch.cuda.nccl.version())))"
   grep -E "::.* (PASSED|FAILED|SKIPPED|ERROR)" "$out/gpu_tier.log" | sed -E 's/ *\[ *[0-9]+%\]$//'
   echo "figures printed by the tests:"
-  grep -oE "[[:alnum:]/_.-]+: relative error [0-9.e+-]+|sp[0-9] step 1: .*" "$out/gpu_tier.log" \
+  grep -oE "[[:alnum:]/_.-]+: relative error [0-9.e+-]+|([0-9] GPUs )?sp[0-9] step 1: .*" "$out/gpu_tier.log" \
     | sed 's/^/  /'
   tail -n 1 "$out/gpu_tier.log"
 } > "$out/gpu_tier_summary.txt"

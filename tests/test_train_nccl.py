@@ -20,17 +20,28 @@ def step_row(out_dir, step: int) -> dict:
         return next(row for row in map(json.loads, f) if row["step"] == step and "reward_mean" in row)
 
 
-@gpus(2)
-def test_step_one_metrics_equal_across_sp(tmp_path):
+def check_step_one_across_sp(tmp_path, world: int, sps: tuple[int, ...]):
     rows = {}
-    for sp in (1, 2):
+    for sp in sps:
         out = tmp_path / f"sp{sp}"
-        proc = torchrun(2, ["train.py", "--sp", str(sp), "--steps", "1", "--out-dir", str(out), "--no-export"],
+        proc = torchrun(world, ["train.py", "--sp", str(sp), "--steps", "1", "--out-dir", str(out), "--no-export"],
                         timeout=300, cuda=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows[sp] = step_row(out, 1)
-        print(f"sp{sp} step 1: " + " ".join(f"{k}={rows[sp][k]:.6g}" for k in ROLLOUT_KEYS + UPDATE_KEYS))
-    for k in ROLLOUT_KEYS:
-        assert rows[1][k] == rows[2][k], k
-    for k in UPDATE_KEYS:
-        assert abs(rows[1][k] - rows[2][k]) <= BF16_TOL * abs(rows[1][k]) + 1e-4, (k, rows[1][k], rows[2][k])
+        print(f"{world} GPUs sp{sp} step 1: "
+              + " ".join(f"{k}={rows[sp][k]:.6g}" for k in ROLLOUT_KEYS + UPDATE_KEYS))
+    for sp in sps[1:]:
+        for k in ROLLOUT_KEYS:
+            assert rows[1][k] == rows[sp][k], (sp, k)
+        for k in UPDATE_KEYS:
+            assert abs(rows[1][k] - rows[sp][k]) <= BF16_TOL * abs(rows[1][k]) + 1e-4, (sp, k, rows[1][k], rows[sp][k])
+
+
+@gpus(2)
+def test_step_one_metrics_equal_across_sp(tmp_path):
+    check_step_one_across_sp(tmp_path, 2, (1, 2))
+
+
+@gpus(4)
+def test_step_one_metrics_equal_across_sp_on_four_gpus(tmp_path):
+    check_step_one_across_sp(tmp_path, 4, (1, 2, 4))
