@@ -155,5 +155,6 @@ def test_pick_backend_skips_a_flash_attn_without_the_varlen_kernel(fake_flash_at
     fake_flash_attn("")  # cute without the function
     assert pick_backend(cuda) == "varlen"
     fake_flash_attn("def flash_attn_varlen_func(*args, **kwargs):\n    return 'called'\n")
+    assert pick_backend(cuda) == "flash"  # the automatic choice once the kernel imports
     assert pick_backend(cuda, "flash") == "flash"
     assert _flash_varlen_func()() == "called"
