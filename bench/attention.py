@@ -1,21 +1,24 @@
-"""Packed causal attention: is torch's varlen kernel right, and how much faster than SDPA per document?
+"""Packed causal attention: are the CUDA varlen kernels right, and how fast beside SDPA per document?
 
 minirl trains on packed micro-batches (many documents in one [T, H, D] tensor). On CUDA it uses
-torch's own varlen kernel ("varlen"); everywhere else it loops over the documents with SDPA
-("sdpa"), which is also the readable reference. This script measures, at Qwen3-0.6B head shapes
-(16 query heads, 8 kv heads, head_dim 128) in bf16:
+torch's own varlen kernel ("varlen") or, where installed, flash-attn-4's ("flash", docs/flash_attn.md);
+everywhere else it loops over the documents with SDPA ("sdpa"), which is also the readable
+reference. This script measures, at Qwen3-0.6B head shapes (16 query heads, 8 kv heads, head_dim
+128) in bf16, each backend the device has:
 
 1. accuracy: relative error ||x - ref|| / ||ref|| of the output and of dq, dk, dv against a float64
    reference written out explicitly (softmax(q k^T / sqrt(D) + causal mask) v, per document, kv heads
    repeated), so it shares no code with either backend. The check uses RAGGED documents (random
-   lengths, fresh random inputs each run) so that a wrong document boundary shows. bf16 inputs should
-   land between 1e-3 and 1e-2; NaN fails;
+   lengths, fresh random inputs each run) so that a wrong document boundary shows; at most 16k
+   tokens in documents of at most 4k, so the float64 reference fits whatever --doc-len is timed.
+   bf16 inputs should land between 1e-3 and 1e-2; NaN fails;
 2. speed: forward (no grad) and forward+backward time for T tokens in documents of --doc-len
    (default 16k tokens in 2k documents), median of CUDA-event-timed runs, and the achieved rate
    counting causal FLOPs only: forward 4 * sum(L^2/2) * H * D, backward 2.5x that.
 
-    python bench/attention.py            # on a GPU: both backends
-    python bench/attention.py --tiny     # CPU smoke run (varlen needs CUDA and is skipped)
+    python bench/attention.py            # on a GPU: every backend it has
+    python bench/attention.py --tokens 131072 --doc-len 131072 --backends flash,varlen --warmup 3 --reps 10
+    python bench/attention.py --tiny     # CPU smoke run (flash and varlen need CUDA and are skipped)
 """
 
 import argparse
@@ -26,11 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from bench.common import (causal_attention_flops, default_device, device_info, matmul_tflops, median,
+from bench.common import (causal_attention_flops, csv_strs, default_device, device_info, matmul_tflops, median,
                           out_path, print_table, time_ms, write_json)
 from minirl.attention import pick_backend, varlen_attention
 
-BACKENDS = ("varlen", "sdpa")
+BACKENDS = ("flash", "varlen", "sdpa")
+CHECK_TOKENS, CHECK_DOC_LEN = 16384, 4096  # the accuracy check's size: the float64 reference must fit
 
 
 def parse_args(argv=None):
@@ -42,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--backends", type=csv_strs, default=list(BACKENDS), help=f"comma-separated, of {BACKENDS}")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, seconds")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/attention.json or bench/results/)")
     args = p.parse_args(argv)
@@ -105,8 +110,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_accuracy(backend: str, args, device, generator) -> dict:
     """Relative errors of one backend in bf16 against the float64 reference, on fresh ragged inputs."""
-    lengths = ragged_lengths(args.tokens, args.doc_len, generator)
-    q, k, v = random_qkv(args.tokens, args.heads, args.kv_heads, args.head_dim, device, generator)
+    tokens = min(args.tokens, CHECK_TOKENS)
+    lengths = ragged_lengths(tokens, min(args.doc_len, CHECK_DOC_LEN), generator)
+    q, k, v = random_qkv(tokens, args.heads, args.kv_heads, args.head_dim, device, generator)
     dout = torch.randn(q.shape, generator=generator).to(device)
     cu, max_len = cu_seqlens(lengths, device), max(lengths)
     ref = output_and_grads(lambda *x: reference_attention(*x, lengths), q.double(), k.double(), v.double(),
@@ -142,9 +148,9 @@ def time_backend(backend: str, args, device, generator) -> dict:
             "fwd_bwd_tflops": 3.5 * flops / (fb_ms * 1e-3) / 1e12, "fwd_gflop": flops / 1e9}
 
 
-def available_backends(device) -> list[str]:
+def available_backends(device, wanted: list[str]) -> list[str]:
     found = []
-    for b in BACKENDS:
+    for b in wanted:
         try:
             pick_backend(device, b)
             found.append(b)
@@ -160,7 +166,7 @@ def main(argv=None):
     peak = matmul_tflops(device, n=256 if args.tiny else 8192)
     print(f"device: {device_info(device)}; measured matmul peak {peak:.1f} TFLOP/s", flush=True)
     results = {}
-    for backend in available_backends(device):
+    for backend in available_backends(device, args.backends):
         acc = check_accuracy(backend, args, device, generator)
         print(f"{backend}: accuracy {acc}", flush=True)
         speed = time_backend(backend, args, device, generator)

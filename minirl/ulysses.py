@@ -3,9 +3,9 @@
 Each of the sp ranks holds a contiguous slice of t = T/sp tokens of the same packed micro-batch.
 Everything in a decoder layer works token by token except attention, which needs all earlier tokens
 of the document. So just around attention, an all-to-all turns "my tokens, all heads" [t, H, D] into
-"all tokens, my heads" [T, H/sp, D]; attention runs on whole documents for H/sp heads; a second
-all-to-all turns the output back. Per layer each rank sends (sp-1)/sp of its own q, k, v and attention
-output; nothing else crosses ranks.
+"all tokens, my heads" [T, H/sp, D] (q, k and v together, in one call); attention runs on whole
+documents for H/sp heads; a second all-to-all turns the output back. Per layer each rank sends
+(sp-1)/sp of its own q, k, v and attention output; nothing else crosses ranks.
 
 Metadata without collectives: attention needs document boundaries (cu_seqlens) of the FULL
 micro-batch. Every rank of the group already has the full micro-batch before slicing it, so
@@ -21,48 +21,55 @@ import torch.distributed as dist
 from minirl.attention import AttnMeta, cu_seqlens_from_positions, varlen_attention
 
 
-def _seq_to_head(x: torch.Tensor, group) -> torch.Tensor:
-    """[t, H, D] (my tokens, all heads) -> [T, H/sp, D] (all tokens, my heads)."""
+def _seq_to_head(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """[t, h_i, D] for each x_i (my tokens, all heads) -> [T, h_i/sp, D] (all tokens, my heads).
+
+    All tensors travel in ONE all-to-all: rank j's block holds head group j of every x_i side by side,
+    so q, k and v cost one call's latency, not three.
+    """
     sp = dist.get_world_size(group)
-    t, H, D = x.shape
-    send = x.reshape(t, sp, H // sp, D).transpose(0, 1).contiguous()  # [sp, t, H/sp, D]: block j to rank j
-    recv = torch.empty_like(send)  # [sp, t, H/sp, D]: block j holds rank j's tokens
+    t, D = xs[0].shape[0], xs[0].shape[-1]
+    heads = [x.shape[1] // sp for x in xs]
+    send = torch.cat([x.reshape(t, sp, h, D).transpose(0, 1) for x, h in zip(xs, heads)], dim=2)  # [sp, t, sum h, D]
+    recv = torch.empty_like(send)  # [sp, t, sum h, D]: block j holds rank j's tokens
     dist.all_to_all_single(recv, send, group=group)
-    return recv.reshape(sp * t, H // sp, D)
+    return list(recv.reshape(sp * t, sum(heads), D).split(heads, dim=1))  # views [T, h_i, D]
 
 
-def _head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """[T, H/sp, D] (all tokens, my heads) -> [t, H, D] (my tokens, all heads)."""
+def _head_to_seq(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """[T, h_i, D] (all tokens, my heads) -> [t, h_i*sp, D] (my tokens, all heads); the reverse move."""
     sp = dist.get_world_size(group)
-    T, h, D = x.shape
-    send = x.reshape(sp, T // sp, h, D).contiguous()  # [sp, t, H/sp, D]: block j = rank j's tokens
-    recv = torch.empty_like(send)  # [sp, t, H/sp, D]: block j holds head group j of my tokens
+    T, D = xs[0].shape[0], xs[0].shape[-1]
+    heads = [x.shape[1] for x in xs]
+    packed = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)  # [T, sum h, D]; one tensor needs no copy
+    send = packed.reshape(sp, T // sp, sum(heads), D)  # [sp, t, sum h, D]: block j = rank j's tokens
+    recv = torch.empty_like(send)  # [sp, t, sum h, D]: block j holds head group j of my tokens
     dist.all_to_all_single(recv, send, group=group)
-    return recv.transpose(0, 1).reshape(T // sp, sp * h, D)
+    return [r.transpose(0, 1).reshape(T // sp, sp * h, D) for r, h in zip(recv.split(heads, dim=2), heads)]
 
 
 class SeqToHead(torch.autograd.Function):
     """The all-to-all as an autograd op: it only moves numbers, so its backward is the reverse move."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, group, *xs):
         ctx.group = group
-        return _seq_to_head(x, group)
+        return tuple(_seq_to_head(list(xs), group))
 
     @staticmethod
-    def backward(ctx, grad):
-        return _head_to_seq(grad, ctx.group), None
+    def backward(ctx, *grads):
+        return None, *_head_to_seq(list(grads), ctx.group)
 
 
 class HeadToSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, group, *xs):
         ctx.group = group
-        return _head_to_seq(x, group)
+        return tuple(_head_to_seq(list(xs), group))
 
     @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_head(grad, ctx.group), None
+    def backward(ctx, *grads):
+        return None, *_seq_to_head(list(grads), ctx.group)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
@@ -78,9 +85,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta)
         # query heads j*H/sp .. (j+1)*H/sp - 1 use.
         k = k.repeat_interleave(sp // Hkv, dim=1)  # [t, sp, D]
         v = v.repeat_interleave(sp // Hkv, dim=1)
-    q, k, v = (SeqToHead.apply(x, group) for x in (q, k, v))  # [T, H/sp, D], [T, max(Hkv/sp, 1), D]
+    q, k, v = SeqToHead.apply(group, q, k, v)  # [T, H/sp, D], [T, max(Hkv/sp, 1), D]
     o = varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, meta.backend)  # [T, H/sp, D]
-    return HeadToSeq.apply(o, group)  # [t, H, D]
+    (o,) = HeadToSeq.apply(group, o)
+    return o  # [t, H, D]
 
 
 def local_slice(x: torch.Tensor, sp_rank: int, sp_size: int, fill=0) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Packed causal attention against a dense float64 reference, and backend selection."""
 
+import importlib
+import sys
+
 import pytest
 import torch
 from helpers_dist import gpus
 
-from minirl.attention import cu_seqlens_from_positions, pick_backend, varlen_attention
+from minirl.attention import _flash_varlen_func, cu_seqlens_from_positions, pick_backend, varlen_attention
 
 
 def dense_reference(q, k, v, lengths):
@@ -44,16 +47,35 @@ def test_sdpa_backend_matches_dense_reference_forward_and_backward():
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=0, atol=1e-5, msg=f"grad {name}")
 
 
-@gpus(1)
-def test_varlen_backend_matches_dense_reference_with_gqa():
+def check_cuda_backend_against_dense_reference(backend: str):
+    """bf16 on the GPU vs float64 on the CPU: output and q/k/v gradients, GQA, a one-token document."""
     lengths = [37, 1, 130, 64]
     T, H, Hkv, D = sum(lengths), 4, 2, 64
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(T, n, D, generator=g) for n in (H, Hkv, Hkv))
+    grad_out = torch.randn(T, H, D, generator=g)
     cu_seqlens, max_seqlen = cu_seqlens_from_positions(torch.cat([torch.arange(n) for n in lengths]))
-    out = varlen_attention(*(x.cuda().bfloat16() for x in (q, k, v)), cu_seqlens.cuda(), max_seqlen, "varlen")
-    ref = dense_reference(q.double(), k.double(), v.double(), lengths)
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-2)
+    qc, kc, vc = (x.cuda().bfloat16().requires_grad_() for x in (q, k, v))
+    out = varlen_attention(qc, kc, vc, cu_seqlens.cuda(), max_seqlen, backend)
+    (out * grad_out.cuda().bfloat16()).sum().backward()
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = dense_reference(q64, k64, v64, lengths)
+    (ref * grad_out.double()).sum().backward()
+    torch.testing.assert_close(out.cpu().double(), ref.detach(), rtol=0, atol=2e-2)
+    for ours, theirs, name in ((qc, q64, "q"), (kc, k64, "k"), (vc, v64, "v")):
+        err = (ours.grad.cpu().double() - theirs.grad).norm() / theirs.grad.norm()
+        assert err < 1e-2, f"grad {name}: relative error {err:.2e}"
+
+
+@gpus(1)
+def test_varlen_backend_matches_dense_reference_with_gqa():
+    check_cuda_backend_against_dense_reference("varlen")
+
+
+@gpus(1)
+@pytest.mark.skipif(_flash_varlen_func() is None, reason="flash-attn-4 is not installed (docs/flash_attn.md)")
+def test_flash_backend_matches_dense_reference_with_gqa():
+    check_cuda_backend_against_dense_reference("flash")
 
 
 def test_varlen_declares_grouped_query_attention_to_torch():
@@ -93,3 +115,46 @@ def test_pick_backend_honours_env_var(monkeypatch):
     with pytest.raises(ValueError, match="'flash' is not available"):
         pick_backend(cpu)
     assert pick_backend(cpu, "sdpa") == "sdpa"  # an explicit argument wins over the variable
+
+
+def forget_flash_attn():
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def fake_flash_attn(tmp_path, monkeypatch):
+    """A throwaway `flash_attn` on sys.path, laid out as flash-attn-4 installs it: a namespace
+    package (no __init__.py) holding the `cute` subpackage. Returns a function that writes
+    `cute/__init__.py`; imported modules are forgotten before each write and at the end (a real
+    flash-attn already imported comes back then)."""
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write_cute(source: str):
+        forget_flash_attn()
+        (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text(source)
+        importlib.invalidate_caches()
+
+    yield write_cute
+    forget_flash_attn()
+
+
+def test_pick_backend_skips_a_flash_attn_without_the_varlen_kernel(fake_flash_attn, monkeypatch):
+    """`flash_attn` importable but `flash_attn.cute.flash_attn_varlen_func` not: the automatic choice
+    on a GPU must pass over "flash" (the choice is made without touching the device, so it runs here)."""
+    monkeypatch.delenv("MINIRL_ATTN", raising=False)
+    cuda = torch.device("cuda")
+    fake_flash_attn("import cutlass.cute  # the CuTe DSL, missing here\n")
+    assert importlib.util.find_spec("flash_attn") is not None  # what the old check looked at
+    assert pick_backend(cuda) == "varlen"
+    with pytest.raises(ValueError, match="'flash' is not available"):
+        pick_backend(cuda, "flash")
+    fake_flash_attn("")  # cute without the function
+    assert pick_backend(cuda) == "varlen"
+    fake_flash_attn("def flash_attn_varlen_func(*args, **kwargs):\n    return 'called'\n")
+    assert pick_backend(cuda) == "flash"  # the automatic choice once the kernel imports
+    assert pick_backend(cuda, "flash") == "flash"
+    assert _flash_varlen_func()() == "called"

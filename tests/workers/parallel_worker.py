@@ -19,7 +19,7 @@ from minirl import dist as mdist
 from minirl.attention import varlen_attention
 from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
 from minirl.ledger import Ledger
-from minirl.ulysses import attention, gather_tokens, local_slice, shard_micro_batch
+from minirl.ulysses import SeqToHead, attention, gather_tokens, local_slice, shard_micro_batch
 
 SEED, LR, TOL = 0, 0.5, 1e-5
 
@@ -133,6 +133,11 @@ def check_attention(report: Report, sp: int):
     for x, x_ref, what in ((ql, q_ref, "q"), (kl, k_ref, "k"), (vl, v_ref, "v")):
         report.close(rel_err(x.grad, local_slice(x_ref.grad, d.sp_rank, sp)), TOL, f"{name}/grad_{what}")
     report.check(f"attention/sp{sp}-gather_tokens", torch.equal(gather_tokens(lpos, d.sp_group, pad), pos))
+    # The fused all-to-all only moves numbers: rank r gets exactly its head group of the full q, k, v.
+    full = (q, *(x.repeat_interleave(max(1, sp // Hkv), dim=1) for x in (k, v)))  # kv repeated as attention does
+    moved = SeqToHead.apply(d.sp_group, *(local_slice(x, d.sp_rank, sp) for x in full))
+    want = (local_slice(x.transpose(0, 1), d.sp_rank, sp).transpose(0, 1) for x in full)  # [T, h/sp, D]
+    report.check(f"attention/sp{sp}/qkv_moved", all(torch.equal(m[:T], w) for m, w in zip(moved, want)))
 
 
 def record_ledger(report: Report, cfg, ledger_dir: str):
@@ -149,10 +154,10 @@ def record_ledger(report: Report, cfg, ledger_dir: str):
         if group == "sp":
             count[op, phase] = count.get((op, phase), 0) + 1
     L = cfg.num_hidden_layers
-    # q, k, v in and o out per layer: in forward, again when backward recomputes the block, and reversed
-    # for the gradient.
-    want = {("alltoall_base_", "forward"): 4 * L, ("alltoall_base_", "recompute"): 4 * L,
-            ("alltoall_base_", "backward"): 4 * L}
+    # q, k, v in (one call) and o out per layer: in forward, again when backward recomputes the block,
+    # and reversed for the gradient.
+    want = {("alltoall_base_", "forward"): 2 * L, ("alltoall_base_", "recompute"): 2 * L,
+            ("alltoall_base_", "backward"): 2 * L}
     report.check("ledger", count == want, f"sp-group collectives {count}, expected {want}")
 
 
