@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from minirl.algorithms import LossConfig, check_advantage
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
+from minirl.env import load_env
 
 # The built-in task: a small model, its data and its settings ship in the repo.
 DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_task")
@@ -52,6 +53,11 @@ class RolloutConfig:
     tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)")
     vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training")
     keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
+    env: str = opt("", "multi-turn episodes with an environment, module:Name or file.py:Name (minirl/env.py); "
+                   "it gives the rewards (--reward is unused)")
+    max_turns: int = opt(4, "with --env: policy turns per episode at most (finish_reason max_turns)")
+    episode_tokens: int = opt(0, "with --env: tokens after the prompt per episode, turns and observations "
+                              "(finish_reason length; 0 = max_turns x max_new_tokens)")
 
 
 @dataclass
@@ -239,6 +245,10 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
     if cfg.parallel.attn_backend not in ("", *BACKENDS):
         raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
+    if cfg.rollout.max_turns < 1 or cfg.rollout.episode_tokens < 0:
+        raise ValueError("--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")
+    if cfg.rollout.env:
+        load_env(cfg.rollout.env)  # importable, and makes a well-formed env
     loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
     check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
     sampling_params(cfg.rollout).check()
