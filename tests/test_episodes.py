@@ -7,24 +7,24 @@ an observation until its third turn, so every trajectory interleaves policy turn
 
 import json
 import os
+import re
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 
-from minirl.algorithms import policy_loss, token_weights
+from minirl.algorithms import LossConfig, policy_loss, token_weights
 from minirl.backend import SamplingParams, sample_seed
 from minirl.config import RolloutConfig
-from minirl.env import load_env
-from minirl.episodes import Episode, run_episodes
+from minirl.data import Prompt
 from minirl.generate import Generator
 from minirl.hf import load_model, read_config
-from minirl.algorithms import LossConfig
 from minirl.tokenizer import Tokenizer
 from minirl.trainer import Sample, complete, micro_logprobs, pack
-from minirl.data import Prompt
 
-from helpers_dist import torchrun
+from helpers_dist import REPO, torchrun
 from helpers_models import save_hf_model
 from helpers_tokenizer import make_test_tokenizer
 
@@ -238,3 +238,26 @@ def test_env_error_in_training_is_one_line(task, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: env '{root}/envs.py:Raises' on prompt ")
     assert errors[0].endswith(": step raised ZeroDivisionError: tool crashed")
+
+
+def test_rollout_py_writes_turns_and_mask(task, tmp_path):
+    root, model, data = task
+    out = tmp_path / "episodes.jsonl"
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "rollout.py"), "--model", model, "--data", data,
+                           "--out", str(out), "--n", "2", "--max-new-tokens", "5", "--episode-tokens", "40",
+                           "--no-chat-template", "--env", f"{root}/envs.py:Echo", "--check-logprobs",
+                           "--batch-size", "5"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in open(out)]
+    assert len(lines) == 24
+    for d in lines:
+        assert [t["role"] for t in d["turns"]] == ["policy", "env", "policy", "env", "policy"]
+        assert sum((t["token_ids"] for t in d["turns"]), []) == d["completion_token_ids"]
+        assert d["mask"] == [float(t["role"] == "policy") for t in d["turns"] for _ in t["token_ids"]]
+        assert [t["text"] for t in d["turns"][1::2]] == [" ok 1", " ok 2"]
+        assert d["finish_reason"] == "done" and d["reward"] >= 0
+        for m, g, t in zip(d["mask"], d["logprobs"], d["trainer_logprobs"], strict=True):
+            assert (g is None and t is None) if m == 0.0 else abs(g - t) < 1e-4
+    report = re.search(r"logprob check vs float32 trainer over (\d+) tokens: mean \|dlogprob\| (\S+)", proc.stdout)
+    assert report and int(report[1]) == sum(sum(d["mask"]) for d in lines) and float(report[2]) < 1e-5
