@@ -21,8 +21,10 @@ from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 from minirl.env import load_env
 
-# The built-in task: a small model, its data and its settings ship in the repo.
+# The built-in tasks: a small model, its data and its settings ship in the repo.
 DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_task")
+TASKS = {"default": DEFAULT_TASK,  # 2-digit addition (scripts/make_default_model.py)
+         "tools": os.path.join(os.path.dirname(DEFAULT_TASK), "tools_task")}  # a calculator tool, multi-turn
 
 
 def opt(default, help: str):
@@ -31,6 +33,8 @@ def opt(default, help: str):
 
 @dataclass
 class DataConfig:
+    task: str = opt("default", "built-in task used without --model: default (addition) or tools (a calculator "
+                    "tool over several turns); its train_config.json stands in for --config")
     model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in default task")
     data: str = opt("", "prompt dataset, .jsonl (or .parquet with pyarrow); empty = the default task's")
     test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)")
@@ -186,19 +190,22 @@ def build_parser(cfg: TrainConfig, description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """Defaults, then --config FILE, then flags. With neither --config nor --model, the default task's
-    train_config.json stands in for --config, and its model and data fill in what is left empty:
-    that is how a bare `train.py` runs the built-in task."""
+    """Defaults, then --config FILE, then flags. With neither --config nor --model, the built-in task's
+    (--task) train_config.json stands in for --config, and its model and data fill in what is left
+    empty: that is how a bare `train.py` runs the default task, and `train.py --task tools` the other."""
     cfg = TrainConfig()
     args = vars(build_parser(cfg, description).parse_args(argv))
-    config_file = args.pop("config") or ("" if "model" in args else os.path.join(DEFAULT_TASK, "train_config.json"))
+    if args.get("task", "default") not in TASKS:
+        raise ValueError(f"unknown --task {args['task']!r}: one of {', '.join(TASKS)}")
+    task = TASKS[args.get("task", "default")]
+    config_file = args.pop("config") or ("" if "model" in args else os.path.join(task, "train_config.json"))
     if config_file:
         apply_overrides(cfg, read_config_file(config_file), config_file)
     apply_overrides(cfg, args, "command line")
     if not cfg.data.model:
-        cfg.data.model = DEFAULT_TASK
-        cfg.data.data = cfg.data.data or os.path.join(DEFAULT_TASK, "train.jsonl")
-        cfg.data.test_data = cfg.data.test_data or os.path.join(DEFAULT_TASK, "test.jsonl")
+        cfg.data.model = task
+        cfg.data.data = cfg.data.data or os.path.join(task, "train.jsonl")
+        cfg.data.test_data = cfg.data.test_data or os.path.join(task, "test.jsonl")
     return cfg
 
 
