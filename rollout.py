@@ -222,13 +222,14 @@ def summarize(out: str, seconds: float, check_dtype: str):
     with open(out, encoding="utf-8") as f:
         for line in f:
             d = json.loads(line)
-            n, tokens, stops = n + 1, tokens + len(d["completion_token_ids"]), stops + (d["finish_reason"] == "stop")
+            n, tokens = n + 1, tokens + len(d["completion_token_ids"])
+            stops += d["finish_reason"] in ("stop", "done")  # "done": the environment ended the episode
             if "reward" in d:
                 rewards.append(d["reward"])
             if "trainer_logprobs" in d:
                 pairs.append((d["logprobs"], d["trainer_logprobs"]))
     print(f"wrote {n} completions to {out}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s, "
-          f"{stops / n:.0%} ended with EOS")
+          f"{stops / n:.0%} ended with EOS (or, with --env, by the environment)")
     if rewards:
         print(f"mean reward {sum(rewards) / len(rewards):.4f}")
     if pairs:
