@@ -7,7 +7,7 @@ the tool call its first choice.
 
 import json
 
-from helpers_dist import torchrun
+from helpers_dist import gpus, torchrun
 
 from minirl.tools_task.calculator import Calculator, calculate
 
@@ -33,3 +33,22 @@ def test_tools_task_learns_to_use_the_tool(tmp_path):
     first, last = steps[0], steps[-1]
     assert last["turns"] > first["turns"] + 0.2  # more episodes call the calculator
     assert sum(r["reward_mean"] for r in steps[-3:]) > sum(r["reward_mean"] for r in steps[:3]) + 0.3
+
+
+@gpus(1)
+def test_multi_turn_steps_on_one_gpu(tmp_path):
+    """Three multi-turn RL steps of the tools task on one GPU (512 episodes a step, bf16 generator with
+    CUDA graphs, re-prefilled every turn); prints each step's time per phase. Step 1 includes
+    torch.compile and graph capture."""
+    proc = torchrun(1, ["train.py", "--task", "tools", "--steps", "3", "--eval-every", "0", "--prompts-per-step",
+                        "64", "--gen-batch-size", "512", "--out-dir", str(tmp_path), "--no-export"],
+                    timeout=900, cuda=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        times = " ".join(f"{k[5:]}={v:.3f}s" for k, v in r.items() if k.startswith("time/"))
+        print(f"step {r['step']}: {times} turns={r['turns']:.2f} policy_tokens={r['policy_tokens']:.1f} "
+              f"response_len={r['response_len']:.1f} reward={r['reward_mean']:.3f} tokens/s={r['tokens_per_s']:.0f}")
+        assert r["turns"] > 1 and r["skipped_updates"] == 0
