@@ -35,7 +35,7 @@ def opt(default, help: str):
 class DataConfig:
     task: str = opt("default", "built-in task used without --model: default (addition) or tools (a calculator "
                     "tool over several turns); its train_config.json stands in for --config")
-    model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in default task")
+    model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in --task")
     data: str = opt("", "prompt dataset, .jsonl (or .parquet with pyarrow); empty = the default task's")
     test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)")
     prompt_field: str = opt("prompt", "field holding the prompt (a string or a list of chat messages)")

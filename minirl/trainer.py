@@ -378,8 +378,9 @@ def evaluate(generator: RolloutBackend, prompts: list[Prompt], d: Dist, rc: Roll
     """Greedy accuracy (reward > 0) on held-out prompts, each replica a share, summed over replicas."""
     replica, n_replicas, reports = generator_replicas(d, rc)
     mine = prompts[replica::n_replicas]
-    done, error = complete(generator, mine, None, sampling_params(rc, greedy=True), rc, reward_fn, tok) if mine else ([], "")
-    rewards = [s.reward for s in done]
+    scored, error = complete(generator, mine, None, sampling_params(rc, greedy=True), rc, reward_fn, tok) \
+        if mine else ([], "")
+    rewards = [s.reward for s in scored]
     errors = [""] * d.world
     dist.all_gather_object(errors, error)
     raise_first(errors)
