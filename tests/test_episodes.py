@@ -48,6 +48,15 @@ class Raises(Echo):
     def step(self, text, token_ids):
         raise ZeroDivisionError("tool crashed")
 
+class RaisesOnPrompt3(Echo):
+    def start(self, prompt, answer):
+        super().start(prompt, answer)
+        self.bad = prompt == "1+3="
+    def step(self, text, token_ids):
+        if self.bad:
+            raise RuntimeError("tool crashed")
+        return super().step(text, token_ids)
+
 class NotText(Echo):
     def step(self, text, token_ids):
         return (42, 0.0, False)
@@ -240,14 +249,18 @@ def test_env_error_in_training_is_one_line(task, tmp_path):
     assert errors[0].endswith(": step raised ZeroDivisionError: tool crashed")
 
 
-def test_rollout_py_writes_turns_and_mask(task, tmp_path):
+def run_rollout_py(task, out, env_name, *extra):
     root, model, data = task
-    out = tmp_path / "episodes.jsonl"
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "rollout.py"), "--model", model, "--data", data,
+    return subprocess.run([sys.executable, os.path.join(REPO, "rollout.py"), "--model", model, "--data", data,
                            "--out", str(out), "--n", "2", "--max-new-tokens", "5", "--episode-tokens", "40",
-                           "--no-chat-template", "--env", f"{root}/envs.py:Echo", "--check-logprobs",
-                           "--batch-size", "5"], env=env, capture_output=True, text=True, timeout=300)
+                           "--no-chat-template", "--env", f"{root}/envs.py:{env_name}", *extra],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_rollout_py_writes_turns_and_mask(task, tmp_path):
+    out = tmp_path / "episodes.jsonl"
+    proc = run_rollout_py(task, out, "Echo", "--check-logprobs", "--batch-size", "5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in open(out)]
     assert len(lines) == 24
@@ -261,3 +274,14 @@ def test_rollout_py_writes_turns_and_mask(task, tmp_path):
             assert (g is None and t is None) if m == 0.0 else abs(g - t) < 1e-4
     report = re.search(r"logprob check vs float32 trainer over (\d+) tokens: mean \|dlogprob\| (\S+)", proc.stdout)
     assert report and int(report[1]) == sum(sum(d["mask"]) for d in lines) and float(report[2]) < 1e-5
+
+
+def test_rollout_py_env_error_keeps_the_episodes_before_it(task, tmp_path):
+    """Record 3 (prompt "1+3=") breaks the env: one error line, and the batches before it stay written."""
+    out = tmp_path / "episodes.jsonl"
+    proc = run_rollout_py(task, out, "RaisesOnPrompt3", "--batch-size", "2")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"rollout.py: error: env '{task[0]}/envs.py:RaisesOnPrompt3' on prompt 2: step raised RuntimeError: "
+        f"tool crashed; the completions before it are in {out}")
+    assert [(d["index"], d["sample"]) for d in map(json.loads, open(out))] == [(0, 0), (0, 1), (1, 0), (1, 1)]
