@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from minirl.config import TASKS, parse_config, validate
 from minirl.env import EnvStep, checked_start, checked_step, load_env, stop_token_id
 from minirl.tokenizer import Tokenizer
 
@@ -108,3 +109,22 @@ def test_checked_step_passes_good_values_and_copies_ids():
     assert ids == [1, 2]
     with pytest.raises(ValueError, match="start raised ValueError"):
         checked_start(Scripted(ValueError("bad row")), "e", 0, "p", "a")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-turns", "0"], "--max-turns must be >= 1"),
+    (["--episode-tokens", "-1"], "--episode-tokens >= 0"),
+    (["--env", "no_such_module_xyz:Env"], "env 'no_such_module_xyz:Env': cannot import"),
+])
+def test_bad_multi_turn_flags_fail_validation(flags, message):
+    with pytest.raises(ValueError, match=message):
+        validate(parse_config(["--task", "tools", *flags]))
+
+
+def test_task_tools_fills_in_its_model_data_and_env():
+    cfg = parse_config(["--task", "tools"])
+    validate(cfg)
+    assert cfg.data.model == TASKS["tools"] and cfg.data.data.startswith(TASKS["tools"])
+    assert cfg.rollout.env == "minirl.tools_task.calculator:Calculator" and cfg.rollout.max_turns == 3
+    with pytest.raises(ValueError, match="unknown --task 'nope'"):
+        parse_config(["--task", "nope"])
