@@ -29,13 +29,15 @@ from tqdm import tqdm
 from minirl.attention import pick_backend
 from minirl.backend import RolloutBackend, SamplingParams, sample_seed
 from minirl.data import Prompt, plan_micro_batches, read_records
+from minirl.config import RolloutConfig
 from minirl.dist import Dist, distributed
+from minirl.env import load_env, stop_token_id
 from minirl.generate import Generator
 from minirl.hf import check_weights, load_model, load_state_dict_from_dir, read_config
 from minirl.ledger import start as start_ledger
 from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Sample, micro_logprobs, pack, prompt_text
+from minirl.trainer import Sample, complete, micro_logprobs, pack, prompt_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,7 +45,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Output fields: index, sample, "
                                 "prompt, prompt_token_ids, completion, completion_token_ids, logprobs, finish_reason, "
-                                "and answer, reward, trainer_logprobs when they apply.")
+                                "and answer, reward, trainer_logprobs when they apply; with --env also turns and "
+                                "mask (1 = the policy's token; observation tokens have null logprobs).")
     p.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--data", required=True, help="prompts, one JSON object per line (.jsonl; .parquet with pyarrow)")
     p.add_argument("--out", required=True, help="output .jsonl, one line per completion (overwritten)")
@@ -61,6 +64,11 @@ def parse_args(argv=None):
                    help="render prompts with the tokenizer's chat template (default: if the tokenizer has one)")
     p.add_argument("--reward", help="score each completion with a built-in reward (math, exact) or module:function "
                    "called as fn(prompt, completion, answer) -> float (default: no reward)")
+    p.add_argument("--env", default="", help="multi-turn episodes with an environment, module:Name or file.py:Name "
+                   "(minirl/env.py); it gives the rewards. Lines then also hold turns and mask")
+    p.add_argument("--max-turns", type=int, default=4, help="with --env: policy turns per episode at most (default 4)")
+    p.add_argument("--episode-tokens", type=int, default=0, help="with --env: tokens after the prompt per episode, "
+                   "turns and observations (default 0 = max-turns x max-new-tokens)")
     p.add_argument("--prompt-field", default="prompt",
                    help="field holding the prompt, a string or a list of chat messages (default: prompt)")
     p.add_argument("--answer-field", default="answer",
@@ -87,18 +95,30 @@ def parse_args(argv=None):
                         "ranks parted on a hang (minirl/ledger.py)")
     args = p.parse_args(argv)
     for name, value, ok in [("--n", args.n, args.n >= 1), ("--batch-size", args.batch_size, args.batch_size >= 1),
+                            ("--max-turns", args.max_turns, args.max_turns >= 1),
+                            ("--episode-tokens", args.episode_tokens, args.episode_tokens >= 0),
                             ("--seed", args.seed, 0 <= args.seed < 2**31)]:
         if not ok:
             p.error(f"{name} {value} is out of range")
     try:
         sampling_params(args).check()
+        if args.env:
+            load_env(args.env)
     except ValueError as e:
         p.error(str(e))
+    if args.env and args.reward:
+        p.error("--env gives the rewards: leave out --reward")
     return args
 
 
 def sampling_params(args) -> SamplingParams:
     return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+
+
+def episode_config(args) -> RolloutConfig:
+    """The multi-turn settings, in the trainer's form."""
+    return RolloutConfig(max_new_tokens=args.max_new_tokens, env=args.env, max_turns=args.max_turns,
+                         episode_tokens=args.episode_tokens)
 
 
 def load_rows(args, tok: Tokenizer, chat: bool, rank: int, world: int) -> tuple[list[tuple[Prompt, int]], int]:
@@ -143,11 +163,16 @@ def trainer_logprobs(model, samples: list[Sample], params: SamplingParams, d: Di
     for micro in plan_micro_batches(lengths, 1, max(max_tokens, *lengths))[0]:
         mb = pack(samples, micro, 0, d, attn_backend)
         logp, _ = micro_logprobs(model, mb, params.temperature, params.top_k, params.top_p)  # [t]
-        logp = logp[mb.mask.bool()].tolist()  # the completion tokens, sequence after sequence
+        logp = logp[mb.mask.bool()].tolist()  # the policy's tokens, sequence after sequence
         for i in micro:
-            n = len(samples[i].completion_ids)
-            out[i], logp = [x if x != -math.inf else None for x in logp[:n]], logp[n:]
+            n = samples[i].n_policy
+            mine, logp = iter([x if x != -math.inf else None for x in logp[:n]]), logp[n:]
+            out[i] = [next(mine) if m else None for m in policy_mask(samples[i])]  # None at observations
     return out
+
+
+def policy_mask(s: Sample) -> list[bool]:
+    return [True] * len(s.completion_ids) if s.mask is None else [m == 1.0 for m in s.mask]
 
 
 def merge(out: str, world: int):
@@ -174,13 +199,14 @@ def logprob_mismatch(pairs: list[tuple[list[float], list[float | None]]]) -> dic
     KL(generator || trainer). A trainer log-prob of None is a token the generator sampled but the
     trainer's top-k/top-p set excludes (their numerics put it on opposite sides of the cut): its ratio
     is infinite, so such tokens and their sequences are counted apart and left out of the means.
+    A generator log-prob of None is an observation's token (--env): not the policy's, not compared.
     """
     deltas, seq_sums, outside_tokens, outside_seqs = [], [], 0, 0
     for gen, trainer in pairs:
-        d = [g - t for g, t in zip(gen, trainer, strict=True) if t is not None]
+        d = [g - t for g, t in zip(gen, trainer, strict=True) if g is not None and t is not None]
         deltas += d
-        if len(d) < len(gen):
-            outside_tokens += len(gen) - len(d)
+        if len(d) < sum(g is not None for g in gen):
+            outside_tokens += sum(g is not None for g in gen) - len(d)
             outside_seqs += 1
         else:
             seq_sums.append(sum(d))
@@ -196,13 +222,14 @@ def summarize(out: str, seconds: float, check_dtype: str):
     with open(out, encoding="utf-8") as f:
         for line in f:
             d = json.loads(line)
-            n, tokens, stops = n + 1, tokens + len(d["completion_token_ids"]), stops + (d["finish_reason"] == "stop")
+            n, tokens = n + 1, tokens + len(d["completion_token_ids"])
+            stops += d["finish_reason"] in ("stop", "done")  # "done": the environment ended the episode
             if "reward" in d:
                 rewards.append(d["reward"])
             if "trainer_logprobs" in d:
                 pairs.append((d["logprobs"], d["trainer_logprobs"]))
     print(f"wrote {n} completions to {out}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s, "
-          f"{stops / n:.0%} ended with EOS")
+          f"{stops / n:.0%} ended with EOS (or, with --env, by the environment)")
     if rewards:
         print(f"mean reward {sum(rewards) / len(rewards):.4f}")
     if pairs:
@@ -232,17 +259,32 @@ def make_generator(args, tok: Tokenizer, device, dtype) -> RolloutBackend:
         sys.exit(f"rollout.py: error: {e}")
 
 
-def output_line(s: Sample, k: int, text: str, reward_fn, trainer_lp) -> dict:
+def output_line(s: Sample, k: int, text: str, reward_fn, trainer_lp, tok) -> dict:
     p = s.prompt
+    logprobs = [lp if m else None for lp, m in zip(s.gen_logprobs, policy_mask(s))]  # none for observations
     line = {"index": p.index, "sample": k, "prompt": p.text, "prompt_token_ids": p.token_ids, "completion": text,
-            "completion_token_ids": s.completion_ids, "logprobs": s.gen_logprobs, "finish_reason": s.finish_reason}
+            "completion_token_ids": s.completion_ids, "logprobs": logprobs, "finish_reason": s.finish_reason}
     if p.answer is not None:
         line["answer"] = p.answer
     if reward_fn is not None:  # checked: a NaN, None or exception is a ValueError naming the prompt
         line["reward"] = reward_fn(p.index, prompt_text(p), text, p.answer)
+    if s.mask is not None:  # an episode: its turns in order, and which tokens are the policy's
+        line |= {"reward": s.reward, "turns": turns(s, tok), "mask": s.mask}
     if trainer_lp is not None:
         line["trainer_logprobs"] = trainer_lp
     return line
+
+
+def turns(s: Sample, tok) -> list[dict]:
+    """The trajectory cut where the mask changes: [{"role": "policy" or "env", "text", "token_ids"}]."""
+    out = []
+    for t, m in zip(s.completion_ids, s.mask):
+        role = "policy" if m == 1.0 else "env"
+        if not out or out[-1]["role"] != role:
+            out.append({"role": role, "token_ids": []})
+        out[-1]["token_ids"].append(t)
+    return [{"role": d["role"], "text": tok.decode(d["token_ids"], skip_special_tokens=False),
+             "token_ids": d["token_ids"]} for d in out]
 
 
 def main(argv=None):
@@ -264,6 +306,8 @@ def run(args, d: Dist):
         tok = Tokenizer.from_dir(args.model)
         chat = tok.has_chat_template if args.chat_template is None else args.chat_template
         reward_fn = load_reward(args.reward) if args.reward else None
+        if args.env:
+            stop_token_id(args.env, tok)  # the env's stop text is one token of this tokenizer
         rows, n_prompts = load_rows(args, tok, chat, rank, world)
         if args.backend == "naive":
             check_weights(args.model)
@@ -295,13 +339,21 @@ def run(args, d: Dist):
                 # The trainer's seed scheme (step 0): a row's samples depend on (seed, prompt, sample) only.
                 seeds = [sample_seed(args.seed, 0, p.index, k) for p, k in batch]
                 t0 = time.perf_counter()
-                completions = generator.generate([p.token_ids for p, _ in batch], params, progress=bar, seeds=seeds)
+                if args.env:  # multi-turn episodes (minirl/episodes.py), scored by the environment
+                    samples, error = complete(generator, [p for p, _ in batch], seeds, params, episode_config(args),
+                                              None, tok, bar)
+                    if error:
+                        break
+                else:
+                    completions = generator.generate([p.token_ids for p, _ in batch], params, progress=bar,
+                                                     seeds=seeds)
+                    samples = [Sample(p, c.token_ids, c.logprobs, c.finish_reason)
+                               for (p, _), c in zip(batch, completions)]
                 gen_seconds += time.perf_counter() - t0
-                samples = [Sample(p, c.token_ids, c.logprobs, c.finish_reason) for (p, _), c in zip(batch, completions)]
                 checked = trainer_logprobs(trainer, samples, params, d, attn_backend) \
                     if args.check_logprobs else [None] * len(batch)
                 try:
-                    lines = [output_line(s, k, tok.decode(s.completion_ids), reward_fn, trainer_lp)
+                    lines = [output_line(s, k, tok.decode(s.completion_ids), reward_fn, trainer_lp, tok)
                              for s, (_, k), trainer_lp in zip(samples, batch, checked)]
                 except ValueError as e:  # a reward error, on this rank alone: agreed on below
                     error = str(e)

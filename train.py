@@ -20,6 +20,7 @@ from minirl.backend import RolloutBackend
 from minirl.config import TrainConfig, parse_config, validate
 from minirl.data import PromptDataset
 from minirl.dist import Dist, check_parallel_or_exit, distributed
+from minirl.env import stop_token_id
 from minirl.fsdp import build_sharded, iter_full_params
 from minirl.generate import Generator
 from minirl.hf import check_weights, load_state_dict_from_dir, read_config
@@ -27,7 +28,7 @@ from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
 from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Policy, evaluate, rl_step
+from minirl.trainer import Policy, episode_budget, evaluate, rl_step
 
 
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
@@ -77,7 +78,10 @@ def load_inputs(cfg: TrainConfig):
                          cfg.data.max_prompt_len, cfg.run.seed)
     test = PromptDataset(cfg.data.test_data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
                          cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
-    longest = max(len(p.token_ids) for p in data.prompts) + cfg.rollout.max_new_tokens - 1
+    if cfg.rollout.env:
+        stop_token_id(cfg.rollout.env, tok)  # the env's stop text is one token of this tokenizer
+    after_prompt = episode_budget(cfg.rollout) if cfg.rollout.env else cfg.rollout.max_new_tokens
+    longest = max(len(p.token_ids) for p in data.prompts) + after_prompt - 1
     if longest > cfg.parallel.micro_batch_tokens:
         raise ValueError(f"--micro-batch-tokens {cfg.parallel.micro_batch_tokens} cannot hold the longest prompt "
                          f"with its completion ({longest} tokens); raise it or lower --max-new-tokens/--max-prompt-len")

@@ -23,6 +23,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
     seed: int = 0  # row i of a generate call samples from sample_seed(seed, 0, i, 0), unless given its own
+    stop_token_ids: tuple[int, ...] = ()  # end a row like EOS does (kept in the output): a multi-turn turn's end
 
     def check(self):
         if self.max_new_tokens < 1:
@@ -37,7 +38,7 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    token_ids: list[int]  # ends with the EOS id when finish_reason == "stop" (as vLLM returns it)
+    token_ids: list[int]  # ends with the EOS (or stop) id when finish_reason == "stop" (as vLLM returns it)
     logprobs: list[float]  # log-prob of each token under the processed distribution it was sampled from
     finish_reason: str  # "stop" (an EOS id) or "length" (max_new_tokens)
 

@@ -19,9 +19,12 @@ from dataclasses import asdict, dataclass, field, fields
 from minirl.algorithms import LossConfig, check_advantage
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
+from minirl.env import load_env
 
-# The built-in task: a small model, its data and its settings ship in the repo.
+# The built-in tasks: a small model, its data and its settings ship in the repo.
 DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_task")
+TASKS = {"default": DEFAULT_TASK,  # 2-digit addition (scripts/make_default_model.py)
+         "tools": os.path.join(os.path.dirname(DEFAULT_TASK), "tools_task")}  # a calculator tool, multi-turn
 
 
 def opt(default, help: str):
@@ -30,7 +33,9 @@ def opt(default, help: str):
 
 @dataclass
 class DataConfig:
-    model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in default task")
+    task: str = opt("default", "built-in task used without --model: default (addition) or tools (a calculator "
+                    "tool over several turns); its train_config.json stands in for --config")
+    model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in --task")
     data: str = opt("", "prompt dataset, .jsonl (or .parquet with pyarrow); empty = the default task's")
     test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)")
     prompt_field: str = opt("prompt", "field holding the prompt (a string or a list of chat messages)")
@@ -52,6 +57,11 @@ class RolloutConfig:
     tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)")
     vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training")
     keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
+    env: str = opt("", "multi-turn episodes with an environment, module:Name or file.py:Name (minirl/env.py); "
+                   "it gives the rewards (--reward is unused)")
+    max_turns: int = opt(4, "with --env: policy turns per episode at most (finish_reason max_turns)")
+    episode_tokens: int = opt(0, "with --env: tokens after the prompt per episode, turns and observations "
+                              "(finish_reason length; 0 = max_turns x max_new_tokens)")
 
 
 @dataclass
@@ -180,19 +190,22 @@ def build_parser(cfg: TrainConfig, description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """Defaults, then --config FILE, then flags. With neither --config nor --model, the default task's
-    train_config.json stands in for --config, and its model and data fill in what is left empty:
-    that is how a bare `train.py` runs the built-in task."""
+    """Defaults, then --config FILE, then flags. With neither --config nor --model, the built-in task's
+    (--task) train_config.json stands in for --config, and its model and data fill in what is left
+    empty: that is how a bare `train.py` runs the default task, and `train.py --task tools` the other."""
     cfg = TrainConfig()
     args = vars(build_parser(cfg, description).parse_args(argv))
-    config_file = args.pop("config") or ("" if "model" in args else os.path.join(DEFAULT_TASK, "train_config.json"))
+    if args.get("task", "default") not in TASKS:
+        raise ValueError(f"unknown --task {args['task']!r}: one of {', '.join(TASKS)}")
+    task = TASKS[args.get("task", "default")]
+    config_file = args.pop("config") or ("" if "model" in args else os.path.join(task, "train_config.json"))
     if config_file:
         apply_overrides(cfg, read_config_file(config_file), config_file)
     apply_overrides(cfg, args, "command line")
     if not cfg.data.model:
-        cfg.data.model = DEFAULT_TASK
-        cfg.data.data = cfg.data.data or os.path.join(DEFAULT_TASK, "train.jsonl")
-        cfg.data.test_data = cfg.data.test_data or os.path.join(DEFAULT_TASK, "test.jsonl")
+        cfg.data.model = task
+        cfg.data.data = cfg.data.data or os.path.join(task, "train.jsonl")
+        cfg.data.test_data = cfg.data.test_data or os.path.join(task, "test.jsonl")
     return cfg
 
 
@@ -239,6 +252,10 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
     if cfg.parallel.attn_backend not in ("", *BACKENDS):
         raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
+    if cfg.rollout.max_turns < 1 or cfg.rollout.episode_tokens < 0:
+        raise ValueError("--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")
+    if cfg.rollout.env:
+        load_env(cfg.rollout.env)  # importable, and makes a well-formed env
     loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
     check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
     sampling_params(cfg.rollout).check()

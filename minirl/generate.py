@@ -202,7 +202,7 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     # the logits of its first new token (prefill computes no logits).
     uniforms = draw_uniforms(rngs, T) if params.temperature > 0 else torch.zeros(B, T, dtype=torch.float64)
     first = (tokens.gather(1, (lens - 1)[:, None]).squeeze(1), lens - 1, uniforms.to(device))
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    eos = torch.tensor([*eos_ids, *params.stop_token_ids], dtype=torch.long, device=device)  # ids that end a row
     # Step t reads cache slots 0..S-1+t at most. Instead of the whole cache, attention reads one of a
     # few lengths (multiples of `width`, the last one max_len) that covers them: a graph each.
     width = -(-max_len // 4 // 64) * 64  # at most 4 lengths

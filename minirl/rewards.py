@@ -102,9 +102,15 @@ def get_reward_fn(name: str) -> RewardFn:
     choices = f"built-in rewards: {', '.join(sorted(BUILTIN_REWARDS))}, or 'module:function'"
     if name in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name]
+    return import_named(name, "reward", choices)
+
+
+def import_named(name: str, what: str, choices: str):
+    """The callable `attr` of `module:attr` (module: a dotted import path or a .py file), or one
+    ValueError naming `what` (reward, env), the spec and what went wrong, then `choices`."""
     module_name, _, fn_name = name.rpartition(":")
     if not module_name or not fn_name:
-        raise ValueError(f"unknown reward {name!r}; {choices}")
+        raise ValueError(f"unknown {what} {name!r}; {choices}")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
@@ -113,14 +119,14 @@ def get_reward_fn(name: str) -> RewardFn:
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except Exception as e:  # any failure inside user code is a bad reward spec
+    except Exception as e:  # any failure inside user code is a bad spec
         why = f"{type(e).__name__}: {e}"
-        raise ValueError(f"reward {name!r}: cannot import {module_name!r} ({why}); {choices}") from e
+        raise ValueError(f"{what} {name!r}: cannot import {module_name!r} ({why}); {choices}") from e
     fn = getattr(module, fn_name, None)
     if fn is None:
-        raise ValueError(f"reward {name!r}: {module_name!r} has no attribute {fn_name!r}; {choices}")
+        raise ValueError(f"{what} {name!r}: {module_name!r} has no attribute {fn_name!r}; {choices}")
     if not callable(fn):
-        raise ValueError(f"reward {name!r}: {module_name}.{fn_name} is not callable; {choices}")
+        raise ValueError(f"{what} {name!r}: {module_name}.{fn_name} is not callable; {choices}")
     return fn
 
 

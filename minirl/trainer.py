@@ -32,6 +32,8 @@ from minirl.backend import RolloutBackend, sample_seed
 from minirl.config import RolloutConfig, TrainConfig, loss_config, sampling_params
 from minirl.data import Prompt, plan_micro_batches
 from minirl.dist import Dist
+from minirl.env import load_env, stop_token_id
+from minirl.episodes import Episode, run_episodes
 from minirl.fsdp import clip_grad_norm_, iter_full_params
 from minirl.model import Transformer
 from minirl.report import PhaseTimer
@@ -47,6 +49,15 @@ class Sample:
     finish_reason: str
     reward: float = 0.0
     advantage: float = 0.0
+    # Multi-turn (minirl/episodes.py): 1.0 on the policy's tokens, 0.0 on observations, one per
+    # completion token; gen_logprobs hold 0.0 at observations. None: every token is the policy's.
+    mask: list[float] | None = None
+    turns: int = 1
+
+    @property
+    def n_policy(self) -> int:
+        """The tokens the loss counts (its normalisers' unit)."""
+        return len(self.completion_ids) if self.mask is None else int(sum(self.mask))
 
 
 @dataclass
@@ -153,6 +164,30 @@ def raise_first(errors: list[str]):
         raise ValueError(first)
 
 
+def complete(generator: RolloutBackend, rows: list[Prompt], seeds: list[int] | None, params, rc: RolloutConfig,
+             reward_fn, tok, bar=None) -> tuple[list[Sample], str]:
+    """(one scored Sample per row, "") or ([], the error): single-turn completions scored by the
+    reward, or with --env, multi-turn episodes scored by the environment (minirl/episodes.py)."""
+    if not rc.env:
+        outs = generator.generate([p.token_ids for p in rows], params, seeds=seeds, progress=bar)
+        rewards, error = score(reward_fn, rows, [tok.decode(o.token_ids) for o in outs])
+        return [Sample(p, o.token_ids, o.logprobs, o.finish_reason, r) for p, o, r in zip(rows, outs, rewards)], error
+    make_env = load_env(rc.env)
+    seeds = seeds or [sample_seed(params.seed, 0, i, 0) for i in range(len(rows))]
+    episodes = [Episode(p.index, p.token_ids, seed, make_env()) for p, seed in zip(rows, seeds)]
+    error = run_episodes(generator, episodes, [prompt_text(p) for p in rows], [p.answer for p in rows], rc.env, tok,
+                         params, stop_token_id(rc.env, tok), rc.max_turns, episode_budget(rc), bar)
+    if error:
+        return [], error
+    return [Sample(p, e.ids, e.logprobs, e.finish_reason, e.reward, mask=e.mask, turns=e.turns)
+            for p, e in zip(rows, episodes)], ""
+
+
+def episode_budget(rc: RolloutConfig) -> int:
+    """Tokens after the prompt an episode may hold (turns and observations)."""
+    return rc.episode_tokens or rc.max_turns * rc.max_new_tokens
+
+
 def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, rc: RolloutConfig, seed: int,
             reward_fn, tok, progress: bool) -> list[Sample]:
     """Generate n completions for this replica's share of the prompts, score them, gather all replicas'."""
@@ -162,10 +197,8 @@ def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist
     rows = [prompts[i] for i in mine for _ in range(n)]
     seeds = [sample_seed(seed, step, prompts[i].index, k) for i in mine for k in range(n)]
     bar = tqdm(total=len(rows), desc="rollout", leave=False, disable=not progress, unit="seq")
-    outs = generator.generate([p.token_ids for p in rows], sampling_params(rc), seeds=seeds, progress=bar)
+    local, error = complete(generator, rows, seeds, sampling_params(rc), rc, reward_fn, tok, bar)
     bar.close()
-    rewards, error = score(reward_fn, rows, [tok.decode(o.token_ids) for o in outs])
-    local = [Sample(p, o.token_ids, o.logprobs, o.finish_reason, r) for p, o, r in zip(rows, outs, rewards)]
     gathered = [None] * d.world
     dist.all_gather_object(gathered, (local if reports else None, error))
     raise_first([e for _, e in gathered])
@@ -195,7 +228,7 @@ def pack(samples: list[Sample], idx: list[int], pad_id: int, d: Dist, backend: s
         ids += full[:-1]
         pos += range(L)
         tgt += full[1:]
-        mask += [0.0] * (P - 1) + [1.0] * len(s.completion_ids)
+        mask += [0.0] * (P - 1) + ([1.0] * len(s.completion_ids) if s.mask is None else s.mask)
         seq += [i] * L
         adv += [s.advantage] * L
         gen += [0.0] * (P - 1) + s.gen_logprobs
@@ -279,9 +312,9 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=epochs * sum(len(mbs) for mbs in batches), desc="train", leave=False, disable=not progress,
                unit="mb")
-    # Completion tokens of every sample [N]; with the mini-batch's totals these are the global
+    # Counted (policy) tokens of every sample [N]; with the mini-batch's totals these are the global
     # normalisers of the loss weights, identical on every rank.
-    comp_lens = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32, device=d.device)
+    comp_lens = torch.tensor([s.n_policy for s in samples], dtype=torch.float32, device=d.device)
     passes = list(enumerate(zip(minis, batches))) * epochs
     for m, (mb_idx, mbs) in passes:
         n_tokens = comp_lens[mb_idx].sum().clamp_min(1)
@@ -329,15 +362,25 @@ def rollout_stats(samples: list[Sample], group_size: int) -> dict[str, float]:
     return {"reward_mean": r.mean().item(), "reward_std": r.std(correction=0).item(),
             "solved": (r > 0).float().mean().item(), "response_len": lens.mean().item(),
             "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "zero_var_groups": zero_variance_groups(r, group_size).float().mean().item()}
+            "zero_var_groups": zero_variance_groups(r, group_size).float().mean().item(),
+            **({} if samples[0].mask is None else episode_stats(samples))}
+
+
+def episode_stats(samples: list[Sample]) -> dict[str, float]:
+    """Multi-turn rollouts: turns per episode, policy tokens, and how often --max-turns ended one
+    (`truncated` counts the token budget)."""
+    return {"turns": sum(s.turns for s in samples) / len(samples),
+            "policy_tokens": sum(s.n_policy for s in samples) / len(samples),
+            "max_turns": sum(s.finish_reason == "max_turns" for s in samples) / len(samples)}
 
 
 def evaluate(generator: RolloutBackend, prompts: list[Prompt], d: Dist, rc: RolloutConfig, reward_fn, tok) -> float:
     """Greedy accuracy (reward > 0) on held-out prompts, each replica a share, summed over replicas."""
     replica, n_replicas, reports = generator_replicas(d, rc)
     mine = prompts[replica::n_replicas]
-    outs = generator.generate([p.token_ids for p in mine], sampling_params(rc, greedy=True)) if mine else []
-    rewards, error = score(reward_fn, mine, [tok.decode(o.token_ids) for o in outs])
+    scored, error = complete(generator, mine, None, sampling_params(rc, greedy=True), rc, reward_fn, tok) \
+        if mine else ([], "")
+    rewards = [s.reward for s in scored]
     errors = [""] * d.world
     dist.all_gather_object(errors, error)
     raise_first(errors)

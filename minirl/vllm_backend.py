@@ -144,7 +144,7 @@ class VLLMGenerator:
             top_p=params.top_p,
             top_k=params.top_k,
             seed=seed % 2**63,
-            stop_token_ids=self.eos_ids,
+            stop_token_ids=[*self.eos_ids, *params.stop_token_ids],  # vLLM keeps the stop id in the output
             logprobs=0,  # 0 extra candidates: only the sampled token's log-prob
             detokenize=False,
         ) for seed in seeds]
