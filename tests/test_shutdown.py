@@ -51,11 +51,13 @@ class Launch:
                 self.text[key] += chunk.decode(errors="replace")
                 self.arrivals[key].append((len(self.text[key]), time.monotonic()))
                 self.changed.notify_all()
+        with self.changed:  # the end of the output: a waiter need not wait for its timeout
+            self.changed.notify_all()
 
     def wait_for(self, key: str, text: str, timeout: float = 240):
         with self.changed:
             found = self.changed.wait_for(lambda: text in self.text[key] or self.proc.poll() is not None, timeout)
-        assert found and text in self.text[key], f"never saw {text!r}:\n{self.text['out'][-2000:]}{self.text['err'][-3000:]}"
+        assert found and text in self.text[key], f"no {text!r} in:\n{self.text['out'][-2000:]}{self.text['err'][-3000:]}"
 
     def arrived(self, key: str, text: str) -> float:
         """When `text` had arrived in full (time.monotonic)."""
