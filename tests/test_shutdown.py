@@ -57,7 +57,7 @@ class Launch:
     def wait_for(self, key: str, text: str, timeout: float = 240):
         with self.changed:
             found = self.changed.wait_for(lambda: text in self.text[key] or self.proc.poll() is not None, timeout)
-        assert found and text in self.text[key], f"no {text!r} in:\n{self.text['out'][-2000:]}{self.text['err'][-3000:]}"
+        assert found and text in self.text[key], f"no {text!r}:\n{self.text['out'][-2000:]}{self.text['err'][-3000:]}"
 
     def arrived(self, key: str, text: str) -> float:
         """When `text` had arrived in full (time.monotonic)."""
