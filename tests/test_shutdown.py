@@ -54,10 +54,13 @@ class Launch:
         with self.changed:  # the end of the output: a waiter need not wait for its timeout
             self.changed.notify_all()
 
-    def wait_for(self, key: str, text: str, timeout: float = 240):
+    def wait_for(self, key: str, text: str, after: int = 0, timeout: float = 240):
+        """Until `text` comes in stdout ("out") or stderr ("err"), in what came after the first `after` chars."""
+        def seen():
+            return text in self.text[key][after:]
         with self.changed:
-            found = self.changed.wait_for(lambda: text in self.text[key] or self.proc.poll() is not None, timeout)
-        assert found and text in self.text[key], f"no {text!r}:\n{self.text['out'][-2000:]}{self.text['err'][-3000:]}"
+            found = self.changed.wait_for(lambda: seen() or self.proc.poll() is not None, timeout)
+        assert found and seen(), f"no {text!r}:\n{self.text['out'][-2000:]}{self.text['err'][-3000:]}"
 
     def arrived(self, key: str, text: str) -> float:
         """When `text` had arrived in full (time.monotonic)."""
@@ -97,7 +100,8 @@ def runs(tmp_path_factory):
     assert straight.finish() == 0, straight.text["err"][-3000:]
 
     a = Launch(tmp / "run")
-    a.wait_for("out", "step=1 ")  # step 1's summary line: step 2's rollout starts now
+    a.wait_for("out", "step=1 ")  # step 1's summary line, then rank 0's progress bar of step 2's rollout
+    a.wait_for("err", "rollout:", after=len(a.text["err"]))
     a_seconds = a.sigterm(STOPPED)
     a_rows = rows(tmp / "run")
     a_latest = latest(tmp / "run")
