@@ -100,8 +100,8 @@ def runs(tmp_path_factory):
     assert straight.finish() == 0, straight.text["err"][-3000:]
 
     a = Launch(tmp / "run")
-    a.wait_for("out", "step=1 ")  # step 1's summary line, then rank 0's progress bar of step 2's rollout
-    a.wait_for("err", "rollout:", after=len(a.text["err"]))
+    a.wait_for("out", "step=1 ")  # step 1 is done; then rank 0's progress bar of step 2's rollout, the
+    a.wait_for("err", "rollout:", after=a.text["err"].rindex("train:"))  # first after step 1's update bar
     a_seconds = a.sigterm(STOPPED)
     a_rows = rows(tmp / "run")
     a_latest = latest(tmp / "run")
