@@ -5,9 +5,10 @@
                                                                # prompts r, r+8, r+16, ...
 
 Each output line is one completion, in prompt order (and sample order within a prompt). Lines are
-written and flushed batch by batch, so an interrupted run keeps everything finished so far; under
-torchrun each rank writes OUT.rank<r> and rank 0 merges them into OUT at the end (an interrupted run
-leaves only the OUT.rank<r> parts: an OUT of an earlier run is removed at the start).
+written and flushed batch by batch, so an interrupted run (Ctrl-C, or SIGTERM as torchrun and
+schedulers send it) keeps everything finished so far; under torchrun each rank writes OUT.rank<r> and
+rank 0 merges them into OUT at the end (an interrupted run leaves only the OUT.rank<r> parts: an OUT
+of an earlier run is removed at the start, and OUT appears only complete).
 
 --check-logprobs recomputes the completions' log-probs with the trainer's packed forward (in
 --check-dtype, with the same temperature/top-k/top-p) and reports how far the generator's are. The
@@ -20,6 +21,7 @@ import heapq
 import json
 import math
 import os
+import signal
 import sys
 import time
 import torch
@@ -179,8 +181,9 @@ def merge(out: str, world: int):
     """Rank 0: interleave the per-rank files (each sorted by prompt, sample) into `out`, then delete them."""
     parts = [f"{out}.rank{r}" for r in range(world)]
     files = [open(p, encoding="utf-8") for p in parts]
-    with open(out, "w", encoding="utf-8") as f:
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(heapq.merge(*files, key=_order))
+    os.replace(out + ".tmp", out)  # an interrupted merge leaves no partial OUT
     for fh, p in zip(files, parts):
         fh.close()
         os.remove(p)
@@ -287,6 +290,10 @@ def turns(s: Sample, tok) -> list[dict]:
              "token_ids": d["token_ids"]} for d in out]
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = parse_args(argv)
     # Started before the process group, the ledger also switches on NCCL's flight recorder.
@@ -330,6 +337,7 @@ def run(args, d: Dist):
               f"{dtype} on {d.device}, chat template {'on' if chat else 'off'}")
 
     params = sampling_params(args)
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the batches written so far stay
     written, gen_seconds, error = 0, 0.0, ""
     bar = tqdm(total=len(rows), unit="completion", disable=rank != 0, desc="rank 0" if world > 1 else None)
     try:

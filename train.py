@@ -51,13 +51,17 @@ def main(argv=None):
     with (distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cpu_collectives=cfg.parallel.cpu_offload) as d,
           trace_collectives(cfg, d, ledger_dir) as traced):
         try:
-            run(cfg, d, model_cfg, tok, data, test, reward_fn, traced)
+            stopped = run(cfg, d, model_cfg, tok, data, test, reward_fn, traced)
         except (ValueError, OSError) as e:
             # Raised on every rank together (a reward error, non-finite steps, a failed checkpoint save or
             # load: each agreed through a collective), so rank 0 speaks for all.
             if d.is_main:
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
+    if stopped:  # leave now: the interpreter's teardown of torch can take seconds of torchrun's grace
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def load_inputs(cfg: TrainConfig):
@@ -104,7 +108,8 @@ def trace_collectives(cfg: TrainConfig, d: Dist, ledger_dir: str):
                          stall_s=0.75 * cfg.parallel.timeout_s)
 
 
-def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced=None):
+def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced=None) -> bool:
+    """Train; returns True when a stop signal ended the run early (after saving a checkpoint)."""
     if cfg.parallel.numa and d.device.type == "cuda":
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         bind_to_gpu_node(d.rank, local_rank, local_world, d.device)
@@ -134,13 +139,25 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
             if d.is_main:
                 metrics.write({"step": 0, "test_accuracy": acc0})
 
-        stop, acc = report.StopFlag(), None
+        stop, acc = report.StopFlag(d.device), None
+        saved = start  # the newest checkpoint on disk (0: none needed, nothing has changed yet)
         step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
                         initial=start, total=cfg.run.steps)
         skipped = 0  # steps in a row that skipped an update
         for step in step_bar:
-            row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, reward_fn, tok,
-                          progress=d.is_main)
+            drawn = data.state_dict()  # the data order before this step's prompts: --resume redoes the step
+            try:
+                row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, reward_fn,
+                              tok, progress=d.is_main, stop=stop)
+            except report.Interrupted:  # on every rank together, before the step changed the model
+                policy.optimizer.zero_grad(set_to_none=True)  # the micro-batches' gradients so far
+                if step > saved:
+                    checkpoint.save(ckpt_dir, step, policy.model, policy.optimizer, policy.scheduler, drawn,
+                                    keep=cfg.run.keep_checkpoints)
+                log(f"stopped by signal during step {step + 1}; " + (
+                    f"saved step {step}, the last finished one: --resume runs step {step + 1} again"
+                    if step else "no step had finished: nothing to save"))
+                return True
             if traced is not None:  # every rank issued the same collectives this step, or fail here
                 traced.check_step(step + 1)
             acc = None
@@ -156,13 +173,14 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
                                  f"loss/gradient norm ({MAX_SKIPPED_STEPS} steps in a row); check the rewards, "
                                  f"lower --lr, or resume from the last checkpoint")
             last = step + 1 == cfg.run.steps
-            stopping = stop.any_rank(d.device)
+            stopping = stop.any_rank()  # a signal that came after the step could no longer be abandoned
             if stopping or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 checkpoint.save(ckpt_dir, step + 1, policy.model, policy.optimizer, policy.scheduler,
                                 data.state_dict(), keep=cfg.run.keep_checkpoints)
+                saved = step + 1
             if stopping:
                 log(f"stopped by signal after step {step + 1}; checkpoint saved, resume with --resume")
-                return
+                return True
 
         if test is not None:
             if acc is None:  # not already evaluated at the last step
@@ -175,6 +193,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
             log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
         if d.is_main:
             report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
+    return False
 
 
 def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:

@@ -9,7 +9,7 @@ prompt, k)`. It depends on its prompt and seed only, not on batching or on how p
 over ranks: a run does not depend on the parallel layout.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,8 +57,9 @@ class RolloutBackend(Protocol):
         """Every parameter, (our name, FULL tensor), exactly once (`checked_weights`)."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None) -> list[Completion]:
-        """One Completion per prompt, in order; `progress` has tqdm's `update(n)`."""
+                 seeds: list[int] | None = None, stop: Callable[[], bool] | None = None) -> list[Completion]:
+        """One Completion per prompt, in order; `progress` has tqdm's `update(n)`. A backend that works
+        in batches asks `stop()` between them and, once it is True, returns the Completions done so far."""
 
     def release(self) -> None:
         """Give memory back to training until the next `update_weights`."""

@@ -50,24 +50,25 @@ class Episode:
 
 def run_episodes(generator: RolloutBackend, episodes: list[Episode], prompts: list[str], answers: list[str],
                  spec: str, tok, params: SamplingParams, stop_id: int, max_turns: int, budget: int,
-                 progress=None) -> str:
+                 progress=None, stop=None) -> str:
     """Play every episode to its end, in place; returns "" or the first environment error.
 
     `params.max_new_tokens` bounds each turn; `budget` bounds the whole trajectory. On an error the
-    episodes stop where they are (the caller raises it on every rank together, see trainer.score).
+    episodes stop where they are (the caller raises it on every rank together, see trainer.score),
+    as they do when `stop()` turns true (a stop signal, read between turns).
     """
     try:
         for e, prompt, answer in zip(episodes, prompts, answers):
             checked_start(e.env, spec, e.prompt_index, prompt, answer)
         for turn in range(max_turns):
             live = [e for e in episodes if not e.finish_reason]
-            if not live:
+            if not live or (stop is not None and stop()):
                 break
             left = [budget - len(e.ids) for e in live]  # >= 1: an episode with none left has finished
             turn_params = replace(params, max_new_tokens=min(params.max_new_tokens, max(left)),
                                   stop_token_ids=(*params.stop_token_ids, stop_id))
             outs = generator.generate([e.prompt_ids + e.ids for e in live], turn_params,
-                                      seeds=[sample_seed(e.seed, 0, turn, 0) for e in live])
+                                      seeds=[sample_seed(e.seed, 0, turn, 0) for e in live], stop=stop)
             for e, out, n_left in zip(live, outs, left):
                 ids, logprobs = out.token_ids[:n_left], out.logprobs[:n_left]  # the batch's limit may exceed its own
                 e.ids += ids

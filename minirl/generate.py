@@ -151,7 +151,7 @@ def cuda_graph(fn, reset, pool):
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int],
              pad_id: int, max_batch_size: int = 64, cuda_graphs: bool = True, prefill_tokens: int = 8192,
-             progress=None, seeds: list[int] | None = None) -> list[Completion]:
+             progress=None, seeds: list[int] | None = None, stop=None) -> list[Completion]:
     """Complete every prompt (a list of token ids); returns one Completion per prompt, in order.
 
     Prompts are generated `max_batch_size` rows at a time. Pick it from the KV cache a batch needs:
@@ -160,7 +160,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     84 MiB a row and 64 rows 5.3 GiB; add the decode step's [B, V] logits and fp32 sampling buffers.
     Prefill runs at most `prefill_tokens` rows x positions per forward, which bounds its activations
     (the MLP's [tokens, intermediate] tensors and the attention mask). `progress` is anything with
-    tqdm's `update(n)`; it counts finished completions.
+    tqdm's `update(n)`; it counts finished completions. `stop`, a function of no arguments, is asked
+    before each batch after the first; once it returns True the rest is left out (fewer Completions).
     Each prompt samples from its own random stream: `seeds[i]` if given (one per prompt), else
     `sample_seed(params.seed, 0, i, 0)` (see backend.py). A completion thus depends on its prompt and
     seed only, not on max_batch_size or its neighbours. Reruns are exact on CPU.
@@ -177,6 +178,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     use_graph = cuda_graphs and model.embed_tokens.weight.device.type == "cuda"
     completions = []
     for start in range(0, len(prompts), max_batch_size):
+        if start and stop is not None and stop():
+            break
         end = start + max_batch_size
         completions += _generate_batch(model, prompts[start:end], params, eos_ids, pad_id,
                                        rngs[start:end], use_graph, prefill_tokens, progress)
@@ -361,8 +364,8 @@ class Generator:
         self.model = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None) -> list[Completion]:
+                 seeds: list[int] | None = None, stop=None) -> list[Completion]:
         if self.model is None:
             raise RuntimeError("the generator holds no weights: call update_weights first")
         return generate(self.model, prompts, params, self.eos_ids, self.pad_id, self.max_batch_size,
-                        self.cuda_graphs, progress=progress, seeds=seeds)
+                        self.cuda_graphs, progress=progress, seeds=seeds, stop=stop)

@@ -1,7 +1,7 @@
 """What a run reports: phase times, metrics (jsonl, TensorBoard), the per-step line, the reward
 curve, and the SIGTERM/Ctrl-C flag that turns a kill into a checkpoint.
 
-Nothing here runs inside the micro-batch loop: times and metrics are read once per step.
+Times and metrics are read once per step; inside the micro-batch loop runs only `StopFlag.check`.
 """
 
 import json
@@ -43,21 +43,38 @@ class PhaseTimer:
         return {f"time/{k}": b - a for k, (a, b) in self.marks.items()}
 
 
-class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits cleanly."""
+class Interrupted(Exception):
+    """A stop signal ended the step early: raised on every rank together, before the step changed the
+    model, optimizer, scheduler or data order (train.py saves the last finished step and exits)."""
 
-    def __init__(self):
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the step checks it where every rank is in lockstep and ends early.
+
+    The handler only sets `raised`: the ranks must agree on where they stop, or one rank would enter a
+    collective that the others never join. `check` is that agreement, a one-float all_reduce(MAX) that
+    the trainer runs once per micro-batch. On GPUs it goes through a gloo group on a CPU tensor, so
+    reading the result does not wait for the GPU's queued work.
+    """
+
+    def __init__(self, device: torch.device):
         self.raised = False
+        self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # a collective
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.raised = True
 
-    def any_rank(self, device) -> bool:
-        flag = torch.tensor([float(self.raised)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def any_rank(self) -> bool:
+        flag = torch.tensor([float(self.raised)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+    def check(self):
+        """Raise Interrupted on every rank if any rank got a signal (call it on every rank together)."""
+        if self.any_rank():
+            raise Interrupted
 
 
 class MetricsLog:

@@ -36,7 +36,7 @@ from minirl.env import load_env, stop_token_id
 from minirl.episodes import Episode, run_episodes
 from minirl.fsdp import clip_grad_norm_, iter_full_params
 from minirl.model import Transformer
-from minirl.report import PhaseTimer
+from minirl.report import Interrupted, PhaseTimer, StopFlag
 
 
 @dataclass
@@ -86,11 +86,17 @@ class Policy:
 
 
 def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, cfg: TrainConfig,
-            reward_fn, tok, progress: bool) -> dict[str, float]:
-    """One RL step on this step's prompts; returns its metrics row (a line of metrics.jsonl)."""
+            reward_fn, tok, progress: bool, stop: StopFlag | None = None) -> dict[str, float]:
+    """One RL step on this step's prompts; returns its metrics row (a line of metrics.jsonl).
+
+    With `stop`, a signal ends the step early: `Interrupted` on every rank together, at the end of the
+    rollout or at a micro-batch before the step's first optimizer step, so nothing of the step has
+    reached the model, optimizer or scheduler. Later (mini-batches after the first, PPO epochs after
+    the first, the weight sync) the step runs to its end, since it has already changed the model.
+    """
     timer, t0 = PhaseTimer(d.device), time.perf_counter()
     timer.start("rollout")
-    samples = rollout(generator, prompts, step, d, cfg.rollout, cfg.run.seed, reward_fn, tok, progress)
+    samples = rollout(generator, prompts, step, d, cfg.rollout, cfg.run.seed, reward_fn, tok, progress, stop)
     timer.stop("rollout")
     generator.release()  # training gets the memory back (unless --keep-generator)
     score_samples(samples, cfg.rollout.n_samples, cfg.algo.std_norm, cfg.algo.advantage)
@@ -106,11 +112,11 @@ def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], st
     # Log-probs before any update: needed when later mini-batches are off-policy, or for TIS/KL.
     need_old = len(minis) > 1 or cfg.run.ppo_epochs > 1 or lcfg.tis_cap is not None
     timer.start("logprobs")
-    old, ref = logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress)
+    old, ref = logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress, stop)
     timer.stop("logprobs")
     timer.start("train")
     sums = update(policy, samples, minis, batches, old, ref, d, lcfg, cfg.rollout, cfg.optim.grad_clip,
-                  cfg.run.ppo_epochs, progress)
+                  cfg.run.ppo_epochs, progress, stop)
     timer.stop("train")
     timer.start("weight_sync")
     generator.update_weights(iter_full_params(policy.model, generator.dtype))  # a collective
@@ -165,19 +171,22 @@ def raise_first(errors: list[str]):
 
 
 def complete(generator: RolloutBackend, rows: list[Prompt], seeds: list[int] | None, params, rc: RolloutConfig,
-             reward_fn, tok, bar=None) -> tuple[list[Sample], str]:
+             reward_fn, tok, bar=None, stop=None) -> tuple[list[Sample], str]:
     """(one scored Sample per row, "") or ([], the error): single-turn completions scored by the
-    reward, or with --env, multi-turn episodes scored by the environment (minirl/episodes.py)."""
+    reward, or with --env, multi-turn episodes scored by the environment (minirl/episodes.py).
+    `stop() == True` (a stop signal, read between generation batches or turns) gives ([], "")."""
     if not rc.env:
-        outs = generator.generate([p.token_ids for p in rows], params, seeds=seeds, progress=bar)
+        outs = generator.generate([p.token_ids for p in rows], params, seeds=seeds, progress=bar, stop=stop)
+        if stop is not None and stop():
+            return [], ""
         rewards, error = score(reward_fn, rows, [tok.decode(o.token_ids) for o in outs])
         return [Sample(p, o.token_ids, o.logprobs, o.finish_reason, r) for p, o, r in zip(rows, outs, rewards)], error
     make_env = load_env(rc.env)
     seeds = seeds or [sample_seed(params.seed, 0, i, 0) for i in range(len(rows))]
     episodes = [Episode(p.index, p.token_ids, seed, make_env()) for p, seed in zip(rows, seeds)]
     error = run_episodes(generator, episodes, [prompt_text(p) for p in rows], [p.answer for p in rows], rc.env, tok,
-                         params, stop_token_id(rc.env, tok), rc.max_turns, episode_budget(rc), bar)
-    if error:
+                         params, stop_token_id(rc.env, tok), rc.max_turns, episode_budget(rc), bar, stop)
+    if error or (stop is not None and stop()):
         return [], error
     return [Sample(p, e.ids, e.logprobs, e.finish_reason, e.reward, mask=e.mask, turns=e.turns)
             for p, e in zip(rows, episodes)], ""
@@ -189,20 +198,27 @@ def episode_budget(rc: RolloutConfig) -> int:
 
 
 def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, rc: RolloutConfig, seed: int,
-            reward_fn, tok, progress: bool) -> list[Sample]:
-    """Generate n completions for this replica's share of the prompts, score them, gather all replicas'."""
+            reward_fn, tok, progress: bool, stop: StopFlag | None = None) -> list[Sample]:
+    """Generate n completions for this replica's share of the prompts, score them, gather all replicas'.
+
+    A rank that got a stop signal leaves its remaining generation batches out (`stop.raised` is read
+    between them, no collective) and says so in the gather every rank joins: all raise Interrupted."""
     n = rc.n_samples
     replica, n_replicas, reports = generator_replicas(d, rc)
     mine = list(range(replica, len(prompts), n_replicas))
     rows = [prompts[i] for i in mine for _ in range(n)]
     seeds = [sample_seed(seed, step, prompts[i].index, k) for i in mine for k in range(n)]
     bar = tqdm(total=len(rows), desc="rollout", leave=False, disable=not progress, unit="seq")
-    local, error = complete(generator, rows, seeds, sampling_params(rc), rc, reward_fn, tok, bar)
+    raised = (lambda: stop.raised) if stop is not None else None
+    local, error = complete(generator, rows, seeds, sampling_params(rc), rc, reward_fn, tok, bar, stop=raised)
     bar.close()
+    stopped = stop is not None and stop.raised  # this rank's view: the gather below makes it every rank's
     gathered = [None] * d.world
-    dist.all_gather_object(gathered, (local if reports else None, error))
-    raise_first([e for _, e in gathered])
-    gathered = [g for g, _ in gathered if g is not None]  # one list per replica, in replica order
+    dist.all_gather_object(gathered, (local if reports and not stopped else None, error, stopped))
+    if any(s for _, _, s in gathered):
+        raise Interrupted
+    raise_first([e for _, e, _ in gathered])
+    gathered = [g for g, _, _ in gathered if g is not None]  # one list per replica, in replica order
     # Global order: prompt slot by slot, its n completions together (a GRPO group).
     samples = [None] * (len(prompts) * n)
     for r, replica_samples in enumerate(gathered):
@@ -283,14 +299,17 @@ def split_mini_batches(n_samples: int, n_mini: int) -> list[list[int]]:
 
 @torch.no_grad()
 def logprobs_before_update(policy: Policy, batches: list[list[MicroBatch]], need_old: bool, temperature: float,
-                           progress: bool) -> tuple[dict, dict]:
-    """({(mini, micro): old log-probs}, {(mini, micro): reference log-probs}), each empty when not needed."""
+                           progress: bool, stop: StopFlag | None = None) -> tuple[dict, dict]:
+    """({(mini, micro): old log-probs}, {(mini, micro): reference log-probs}), each empty when not needed.
+    `stop` is checked before each micro-batch (every dp rank runs as many: `plan_micro_batches`)."""
     old, ref = {}, {}
     if not need_old and policy.ref_model is None:
         return old, ref
     bar = tqdm(total=sum(len(mbs) for mbs in batches), desc="logprobs", leave=False, disable=not progress)
     for m, mbs in enumerate(batches):
         for j, mb in enumerate(mbs):
+            if stop is not None:
+                stop.check()
             if need_old:
                 old[m, j] = micro_logprobs(policy.model, mb, temperature)[0]
             if policy.ref_model is not None:
@@ -302,13 +321,15 @@ def logprobs_before_update(policy: Policy, batches: list[list[MicroBatch]], need
 
 def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batches: list[list[MicroBatch]],
            old: dict, ref: dict, d: Dist, lcfg: LossConfig, rc: RolloutConfig, grad_clip: float, epochs: int,
-           progress: bool) -> dict[str, torch.Tensor]:
+           progress: bool, stop: StopFlag | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step per mini-batch, for each of `epochs` passes over the same mini-batches in the
     same order (PPO epochs; `old` was computed once, before the first); returns the metrics averaged
     over updates and ranks. A mini-batch emptied by --skip-zero-var runs one zero-weight dummy
     micro-batch (so collectives still pair up) and skips its optimizer step. A mini-batch whose
     gradient norm is NaN or inf skips its optimizer step on every rank (the norm is global), and
-    `skipped_updates` counts it; train.py stops a run that keeps doing that."""
+    `skipped_updates` counts it; train.py stops a run that keeps doing that. `stop` is checked before
+    each micro-batch of the first mini-batch: after its optimizer step the model has changed, and the
+    step can no longer be abandoned."""
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=epochs * sum(len(mbs) for mbs in batches), desc="train", leave=False, disable=not progress,
                unit="mb")
@@ -316,9 +337,11 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
     # normalisers of the loss weights, identical on every rank.
     comp_lens = torch.tensor([s.n_policy for s in samples], dtype=torch.float32, device=d.device)
     passes = list(enumerate(zip(minis, batches))) * epochs
-    for m, (mb_idx, mbs) in passes:
+    for k, (m, (mb_idx, mbs)) in enumerate(passes):
         n_tokens = comp_lens[mb_idx].sum().clamp_min(1)
         for j, mb in enumerate(mbs):
+            if stop is not None and k == 0:
+                stop.check()
             lp, ent = micro_logprobs(policy.model, mb, rc.temperature)
             w = token_weights(mb.mask, mb.seq_ids, comp_lens, max(1, len(mb_idx)), n_tokens, lcfg.agg,
                               float(rc.max_new_tokens))

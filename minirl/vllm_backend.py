@@ -127,8 +127,9 @@ class VLLMGenerator:
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None) -> list[Completion]:
-        """One Completion per prompt, in order, as the naive generator returns. Each request samples
+                 seeds: list[int] | None = None, stop=None) -> list[Completion]:
+        """One Completion per prompt, in order, as the naive generator returns (one engine call: `stop`
+        is not asked, a stop signal takes effect after it). Each request samples
         from its own seed (`backend.check_request`), not from the batch it was scheduled in nor the
         process-wide RNG; each token comes with its log-prob under the processed distribution it was
         sampled from (temperature, top-k, top-p), comparable with the trainer's `process_logits`."""

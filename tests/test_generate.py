@@ -164,6 +164,15 @@ def test_batches_of_prompts_match_one_batch(model, params):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
 
 
+def test_stop_leaves_out_the_batches_after_it(model):
+    """`stop` is asked before each batch after the first; the batches done are those of a full run."""
+    prompts, params = random_prompts([3, 8, 1, 5, 2, 7, 4], seed=12), SamplingParams(6, temperature=0.9, seed=3)
+    asked = []
+    done = generate(model, prompts, params, [0], 0, max_batch_size=3, stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and len(done) == 6  # asked before batches 2 and 3; batch 3 left out
+    assert [o.token_ids for o in done] == [o.token_ids for o in generate(model, prompts, params, [0], 0)][:6]
+
+
 def perturbed(model, seed):
     """A copy of `model` with every parameter changed by noise."""
     g = torch.Generator().manual_seed(seed)

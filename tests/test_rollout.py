@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -165,3 +167,35 @@ def test_nan_reward_on_two_ranks_is_one_line_and_no_stale_out(setup):
     assert not out.exists()
     for r in range(2):
         assert all("reward" in d for d in read_lines(f"{out}.rank{r}"))
+
+
+def test_sigterm_on_two_ranks_leaves_the_parts_and_no_out(setup):
+    """torchrun passes a SIGTERM on to its workers: each keeps the batches it finished in its
+    OUT.rank<r> part (whole lines, in its order), and no OUT is there: not a partial one, and not
+    an earlier run's, which would pass for this run's result."""
+    model_dir, _, _, tmp = setup
+    many = tmp / "many.jsonl"
+    many.write_text("".join(json.dumps({"prompt": QUESTIONS[i % 4]}) + "\n" for i in range(400)))
+    out = tmp / "stopped.jsonl"
+    out.write_text('{"stale": true}\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+           os.path.join(REPO, "rollout.py"), "--model", model_dir, "--data", str(many), "--out", str(out),
+           "--num-samples", "2", "--max-new-tokens", "8", "--batch-size", "1"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part0 = tmp / "stopped.jsonl.rank0"
+    deadline = time.monotonic() + 240
+    while not (part0.exists() and part0.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)  # polling for lines the run writes, not waiting for a fixed time
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not out.exists(), err[-3000:]
+    for r in range(2):
+        done = [(d["index"], d["sample"]) for d in read_lines(f"{out}.rank{r}")]
+        assert done == [(i, k) for i in range(r, 400, 2) for k in range(2)][:len(done)]
+        assert len(done) < 400  # stopped before the end
+        assert f"completions were written to {out}.rank{r}" in err, err[-3000:]
