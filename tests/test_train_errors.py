@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -107,36 +108,22 @@ def test_resume_nothing_and_no_learning_warnings(task, tmp_path, capsys):
     assert "--n-samples 1" in err and "1 of" in err and "'answer'" in err
 
 
-def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(task, tmp_path):
-    """The NaN comes from the prompts with answer 3, scored on one rank; every rank stops, no hang."""
-    out = tmp_path / "out"
-    proc = torchrun(2, args(task, out, "--steps", "6", "--save-every", "1"), timeout=300)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0, text[-3000:]
-    line = one_error_line(text)
-    assert "nan_on_3" in line and "returned nan" in line, line
-    assert f'File "{REPO}/train.py"' not in text, text[-3000:]
-    # Only steps before the NaN one checkpointed, and every metrics line is JSON.
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()] if (
-        out / "metrics.jsonl").exists() else []
-    saved = sorted(os.listdir(out / "checkpoints")) if (out / "checkpoints").exists() else []
-    assert [f"step_{r['step']}" for r in rows] == [s for s in saved if s.startswith("step_")]
+@pytest.fixture(scope="module")
+def two_rank_faults(task, tmp_path_factory):
+    """The two-rank fault runs, started together in the background when first asked for: name -> Future
+    of (CompletedProcess, out dir). The one-rank resume test (first of the three) runs meanwhile."""
+    runs = {"nan": (["--steps", "6", "--save-every", "1"], "nan_on_3"), "non_finite": (["--steps", "4"], "huge")}
+    outs = {name: tmp_path_factory.mktemp(name) / "out" for name in runs}
+
+    def launch(name):
+        extra, reward = runs[name]
+        return torchrun(2, args(task, outs[name], *extra, reward=reward), timeout=300), outs[name]
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        yield {name: pool.submit(launch, name) for name in runs}
 
 
-def test_non_finite_gradients_skip_updates_then_stop(task, tmp_path):
-    out = tmp_path / "out"
-    proc = torchrun(2, args(task, out, "--steps", "4", reward="huge"), timeout=300)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 1, text[-3000:]
-    assert "skipped an update for a NaN or inf" in one_error_line(text)
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["skipped_updates"] == 1 for r in rows)
-    assert rows[0]["grad_norm"] is None  # written as null: the file stays JSON
-    assert not (out / "checkpoints").exists() or not any(
-        n.startswith("step_") for n in os.listdir(out / "checkpoints"))
-
-
-def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(task, tmp_path):
+def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(task, tmp_path, two_rank_faults):
     """step_3 is cut short (a full disk): --resume walks back to step_2, reruns step 3 exactly as the
     straight run did, and metrics.jsonl holds each step once. The straight run passes --resume too,
     into an empty out-dir: it starts fresh."""
@@ -155,3 +142,30 @@ def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(task, tm
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("reward_mean", "loss", "grad_norm"):
         assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
+
+
+def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(two_rank_faults):
+    """The NaN comes from the prompts with answer 3, scored on one rank; every rank stops, no hang."""
+    proc, out = two_rank_faults["nan"].result()
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    line = one_error_line(text)
+    assert "nan_on_3" in line and "returned nan" in line, line
+    assert f'File "{REPO}/train.py"' not in text, text[-3000:]
+    # Only steps before the NaN one checkpointed, and every metrics line is JSON.
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()] if (
+        out / "metrics.jsonl").exists() else []
+    saved = sorted(os.listdir(out / "checkpoints")) if (out / "checkpoints").exists() else []
+    assert [f"step_{r['step']}" for r in rows] == [s for s in saved if s.startswith("step_")]
+
+
+def test_non_finite_gradients_skip_updates_then_stop(two_rank_faults):
+    proc, out = two_rank_faults["non_finite"].result()
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "skipped an update for a NaN or inf" in one_error_line(text)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["skipped_updates"] == 1 for r in rows)
+    assert rows[0]["grad_norm"] is None  # written as null: the file stays JSON
+    assert not (out / "checkpoints").exists() or not any(
+        n.startswith("step_") for n in os.listdir(out / "checkpoints"))
