@@ -272,18 +272,12 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict
     phase(write, on_all_ranks=True)  # every rank's files are complete after it
     phase(commit, on_all_ranks=False)  # nobody reads `latest` before it is written
     if keep > 0 and rank == 0:
-        try:
-            prune(ckpt_dir, keep)
+        try:  # all but the `keep` newest, counting from the one `latest` names
+            for path in candidates(ckpt_dir)[0][keep:]:
+                shutil.rmtree(path)
         except OSError as e:  # the new checkpoint is saved; an old one left behind only costs disk
             _warn(f"could not delete an old checkpoint ({_why(e)})")
     return final
-
-
-def prune(ckpt_dir: str, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints up to the one `latest` names (rank 0 only)."""
-    paths, _ = candidates(ckpt_dir)  # `latest` first, then older ones
-    for path in paths[keep:]:
-        shutil.rmtree(path)
 
 
 def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:

@@ -62,7 +62,7 @@ class PromptDataset:
     def __init__(self, path, tokenizer: Tokenizer, prompt_field="prompt", answer_field="answer",
                  chat=True, max_prompt_len=1024, seed=0):
         rows = read_records(path)
-        self.prompts, too_long, no_answer = [], 0, 0
+        self.prompts, self.dropped, self.missing_answers = [], 0, 0
         for i, row in enumerate(rows):
             if prompt_field not in row:
                 raise ValueError(f"{path}: row {i + 1} has no field {prompt_field!r} (fields: {sorted(row)})")
@@ -71,18 +71,17 @@ class PromptDataset:
             except (TypeError, ValueError) as e:  # not a string or a list of messages
                 raise ValueError(f"{path}: row {i + 1}, field {prompt_field!r}: {e}") from None
             answer = row.get(answer_field)
-            no_answer += answer is None
+            self.missing_answers += answer is None
             if len(ids) > max_prompt_len:
-                too_long += 1
+                self.dropped += 1
                 continue
             self.prompts.append(Prompt(i, row[prompt_field], ids, "" if answer is None else str(answer)))
-        if rows and no_answer == len(rows):
+        if rows and self.missing_answers == len(rows):
             raise ValueError(f"{path}: no row has the answer field {answer_field!r} (fields of row 1: "
                              f"{sorted(rows[0])}); set --answer-field")
         if not self.prompts:
-            raise ValueError(f"{path}: no usable prompts ({len(rows)} rows, {too_long} longer than {max_prompt_len})")
-        self.dropped = too_long
-        self.missing_answers = no_answer
+            raise ValueError(f"{path}: no usable prompts ({len(rows)} rows, {self.dropped} longer than "
+                             f"{max_prompt_len})")
         self.seed, self.epoch, self.pos = seed, 0, 0
         self._order = self._shuffle(0)
 

@@ -16,7 +16,6 @@ A bad layout is reported before anything expensive happens: entry points call
 
 import argparse
 import gc
-import json
 import os
 import socket
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from minirl.hf import read_config
 from minirl.model import ModelConfig
 
 
@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                    help="number of ranks (default: $WORLD_SIZE, else 1)")
     args = p.parse_args(argv)
-    with open(os.path.join(args.model, "config.json")) as f:
-        cfg = ModelConfig.from_hf(json.load(f))
-    check_parallel_or_exit(args.world, args.sp, cfg)
+    check_parallel_or_exit(args.world, args.sp, read_config(args.model))
     print(f"ok: world {args.world} = dp {args.world // args.sp} x sp {args.sp}")
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minirl.model import ModelConfig, Transformer
 
@@ -38,10 +38,6 @@ def _names(names, limit: int = 8) -> str:
     names = sorted(names)
     more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def hf_to_ours(hf_name: str) -> str:
-    return hf_name.removeprefix("model.")
 
 
 def ours_to_hf(name: str) -> str:
@@ -69,9 +65,8 @@ def check_state_dict(shapes: dict[str, torch.Size], expected: dict[str, torch.Si
         problems.append(f"missing {len(missing)}: {_names(missing)}")
     if unexpected := shapes.keys() - expected.keys():
         problems.append(f"unexpected {len(unexpected)}: {_names(unexpected)}")
-    wrong = [f"{n} {list(shapes[n])} (expected {list(expected[n])})"
-             for n in expected.keys() & shapes.keys() if tuple(shapes[n]) != tuple(expected[n])]
-    if wrong:
+    if wrong := [f"{n} {list(shapes[n])} (expected {list(expected[n])})"
+                 for n in expected.keys() & shapes.keys() if tuple(shapes[n]) != tuple(expected[n])]:
         problems.append(f"wrong shape {len(wrong)}: {_names(wrong)}")
     if problems:
         raise ValueError(f"{where} does not match the model config: " + "; ".join(problems))
@@ -104,45 +99,38 @@ def _ours(hf_name: str, cfg: ModelConfig) -> str | None:
         return None
     if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:  # a copy of the embedding
         return None
-    return hf_to_ours(hf_name)
+    return hf_name.removeprefix("model.")
 
 
-def check_weights(model_dir: str) -> None:
-    """The checks of `load_state_dict_from_dir` from the safetensors headers alone (no tensor is read):
-    every file readable and not cut short, names and shapes matching the config. Cheap, so entry
-    points run it before any process group starts."""
+def _stored(model_dir: str, tensors: bool) -> dict:
+    """Our name -> the stored tensor (`tensors`), or its shape read from the file headers alone, for
+    every tensor we load from `model_dir`; checked against the config: exactly the model's parameter
+    names and shapes, or one ValueError."""
     cfg = read_config(model_dir)
-    shapes = {}
+    out = {}
     for name in _shard_files(model_dir):
         path = os.path.join(model_dir, name)
         try:
             with safe_open(path, "pt") as f:
                 for hf_name in f.keys():
                     if (ours := _ours(hf_name, cfg)) is not None:
-                        shapes[ours] = torch.Size(f.get_slice(hf_name).get_shape())
+                        out[ours] = f.get_tensor(hf_name) if tensors else torch.Size(f.get_slice(hf_name).get_shape())
         except SafetensorError as e:
             raise ValueError(f"cannot read {path!r} (corrupt or truncated safetensors file): {e}") from None
+    shapes = {n: t.shape for n, t in out.items()} if tensors else out
     check_state_dict(shapes, expected_shapes(cfg), f"checkpoint {model_dir!r}")
+    return out
+
+
+def check_weights(model_dir: str) -> None:
+    """`load_state_dict_from_dir`'s checks without reading a tensor: every file readable and not cut
+    short, names and shapes matching the config. Cheap, so entry points run it before any process group."""
+    _stored(model_dir, tensors=False)
 
 
 def load_state_dict_from_dir(model_dir: str) -> dict[str, torch.Tensor]:
-    """All parameters of an HF checkpoint directory, under our names, as stored (CPU, file dtype).
-
-    Checked against the config: the result has exactly the model's parameter names and shapes.
-    """
-    cfg = read_config(model_dir)
-    state = {}
-    for name in _shard_files(model_dir):
-        path = os.path.join(model_dir, name)
-        try:
-            tensors = load_file(path)
-        except SafetensorError as e:
-            raise ValueError(f"cannot read {path!r} (corrupt or truncated safetensors file): {e}") from None
-        for hf_name, tensor in tensors.items():
-            if (ours := _ours(hf_name, cfg)) is not None:
-                state[ours] = tensor
-    check_state_dict({n: t.shape for n, t in state.items()}, expected_shapes(cfg), f"checkpoint {model_dir!r}")
-    return state
+    """All parameters of an HF checkpoint directory, under our names, as stored (CPU, file dtype)."""
+    return _stored(model_dir, tensors=True)
 
 
 def load_model(model_dir: str, device="cpu", dtype=torch.float32) -> Transformer:

@@ -297,12 +297,8 @@ def read_ledgers(ledger_dir: str) -> list[list[dict]]:
     return ledgers
 
 
-def group_members(ledgers: list[list[dict]]) -> dict[str, list[int]]:
-    """Each group's global ranks, from the description lines the ledgers contain."""
-    return {e["group_name"]: e["ranks"] for ledger in ledgers for e in ledger if "group_name" in e}
-
-
 def group_labels(ledgers: list[list[dict]]) -> dict[str, str]:
+    """Each group's label, from the description lines the ledgers contain."""
     return {e["group_name"]: e["label"] for ledger in ledgers for e in ledger if "group_name" in e}
 
 
@@ -335,7 +331,8 @@ def first_divergence(ledgers: list[list[dict]], members: dict[str, list[int]] | 
     same op, shapes and dtype at every position. Of several groups that diverge, the one whose
     divergence was issued first (smallest `n`) is reported.
     """
-    members = {**group_members(ledgers), **(members or {})}
+    described = {e["group_name"]: e["ranks"] for ledger in ledgers for e in ledger if "group_name" in e}
+    members = {**described, **(members or {})}
     labels = group_labels(ledgers)
     found = []
     for g in dict.fromkeys(e["group"] for ledger in ledgers for e in ledger if "op" in e):

@@ -42,11 +42,6 @@ class NumaChoice:
     reason: str
 
 
-# ---------------------------------------------------------------------------
-# Node selection: pure function over a sysfs tree.
-# ---------------------------------------------------------------------------
-
-
 def parse_cpulist(text: str) -> list[int]:
     """Parse a kernel cpulist such as "0-3,8-11" (may be empty) into CPU ids."""
     cpus = []
@@ -87,13 +82,8 @@ def cpu_nodes(sysfs_root: str = "/sys") -> dict[int, list[int]]:
     return dict(sorted(nodes.items()))
 
 
-def choose_node(
-    bdf: str | None,
-    local_rank: int,
-    local_world_size: int,
-    max_node: int,
-    sysfs_root: str = "/sys",
-) -> NumaChoice:
+def choose_node(bdf: str | None, local_rank: int, local_world_size: int, max_node: int,
+                sysfs_root: str = "/sys") -> NumaChoice:
     """Pick the NUMA node for the rank that drives the GPU at PCI address `bdf`.
 
     Order, first usable answer wins:
@@ -113,9 +103,7 @@ def choose_node(
     bdf already names the physical GPU, so CUDA_VISIBLE_DEVICES needs no care here.
     """
     if local_world_size < 1 or not 0 <= local_rank < local_world_size:
-        raise ValueError(
-            f"need 0 <= local_rank < local_world_size, got {local_rank=} {local_world_size=}"
-        )
+        raise ValueError(f"need 0 <= local_rank < local_world_size, got {local_rank=} {local_world_size=}")
     if max_node < 0:
         raise ValueError(f"max_node must be >= 0, got {max_node}")
     usable = {n: cpus for n, cpus in cpu_nodes(sysfs_root).items() if n <= max_node}
@@ -141,11 +129,6 @@ def choose_node(
     return NumaChoice(candidates[local_rank * len(candidates) // local_world_size], "fallback")
 
 
-# ---------------------------------------------------------------------------
-# Applying the choice: libnuma through ctypes, torch for the GPU's address.
-# ---------------------------------------------------------------------------
-
-
 def load_libnuma() -> ctypes.CDLL | None:
     """Load libnuma with the integer-API functions typed; None if it is absent.
 
@@ -156,14 +139,10 @@ def load_libnuma() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(ctypes.util.find_library("numa") or "libnuma.so.1", use_errno=True)
     except OSError:
         return None
-    lib.numa_available.argtypes = []
-    lib.numa_available.restype = ctypes.c_int
-    lib.numa_max_node.argtypes = []
-    lib.numa_max_node.restype = ctypes.c_int
-    lib.numa_run_on_node.argtypes = [ctypes.c_int]
-    lib.numa_run_on_node.restype = ctypes.c_int
-    lib.numa_set_preferred.argtypes = [ctypes.c_int]
-    lib.numa_set_preferred.restype = None
+    for fn, argtypes, restype in ((lib.numa_available, [], ctypes.c_int), (lib.numa_max_node, [], ctypes.c_int),
+                                  (lib.numa_run_on_node, [ctypes.c_int], ctypes.c_int),
+                                  (lib.numa_set_preferred, [ctypes.c_int], None)):
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
@@ -182,10 +161,7 @@ def apply_node(lib: ctypes.CDLL, node: int) -> None:
 
 
 def format_bdf(domain: int, bus: int, device: int) -> str:
-    """sysfs PCI address, lower-case: format_bdf(0, 0x1b, 0) == "0000:1b:00.0".
-
-    CUDA devices are PCI function 0.
-    """
+    """sysfs PCI address of a CUDA device (PCI function 0): format_bdf(0, 0x1b, 0) == "0000:1b:00.0"."""
     return f"{domain:04x}:{bus:02x}:{device:02x}.0"
 
 
@@ -202,13 +178,8 @@ def gpu_pci_bdf(index: int) -> str:
     return format_bdf(props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
 
 
-def bind_to_gpu_node(
-    rank: int,
-    local_rank: int,
-    local_world_size: int,
-    device: torch.device,
-    sysfs_root: str = "/sys",
-) -> NumaChoice:
+def bind_to_gpu_node(rank: int, local_rank: int, local_world_size: int, device: torch.device,
+                     sysfs_root: str = "/sys") -> NumaChoice:
     """Bind this process to the NUMA node of `device`; call once per rank at start-up.
 
     Never fails the run over NUMA: no CUDA device, no libnuma, or a kernel

@@ -84,9 +84,7 @@ def math_reward(prompt: str, completion: str, answer: str) -> float:
     pred = extract_boxed(completion)
     if pred is None:
         pred = extract_last_number(completion)
-    if pred is None:
-        return 0.0
-    return 1.0 if answers_match(pred, answer) else 0.0
+    return 1.0 if pred is not None and answers_match(pred, answer) else 0.0
 
 
 def exact_reward(prompt: str, completion: str, answer: str) -> float:
@@ -120,8 +118,7 @@ def import_named(name: str, what: str, choices: str):
         else:
             module = importlib.import_module(module_name)
     except Exception as e:  # any failure inside user code is a bad spec
-        why = f"{type(e).__name__}: {e}"
-        raise ValueError(f"{what} {name!r}: cannot import {module_name!r} ({why}); {choices}") from e
+        raise ValueError(f"{what} {name!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); {choices}") from e
     fn = getattr(module, fn_name, None)
     if fn is None:
         raise ValueError(f"{what} {name!r}: {module_name!r} has no attribute {fn_name!r}; {choices}")

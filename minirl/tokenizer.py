@@ -51,10 +51,9 @@ class Tokenizer:
         tokenizer_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
             found = ", ".join(sorted(os.listdir(path))) or "nothing"
-            raise FileNotFoundError(
-                f"no tokenizer.json in {path} (found: {found}). minirl reads only the fast-tokenizer file; "
-                "transformers can write one: AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
-            )
+            raise FileNotFoundError(f"no tokenizer.json in {path} (found: {found}). minirl reads only the fast-"
+                                    "tokenizer file; transformers can write one: "
+                                    "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)")
         backend = tokenizers.Tokenizer.from_file(tokenizer_file)
         config = _read_json(path, "tokenizer_config.json")
         generation_config = _read_json(path, "generation_config.json")
@@ -75,10 +74,8 @@ class Tokenizer:
         # The tokenizer's own EOS first, then generation_config's, without duplicates.
         eos_ids = list(dict.fromkeys(int(i) for i in [token_id("eos_token"), *generation_eos] if i is not None))
         if not eos_ids:
-            raise ValueError(
-                f"no end-of-sequence token in {path}: expected eos_token in tokenizer_config.json or "
-                "special_tokens_map.json, or eos_token_id in generation_config.json"
-            )
+            raise ValueError(f"no end-of-sequence token in {path}: expected eos_token in tokenizer_config.json or "
+                             "special_tokens_map.json, or eos_token_id in generation_config.json")
         pad_id = token_id("pad_token")
         return cls(
             backend=backend,
@@ -122,9 +119,8 @@ class Tokenizer:
         # Like transformers, drop keys set to None: templates test for a key, not for None.
         messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
         try:
-            return _compile(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
-            )
+            return _compile(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                       **self.special_tokens)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template of {self.path} failed on these messages: {e}") from e
 

@@ -19,6 +19,7 @@ generate, release, close), with vLLM doing the sampling:
 vLLM is imported here and nowhere else, so the rest of minirl runs without it.
 """
 
+import contextlib
 import glob
 import os
 from collections.abc import Iterable
@@ -53,10 +54,8 @@ def remove_cpu_shm_files() -> list[str]:
     """Delete shared-memory files left by earlier vLLM CPU runs; returns their paths."""
     stale = glob.glob(CPU_SHM_FILES)
     for path in stale:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another rank of this machine was faster
             os.remove(path)
-        except FileNotFoundError:  # another rank of this machine was faster
-            pass
     return stale
 
 

@@ -1,17 +1,62 @@
-"""Shared test setup: import `minirl` from this checkout, and run torch on one CPU thread.
+"""Shared test setup: import `minirl` from this checkout, run torch on one CPU thread, and the tiny
+train.py task that several end-to-end test modules run.
 
 Test tensors are tiny, so extra threads buy nothing; on a small machine that is busy with other work
 they cost a lot (measured here on 2 cores under load: 15 s with two threads, 3 s with one).
 """
 
+import json
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
+# The task's rewards, loaded by train.py through --reward TASK/rewards.py:NAME.
+REWARDS = '''
+def length(prompt, completion, answer):
+    return float(len(completion))
+
+
+def vowels(prompt, completion, answer):
+    """Dense: a random model's completions differ in reward, so step 1 has a gradient."""
+    return float(sum(c in "aeiou" for c in completion))
+
+
+def nan_on_3(prompt, completion, answer):
+    return float("nan") if answer == "3" else float(len(completion))
+
+
+calls = 0
+
+
+def huge(prompt, completion, answer):
+    """Finite, but unequal in each group (2 samples) and their float32 sum overflows: the group mean is
+    inf, and the advantages, loss and gradients are NaN."""
+    global calls
+    calls += 1
+    return 3e38 if calls % 2 else 2e38
+'''
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on CUDA GPUs only; the GPU tier is `python -m pytest -m gpu tests`")
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory):
+    """TASK/model (a tiny random Qwen3 with the test tokenizer), TASK/train.jsonl (12 sums) and
+    TASK/rewards.py (REWARDS), for train.py end to end; returns TASK."""
+    from helpers_models import save_hf_model  # imports transformers: only where a test needs the task
+    from helpers_tokenizer import make_test_tokenizer
+
+    root = tmp_path_factory.mktemp("task")
+    make_test_tokenizer(str(root / "model"))
+    save_hf_model(str(root / "model"), "qwen3", vocab_size=320)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(1, 5) for b in range(1, 4)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "rewards.py").write_text(REWARDS)
+    return root

@@ -11,6 +11,7 @@ its metrics check the plumbing of each mode:
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -41,33 +42,62 @@ def run(n_ranks, out, test_data, *flags) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
+# The four runs of this module: ranks and flags. They are independent, so they are launched together
+# (a one-rank run leaves a core idle; start-up and the evaluations are mostly serial).
+RUNS = {
+    "one_rank": (1, ["--steps", "1", "--skip-zero-var", *SEQUENCE_MODES]),
+    "sp2": (2, ["--steps", "1", "--sp", "2", "--skip-zero-var", *SEQUENCE_MODES]),
+    "dp2": (2, ["--steps", "1", *SEQUENCE_MODES]),  # zero-variance groups kept
+    # One group per mini-batch: with --skip-zero-var, the mini-batch of a zero-variance group is empty
+    # and runs only a zero-weight dummy micro-batch, without an optimizer step.
+    "ppo": (2, ["--steps", "2", "--sp", "2", "--ppo-epochs", "2", "--mini-batches", "8", "--skip-zero-var",
+                "--schedule", "cosine", "--ratio-level", "sequence-token", "--tis-cap", "2", "--tis-mode", "mask",
+                "--tis-low", "0.5"]),
+}
+
+
 @pytest.fixture(scope="module")
-def one_rank(test_data, tmp_path_factory):
-    return run(1, tmp_path_factory.mktemp("world1"), test_data, "--steps", "1", "--skip-zero-var",
-               *SEQUENCE_MODES)[1]
+def runs(test_data, tmp_path_factory) -> dict:
+    """name -> {step: metrics row} of each of RUNS, or the AssertionError of a failed launch."""
+    def one(name):
+        n_ranks, flags = RUNS[name]
+        try:
+            return run(n_ranks, tmp_path_factory.mktemp(name), test_data, *flags)
+        except AssertionError as e:  # reported by the tests that use this run
+            return e
+
+    with ThreadPoolExecutor(len(RUNS)) as pool:
+        return dict(zip(RUNS, pool.map(one, RUNS)))
 
 
-def test_sequence_modes_sp2_match_one_rank(one_rank, test_data, tmp_path):
+def rows_of(runs, name) -> dict[int, dict]:
+    if isinstance(runs[name], AssertionError):
+        raise runs[name]
+    return runs[name]
+
+
+@pytest.fixture(scope="module")
+def one_rank(runs):
+    return rows_of(runs, "one_rank")[1]
+
+
+def test_sequence_modes_sp2_match_one_rank(one_rank, runs):
     assert one_rank["grad_norm"] > 0 and 0 < one_rank["zero_var_groups"] < 1  # the comparisons mean something
-    row = run(2, tmp_path, test_data, "--steps", "1", "--sp", "2", "--skip-zero-var", *SEQUENCE_MODES)[1]
+    row = rows_of(runs, "sp2")[1]
     for k in ("reward_mean", "zero_var_groups", "loss", "grad_norm", "entropy", "tis_weight", "tis_masked"):
         assert row[k] == pytest.approx(one_rank[k], rel=1e-4, abs=1e-6), k
 
 
-def test_skip_zero_var_renormalises(one_rank, test_data, tmp_path):
-    row = run(2, tmp_path, test_data, "--steps", "1", *SEQUENCE_MODES)[1]  # dp2, zero-variance groups kept
+def test_skip_zero_var_renormalises(one_rank, runs):
+    row = rows_of(runs, "dp2")[1]  # dp2, zero-variance groups kept
     kept = 1 - one_rank["zero_var_groups"]
     assert row["zero_var_groups"] == one_rank["zero_var_groups"]
     # (the loss itself is ~0 at step 1: ratio 1 and advantages summing to 0 in every group)
     assert row["grad_norm"] == pytest.approx(one_rank["grad_norm"] * kept, rel=1e-4)
 
 
-def test_ppo_epochs_and_gspo_token(test_data, tmp_path):
-    # One group per mini-batch: with --skip-zero-var, the mini-batch of a zero-variance group is empty
-    # and runs only a zero-weight dummy micro-batch, without an optimizer step.
-    rows = run(2, tmp_path, test_data, "--steps", "2", "--sp", "2", "--ppo-epochs", "2", "--mini-batches", "8",
-               "--skip-zero-var", "--schedule", "cosine", "--ratio-level", "sequence-token", "--tis-cap", "2",
-               "--tis-mode", "mask", "--tis-low", "0.5")
+def test_ppo_epochs_and_gspo_token(runs):
+    rows = rows_of(runs, "ppo")
     assert sorted(rows) == [1, 2] and rows[1]["zero_var_groups"] > 0
     # 2 steps x 8 mini-batches x 2 epochs = 32 updates; after step 1's 16, cosine is half way down.
     assert rows[1]["lr"] == pytest.approx(LR * (0.1 + 0.9 * 0.5))

@@ -9,44 +9,14 @@ import importlib.util
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from helpers_dist import REPO, torchrun
-from helpers_models import save_hf_model
-from helpers_tokenizer import make_test_tokenizer
 
 import train
-
-REWARDS = '''
-def length(prompt, completion, answer):
-    return float(len(completion))
-
-def nan_on_3(prompt, completion, answer):
-    return float("nan") if answer == "3" else float(len(completion))
-
-calls = 0
-
-
-def huge(prompt, completion, answer):
-    """Finite, but unequal in each group (2 samples) and their float32 sum overflows: the group mean is
-    inf, and the advantages, loss and gradients are NaN."""
-    global calls
-    calls += 1
-    return 3e38 if calls % 2 else 2e38
-'''
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    model = str(root / "model")
-    make_test_tokenizer(model)
-    save_hf_model(model, "qwen3", vocab_size=320)
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(1, 5) for b in range(1, 4)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "rewards.py").write_text(REWARDS)
-    return root
+from minirl.config import parse_config
 
 
 def args(task, out, *extra, reward="nan_on_3"):
@@ -124,21 +94,59 @@ def test_vllm_backend_without_vllm_is_one_line(task, tmp_path, capsys):
     assert e.value.code == 2 and "pip install vllm" in one_error_line(capsys.readouterr().err)
 
 
-def test_resume_nothing_and_no_learning_warnings(task, tmp_path):
-    """--resume into an empty dir says it starts fresh; --n-samples 1 and rows without an answer warn."""
+def test_resume_nothing_and_no_learning_warnings(task, tmp_path, capsys):
+    """--resume into an empty dir says it starts fresh; --n-samples 1 and rows without an answer warn.
+    All three are printed while the inputs are read, before start-up (the launch that starts fresh
+    from --resume is in test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run)."""
     data = tmp_path / "data.jsonl"
     data.write_text((task / "train.jsonl").read_text() + json.dumps({"prompt": "9+9="}) + "\n")
-    proc = torchrun(1, args(task, tmp_path / "out", "--data", str(data), "--resume", "--n-samples", "1",
-                            "--steps", "1", reward="length"), timeout=300)
+    cfg = parse_config(args(task, tmp_path / "out", "--data", str(data), "--resume", "--n-samples", "1",
+                            "--steps", "1", reward="length")[1:])
+    train.load_inputs(cfg)
+    out, err = capsys.readouterr()
+    assert "nothing to resume" in out
+    assert "--n-samples 1" in err and "1 of" in err and "'answer'" in err
+
+
+@pytest.fixture(scope="module")
+def two_rank_faults(task, tmp_path_factory):
+    """The two-rank fault runs, started together in the background when first asked for: name -> Future
+    of (CompletedProcess, out dir). The one-rank resume test (first of the three) runs meanwhile."""
+    runs = {"nan": (["--steps", "6", "--save-every", "1"], "nan_on_3"), "non_finite": (["--steps", "4"], "huge")}
+    outs = {name: tmp_path_factory.mktemp(name) / "out" for name in runs}
+
+    def launch(name):
+        extra, reward = runs[name]
+        return torchrun(2, args(task, outs[name], *extra, reward=reward), timeout=300), outs[name]
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        yield {name: pool.submit(launch, name) for name in runs}
+
+
+def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(task, tmp_path, two_rank_faults):
+    """step_3 is cut short (a full disk): --resume walks back to step_2, reruns step 3 exactly as the
+    straight run did, and metrics.jsonl holds each step once. The straight run passes --resume too,
+    into an empty out-dir: it starts fresh."""
+    out = tmp_path / "out"
+    run = ["--steps", "3", "--save-every", "1", "--lr", "1e-3"]
+    proc = torchrun(1, args(task, out, *run, "--resume", reward="length"), timeout=300)  # nothing yet: fresh
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to resume" in proc.stdout
-    assert "--n-samples 1" in proc.stderr and "1 of" in proc.stderr and "'answer'" in proc.stderr
+    straight = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    shard = next(f for f in (out / "checkpoints" / "step_3").iterdir() if f.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = torchrun(1, args(task, out, *run, "--resume", reward="length"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 2" in proc.stdout and "truncated" in proc.stderr, proc.stderr[-3000:]
+    resumed = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("reward_mean", "loss", "grad_norm"):
+        assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
 
 
-def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(task, tmp_path):
+def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(two_rank_faults):
     """The NaN comes from the prompts with answer 3, scored on one rank; every rank stops, no hang."""
-    out = tmp_path / "out"
-    proc = torchrun(2, args(task, out, "--steps", "6", "--save-every", "1"), timeout=300)
+    proc, out = two_rank_faults["nan"].result()
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     line = one_error_line(text)
@@ -151,9 +159,8 @@ def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(task, tmp_path):
     assert [f"step_{r['step']}" for r in rows] == [s for s in saved if s.startswith("step_")]
 
 
-def test_non_finite_gradients_skip_updates_then_stop(task, tmp_path):
-    out = tmp_path / "out"
-    proc = torchrun(2, args(task, out, "--steps", "4", reward="huge"), timeout=300)
+def test_non_finite_gradients_skip_updates_then_stop(two_rank_faults):
+    proc, out = two_rank_faults["non_finite"].result()
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]
     assert "skipped an update for a NaN or inf" in one_error_line(text)
@@ -162,22 +169,3 @@ def test_non_finite_gradients_skip_updates_then_stop(task, tmp_path):
     assert rows[0]["grad_norm"] is None  # written as null: the file stays JSON
     assert not (out / "checkpoints").exists() or not any(
         n.startswith("step_") for n in os.listdir(out / "checkpoints"))
-
-
-def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(task, tmp_path):
-    """step_3 is cut short (a full disk): --resume walks back to step_2, reruns step 3 exactly as the
-    straight run did, and metrics.jsonl holds each step once."""
-    out = tmp_path / "out"
-    run = ["--steps", "3", "--save-every", "1", "--lr", "1e-3"]
-    proc = torchrun(1, args(task, out, *run, reward="length"), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    straight = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    shard = next(f for f in (out / "checkpoints" / "step_3").iterdir() if f.suffix == ".distcp")
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = torchrun(1, args(task, out, *run, "--resume", reward="length"), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step 2" in proc.stdout and "truncated" in proc.stderr, proc.stderr[-3000:]
-    resumed = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    for key in ("reward_mean", "loss", "grad_norm"):
-        assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key

@@ -14,32 +14,15 @@ import sys
 import pytest
 
 from helpers_dist import REPO, free_port, torchrun
-from helpers_models import save_hf_model
-from helpers_tokenizer import make_test_tokenizer
 
 import train
 
 
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    model = str(root / "model")
-    make_test_tokenizer(model)
-    save_hf_model(model, "qwen3", vocab_size=320)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                            for a in range(1, 5) for b in range(1, 4)))
-    # A dense reward, so a random model's completions differ in reward and step 1 has a gradient;
-    # loading it from a file also exercises --reward path.py:function.
-    (root / "reward.py").write_text(
-        "def vowels(prompt, completion, answer):\n    return float(sum(c in 'aeiou' for c in completion))\n")
-    return root, model, str(data)
-
-
 def args(task, out, *extra):
-    root, model, data = task
+    """The `task` fixture (conftest.py) with a dense reward; --reward path.py:function is exercised too."""
     # Budget 24 tokens: several micro-batches per rank, and uneven counts that need a padding one.
-    return ["train.py", "--model", model, "--data", data, "--no-chat-template", "--reward", f"{root}/reward.py:vowels",
+    return ["train.py", "--model", str(task / "model"), "--data", str(task / "train.jsonl"), "--no-chat-template",
+            "--reward", f"{task}/rewards.py:vowels",
             "--prompts-per-step", "4", "--n-samples", "3", "--max-new-tokens", "6", "--lr", "1e-3",
             "--micro-batch-tokens", "24", "--out-dir", str(out), "--no-export", *extra]
 
@@ -123,8 +106,8 @@ def test_malformed_jsonl_names_the_line(task, tmp_path, capsys):
 def test_missing_model_on_two_ranks_is_one_line_from_rank_0(task, tmp_path):
     """Under torchrun every rank finds the same bad input: one `error:` line (rank 0's), a non-zero
     exit within the timeout, and no traceback through our code (torchrun's own failure summary stays)."""
-    _, _, data = task
-    proc = torchrun(2, ["train.py", "--model", "/does/not/exist", "--data", data, "--out-dir", str(tmp_path)],
+    proc = torchrun(2, ["train.py", "--model", "/does/not/exist", "--data", str(task / "train.jsonl"),
+                        "--out-dir", str(tmp_path)],
                     timeout=180)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
