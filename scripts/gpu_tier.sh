@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU test tier: every test marked `gpu` (CUDA kernels, NCCL, multi-GPU layouts, the hang reproducer
 # under NCCL) in one run, then a short summary. Multi-rank tests need 2 (or 4) GPUs and skip with fewer.
-# About 5.5 minutes on 2 H200s (9 tests, tests/GPU_TIER.md).
+# About 11 minutes on 4 H200s (12 tests; 5.5 on 2 H200s, where the 4-GPU test skips), tests/GPU_TIER.md.
 #
 #   bash scripts/gpu_tier.sh [OUT_DIR]      # default OUT_DIR: $OUT, else /tmp/minirl-gpu-tier
 #
