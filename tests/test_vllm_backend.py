@@ -89,6 +89,38 @@ def test_train_py_with_vllm_backend(tmp_path):
     assert rows["vllm"][0]["test_accuracy"] == rows["naive"][0]["test_accuracy"]  # step 0, greedy
 
 
+@needs_vllm
+def test_multi_turn_rollout_with_vllm(tmp_path):
+    """rollout.py --env on the tools task with --backend vllm: the episodes that call the calculator come back
+    with its output as masked observation tokens (no generator log-prob), the env's stop token ends a turn,
+    and the fp32 trainer's log-probs of every policy token, across turns, match vLLM's."""
+    import json
+    import re
+
+    task = os.path.join(REPO, "minirl", "tools_task")
+    data, out = tmp_path / "d.jsonl", tmp_path / "episodes.jsonl"
+    with open(os.path.join(task, "test.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:16]))
+    cmd = [sys.executable, "rollout.py", "--model", task, "--data", str(data), "--out", str(out), "--n", "8",
+           "--max-new-tokens", "10", "--max-turns", "3", "--no-chat-template", "--backend", "vllm",
+           "--env", "minirl.tools_task.calculator:Calculator", "--check-logprobs"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = [json.loads(line) for line in open(out)]
+    assert len(lines) == 16 * 8
+    calls = [d for d in lines if any(t["role"] == "env" for t in d["turns"])]
+    assert calls, "no episode called the tool: nothing multi-turn was tested"
+    for d in lines:
+        assert sum((t["token_ids"] for t in d["turns"]), []) == d["completion_token_ids"]
+        assert d["mask"] == [float(t["role"] == "policy") for t in d["turns"] for _ in t["token_ids"]]
+        assert all(lp is None for m, lp in zip(d["mask"], d["logprobs"]) if m == 0.0)
+    for d in calls:  # a policy turn followed by an observation ended with the stop token "]"
+        assert all(t["text"].endswith("]") for t, nxt in zip(d["turns"], d["turns"][1:]) if nxt["role"] == "env")
+    report = re.search(r"logprob check vs float32 trainer over (\d+) tokens: mean \|dlogprob\| (\S+)", proc.stdout)
+    assert report and int(report[1]) == sum(sum(d["mask"]) for d in lines) and float(report[2]) < 1e-5, proc.stdout
+
+
 @pytest.mark.skipif(HAS_VLLM, reason="checks the error raised when vllm is absent")
 def test_missing_vllm_error_names_the_install_command():
     from minirl.vllm_backend import import_vllm
