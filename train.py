@@ -28,7 +28,7 @@ from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
 from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Policy, episode_budget, evaluate, rl_step
+from minirl.trainer import Policy, evaluate, rl_step, sample_budget
 
 
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
@@ -84,7 +84,7 @@ def load_inputs(cfg: TrainConfig):
                          cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
     if cfg.rollout.env:
         stop_token_id(cfg.rollout.env, tok)  # the env's stop text is one token of this tokenizer
-    after_prompt = episode_budget(cfg.rollout) if cfg.rollout.env else cfg.rollout.max_new_tokens
+    after_prompt = sample_budget(cfg.rollout)
     longest = max(len(p.token_ids) for p in data.prompts) + after_prompt - 1
     if longest > cfg.parallel.micro_batch_tokens:
         raise ValueError(f"--micro-batch-tokens {cfg.parallel.micro_batch_tokens} cannot hold the longest prompt "

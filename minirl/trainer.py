@@ -185,16 +185,17 @@ def complete(generator: RolloutBackend, rows: list[Prompt], seeds: list[int] | N
     seeds = seeds or [sample_seed(params.seed, 0, i, 0) for i in range(len(rows))]
     episodes = [Episode(p.index, p.token_ids, seed, make_env()) for p, seed in zip(rows, seeds)]
     error = run_episodes(generator, episodes, [prompt_text(p) for p in rows], [p.answer for p in rows], rc.env, tok,
-                         params, stop_token_id(rc.env, tok), rc.max_turns, episode_budget(rc), bar, stop)
+                         params, stop_token_id(rc.env, tok), rc.max_turns, sample_budget(rc), bar, stop)
     if error or (stop is not None and stop()):
         return [], error
     return [Sample(p, e.ids, e.logprobs, e.finish_reason, e.reward, mask=e.mask, turns=e.turns)
             for p, e in zip(rows, episodes)], ""
 
 
-def episode_budget(rc: RolloutConfig) -> int:
-    """Tokens after the prompt an episode may hold (turns and observations)."""
-    return rc.episode_tokens or rc.max_turns * rc.max_new_tokens
+def sample_budget(rc: RolloutConfig) -> int:
+    """Tokens after the prompt a sample may hold: a completion's max_new_tokens, or with --env, an
+    episode's budget (its turns and observations). Also the constant length of seq-mean-token-sum-norm."""
+    return (rc.episode_tokens or rc.max_turns * rc.max_new_tokens) if rc.env else rc.max_new_tokens
 
 
 def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, rc: RolloutConfig, seed: int,
@@ -344,7 +345,7 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
                 stop.check()
             lp, ent = micro_logprobs(policy.model, mb, rc.temperature)
             w = token_weights(mb.mask, mb.seq_ids, comp_lens, max(1, len(mb_idx)), n_tokens, lcfg.agg,
-                              float(rc.max_new_tokens))
+                              float(sample_budget(rc)))
             seqs = Sequences(mb.seq_ids, mb.mask, comp_lens, d.sp_group)  # for sequence-level ratios
             loss, metrics = policy_loss(lp, old.get((m, j), lp.detach()), mb.advantages, w, lcfg,
                                         ref_logprobs=ref.get((m, j)), gen_logprobs=mb.gen_logprobs, entropy=ent,
