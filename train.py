@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from minirl import checkpoint, ledger, report
 from minirl.backend import RolloutBackend
-from minirl.config import TrainConfig, parse_config, validate
+from minirl.config import TrainConfig, parse_config, sample_budget, validate
 from minirl.data import PromptDataset
 from minirl.dist import Dist, check_parallel_or_exit, distributed
 from minirl.env import stop_token_id
@@ -28,7 +28,7 @@ from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
 from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Policy, evaluate, rl_step, sample_budget
+from minirl.trainer import Policy, evaluate, rl_step
 
 
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not

@@ -276,3 +276,8 @@ def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingPar
         return SamplingParams(rollout.max_new_tokens, temperature=0.0)
     return SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
 
+
+def sample_budget(rc: RolloutConfig) -> int:
+    """Tokens after the prompt a sample may hold: a completion's max_new_tokens, or with --env, an
+    episode's budget (its turns and observations). Also the constant length of seq-mean-token-sum-norm."""
+    return (rc.episode_tokens or rc.max_turns * rc.max_new_tokens) if rc.env else rc.max_new_tokens

@@ -102,3 +102,11 @@ def play(e: Episode, spec: str, tok, turn_ids: list[int], budget: int):
     e.ids += obs
     e.logprobs += [0.0] * len(obs)
     e.mask += [0.0] * len(obs)
+
+
+def episode_stats(samples: list) -> dict[str, float]:  # samples: trainer.Sample with masks
+    """Multi-turn rollouts: turns per episode, policy tokens, and how often --max-turns ended one
+    (`truncated` counts the token budget)."""
+    return {"turns": sum(s.turns for s in samples) / len(samples),
+            "policy_tokens": sum(s.n_policy for s in samples) / len(samples),
+            "max_turns": sum(s.finish_reason == "max_turns" for s in samples) / len(samples)}

@@ -354,9 +354,9 @@ def report(ledger_dir: str) -> str:
         ops = [e for e in ledger if "op" in e]
         end = next((e for e in reversed(ledger) if "end" in e), None)
         lines += [f"  rank {r}: {e['note']}" for e in ledger if "note" in e]
-        lines.append(f"  rank {r}: {len(ops)} collectives" + (f", last #{ops[-1]['n']} {ops[-1]['op']} at "
-                     f"{ops[-1].get('site', '?')}" if ops else "") + (f"; {end['end']} {end.get('error', '')}"
-                                                                         if end else "; no end (still running or killed)"))
+        last = f", last #{ops[-1]['n']} {ops[-1]['op']} at {ops[-1].get('site', '?')}" if ops else ""
+        ended = f"; {end['end']} {end.get('error', '')}" if end else "; no end (still running or killed)"
+        lines.append(f"  rank {r}: {len(ops)} collectives{last}{ended}")
     divergence = first_divergence(ledgers)
     lines.append(f"first divergent collective: {divergence}" if divergence else
                  "the ledgers agree (as far as each got)")

@@ -29,11 +29,11 @@ from minirl.algorithms import (LossConfig, Sequences, group_advantages, policy_l
                                zero_variance_groups)
 from minirl.attention import pick_backend
 from minirl.backend import RolloutBackend, sample_seed
-from minirl.config import RolloutConfig, TrainConfig, loss_config, sampling_params
+from minirl.config import RolloutConfig, TrainConfig, loss_config, sample_budget, sampling_params
 from minirl.data import Prompt, plan_micro_batches
 from minirl.dist import Dist
 from minirl.env import load_env, stop_token_id
-from minirl.episodes import Episode, run_episodes
+from minirl.episodes import Episode, episode_stats, run_episodes
 from minirl.fsdp import clip_grad_norm_, iter_full_params
 from minirl.model import Transformer
 from minirl.report import Interrupted, PhaseTimer, StopFlag
@@ -190,12 +190,6 @@ def complete(generator: RolloutBackend, rows: list[Prompt], seeds: list[int] | N
         return [], error
     return [Sample(p, e.ids, e.logprobs, e.finish_reason, e.reward, mask=e.mask, turns=e.turns)
             for p, e in zip(rows, episodes)], ""
-
-
-def sample_budget(rc: RolloutConfig) -> int:
-    """Tokens after the prompt a sample may hold: a completion's max_new_tokens, or with --env, an
-    episode's budget (its turns and observations). Also the constant length of seq-mean-token-sum-norm."""
-    return (rc.episode_tokens or rc.max_turns * rc.max_new_tokens) if rc.env else rc.max_new_tokens
 
 
 def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, rc: RolloutConfig, seed: int,
@@ -388,14 +382,6 @@ def rollout_stats(samples: list[Sample], group_size: int) -> dict[str, float]:
             "truncated": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "zero_var_groups": zero_variance_groups(r, group_size).float().mean().item(),
             **({} if samples[0].mask is None else episode_stats(samples))}
-
-
-def episode_stats(samples: list[Sample]) -> dict[str, float]:
-    """Multi-turn rollouts: turns per episode, policy tokens, and how often --max-turns ended one
-    (`truncated` counts the token budget)."""
-    return {"turns": sum(s.turns for s in samples) / len(samples),
-            "policy_tokens": sum(s.n_policy for s in samples) / len(samples),
-            "max_turns": sum(s.finish_reason == "max_turns" for s in samples) / len(samples)}
 
 
 def evaluate(generator: RolloutBackend, prompts: list[Prompt], d: Dist, rc: RolloutConfig, reward_fn, tok) -> float:

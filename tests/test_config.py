@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from minirl.config import DEFAULT_TASK, loss_config, parse_config, sampling_params, validate
+from minirl.config import (DEFAULT_TASK, RolloutConfig, loss_config, parse_config, sample_budget, sampling_params,
+                           validate)
 
 TASK = ["--model", "/some/model", "--data", "d.jsonl"]
 
@@ -58,3 +59,14 @@ def test_derived_settings():
     assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k) == (20, 0.7, 0.9, 5)
     g = sampling_params(cfg.rollout, greedy=True)
     assert (g.max_new_tokens, g.temperature, g.top_p, g.top_k) == (20, 0.0, 1.0, 0)
+
+
+def test_sample_budget_is_the_episode_budget_with_an_env():
+    """What a sample may hold after its prompt, and seq-mean-token-sum-norm's constant length: a
+    completion's max_new_tokens, or an episode's budget (turns and observations), never one turn's limit."""
+    rc = RolloutConfig(max_new_tokens=10, max_turns=3)
+    assert sample_budget(rc) == 10
+    rc.env = "minirl.tools_task.calculator:Calculator"
+    assert sample_budget(rc) == 30  # max_turns x max_new_tokens
+    rc.episode_tokens = 25
+    assert sample_budget(rc) == 25

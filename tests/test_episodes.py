@@ -22,7 +22,7 @@ from minirl.data import Prompt
 from minirl.generate import Generator
 from minirl.hf import load_model, read_config
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Sample, complete, micro_logprobs, pack, sample_budget
+from minirl.trainer import Sample, complete, micro_logprobs, pack
 
 from helpers_dist import REPO, torchrun
 from helpers_models import save_hf_model
@@ -285,14 +285,3 @@ def test_rollout_py_env_error_keeps_the_episodes_before_it(task, tmp_path):
         f"rollout.py: error: env '{task[0]}/envs.py:RaisesOnPrompt3' on prompt 2: step raised RuntimeError: "
         f"tool crashed; the completions before it are in {out}")
     assert [(d["index"], d["sample"]) for d in map(json.loads, open(out))] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-
-
-def test_sample_budget_is_the_episode_budget_with_an_env():
-    """What a sample may hold after its prompt, and seq-mean-token-sum-norm's constant length: a
-    completion's max_new_tokens, or an episode's budget (turns and observations), never one turn's limit."""
-    rc = RolloutConfig(max_new_tokens=10, max_turns=3)
-    assert sample_budget(rc) == 10
-    rc.env = "minirl.tools_task.calculator:Calculator"
-    assert sample_budget(rc) == 30  # max_turns x max_new_tokens
-    rc.episode_tokens = 25
-    assert sample_budget(rc) == 25
