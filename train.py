@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -34,6 +35,8 @@ from minirl.trainer import Policy, evaluate, rl_step
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
 # learning, and a run that cannot recover should not go on burning compute.
 MAX_SKIPPED_STEPS = 3
+# How long a rank other than 0 that found bad inputs leaves rank 0 to report them (see `main`).
+QUIET_RANK_WAIT_S = 10
 
 
 def main(argv=None):
@@ -42,8 +45,12 @@ def main(argv=None):
         cfg = parse_config(argv, description=__doc__.splitlines()[0])
         model_cfg, tok, data, test, reward_fn = load_inputs(cfg)
     except (ValueError, FileNotFoundError) as e:
-        if rank0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if not rank0:
+            # Rank 0 reads the same inputs and speaks for all; when it fails, torchrun ends this rank. Leaving
+            # first would let torchrun end rank 0 before it printed. Still here: only this rank's inputs
+            # are bad (per-node paths), so it speaks for itself.
+            time.sleep(QUIET_RANK_WAIT_S)
+        print(f"error: {e}" if rank0 else f"error (rank {os.environ['RANK']}): {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     ledger_dir = os.path.join(cfg.run.out_dir, "ledger")
     if cfg.parallel.trace_collectives:
