@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from minirl.model import ModelConfig, Transformer, init_weights
 
@@ -178,6 +179,25 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, reps: int = 20) ->
     dst = torch.empty_like(src)
     ms = median(time_ms(lambda: dst.copy_(src), device, warmup=3, reps=reps))
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def profile_table(fn, device: torch.device, title: str, path: str | None, rows: int = 20) -> str:
+    """Run `fn` once under torch.profiler; write to `path` (None: no file, e.g. ranks other than 0) and
+    return its top operators by self and by total GPU time (CPU time on a CPU): where the time goes."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    averages = prof.key_averages()
+    keys = ("self_device_time_total", "device_time_total") if device.type == "cuda" else \
+        ("self_cpu_time_total", "cpu_time_total")
+    table = "".join(f"{title}: top {rows} operators by {key}\n{averages.table(sort_by=key, row_limit=rows)}\n\n"
+                    for key in keys)
+    if path is not None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(table)
+        print(f"wrote {path}", flush=True)
+    return table
 
 
 def peak_memory_gb(device: torch.device) -> float | None:

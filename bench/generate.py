@@ -37,11 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import (copy_bandwidth, csv_ints, csv_strs, device_info, default_device, median, model_config,
-                          out_path, param_counts, print_table, random_model, sync, write_json)
+                          out_path, param_counts, print_table, profile_table, random_model, sync, write_json)
 from minirl.generate import SamplingParams, fuse_projections, generate
 from minirl.hf import ours_to_hf
 from minirl.model import KVCache, ModelConfig, Transformer
@@ -165,15 +164,8 @@ def profile_decode(shape: str, batch: int, prompt_len: int, device, path: str) -
     prompts = random_prompts(batch, prompt_len, cfg.vocab_size, seed=batch)
     run = ours_runner(model, prompts, "eager", prefill_tokens=batch * prompt_len)
     run(33)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        run(33)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = (f"{shape}, batch {batch}, prompt {prompt_len}: 33 eager decode steps + 1 prefill forward\n"
-             + prof.key_averages().table(sort_by=sort, row_limit=25))
-    with open(path, "w") as f:
-        f.write(table)
-    return table
+    return profile_table(lambda: run(33), device, f"{shape}, batch {batch}, prompt {prompt_len}: 33 eager decode "
+                         "steps + 1 prefill forward", path, rows=25)
 
 
 def bench_shape(shape: str, args, device, bandwidth: float) -> list[dict]:

@@ -2,7 +2,8 @@
 
 A GRPO step of minirl is four phases (see train.py): rollout (the naive generator samples
 n completions per prompt), log-probs (the policy scores the rollouts before the update: the "old"
-log-probs that the truncated importance weights and later mini-batches need), train (packed
+log-probs; only with --mini-batches > 1, since one optimizer step takes them from its own forward,
+`trainer.old_logprobs_needed`), train (packed
 forward+backward per micro-batch, clip, AdamW) and weight sync (the updated FSDP2 policy streamed
 into the generator's bf16 copy). This script runs exactly those phases with minirl's own pieces:
 `fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`score_samples`,
@@ -32,10 +33,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from bench.common import (device_info, median, model_config, out_path, peak_memory_gb, print_table, random_model,
-                          reset_peak_memory, write_json)
+from bench.common import (device_info, median, model_config, out_path, peak_memory_gb, print_table, profile_table,
+                          random_model, reset_peak_memory, write_json)
 from minirl import trainer
 from minirl.attention import pick_backend
 from minirl.backend import SamplingParams
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
     p.add_argument("--tis-cap", type=float, default=2.0,
                    help="truncated IS cap; > 0 makes the old-log-probs phase run (0 = skip it when on-policy)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every decoder block of the policy")
+    p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing in training")
     p.add_argument("--keep-generator", action="store_true", help="keep the generator copy resident in training")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--no-profile", action="store_true")
@@ -77,6 +79,7 @@ def rl_config(args) -> TrainConfig:
     cfg.rollout.n_samples, cfg.rollout.max_new_tokens = args.samples, args.new_tokens
     cfg.rollout.gen_batch_size, cfg.rollout.keep_generator = args.gen_batch, args.keep_generator
     cfg.parallel.micro_batch_tokens = args.micro_batch_tokens
+    cfg.parallel.compile, cfg.parallel.checkpointing = args.compile, not args.no_checkpointing
     cfg.run.mini_batches, cfg.run.prompts_per_step = args.mini_batches, args.prompts
     cfg.algo.tis_cap = args.tis_cap
     return cfg
@@ -119,8 +122,8 @@ def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist)
     minis = trainer.split_mini_batches(len(samples), cfg.run.mini_batches)
     batches = [trainer.pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, 0, backend) for mb in minis]
     timer.start("logprobs")
-    old, ref = trainer.logprobs_before_update(policy, batches, len(minis) > 1 or lcfg.tis_cap is not None,
-                                              cfg.rollout.temperature, progress=False)
+    need_old = trainer.old_logprobs_needed(len(minis), cfg.run.ppo_epochs)
+    old, ref = trainer.logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress=False)
     timer.stop("logprobs")
     timer.start("train")
     trainer.update(policy, samples, minis, batches, old, ref, d, lcfg, cfg.rollout, cfg.optim.grad_clip,
@@ -136,21 +139,6 @@ def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist)
     generated = sum(len(s.completion_ids) for s in samples)
     trained = sum(len(s.prompt.token_ids) + len(s.completion_ids) - 1 for s in samples)
     return {"times": times, "peak_mem_gb": mem, "generated_tokens": generated, "trained_tokens": trained}
-
-
-def profile_step(step_fn, cuda: bool, path: str):
-    """Run one step under torch.profiler; write the top-15 operators by self and by total GPU time."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        step_fn()
-    averages = prof.key_averages()
-    keys = ("self_device_time_total", "device_time_total") if cuda else ("self_cpu_time_total", "cpu_time_total")
-    with open(path, "w") as fh:
-        for key in keys:
-            fh.write(f"top-15 operators by {key}, one RL step\n")
-            fh.write(averages.table(sort_by=key, row_limit=15) + "\n\n")
-    print(f"wrote {path}", flush=True)
-    return averages.table(sort_by=keys[0], row_limit=15)
 
 
 def main(argv=None):
@@ -206,7 +194,7 @@ def run(args, d: Dist):
         os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
         profile_path = os.path.join(os.path.dirname(json_path), "rl_step_profile.txt")
         try:  # the timings above stand even if the profiler fails on this machine
-            top = profile_step(lambda: step(args.steps + 1), d.device.type == "cuda", profile_path)
+            top = profile_table(lambda: step(args.steps + 1), d.device, "one RL step", profile_path, rows=15)
             profile_note = profile_path
         except RuntimeError as e:
             profile_note = f"profiler failed: {e}"

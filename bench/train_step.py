@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 from bench.common import (causal_attention_flops, csv_strs, datasheet_bf16, device_info, matmul_tflops, median,
-                          model_config, out_path, param_counts, peak_memory_gb, print_table, random_model,
-                          reset_peak_memory, time_ms, write_json)
+                          model_config, out_path, param_counts, peak_memory_gb, print_table, profile_table,
+                          random_model, reset_peak_memory, time_ms, write_json)
 from minirl import ulysses
 from minirl.attention import pick_backend
 from minirl.dist import Dist, distributed, validate_parallel
@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (under torchrun)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step of each variant: top operators to <out>_<shape>_profile.txt")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU, seconds")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/train_step.json or bench/results/)")
     args = p.parse_args(argv)
@@ -137,6 +139,10 @@ def run_variant(shape: str, checkpointing: bool, args, d: Dist, peak_tflops: flo
                            dp_size=d.dp_size) for m in range(args.micro_batches)]
     step_ms = median(time_ms(lambda: train_step(model, optimizer, batches, args.chunk), d.device,
                              args.warmup, args.steps))
+    if args.profile:  # every rank runs the step (collectives pair up); rank 0 writes the table
+        path = f"{out_path('train_step', args.out).removesuffix('.json')}_{shape}_ckpt{int(checkpointing)}_profile.txt"
+        profile_table(lambda: train_step(model, optimizer, batches, args.chunk), d.device,
+                      f"train step {shape} {args.tokens} tok, sp {d.sp_size}", path if d.is_main else None)
     flops = model_flops(cfg, document_lengths(args.tokens, args.doc_len), checkpointing)
     # Per GPU: the dp groups' micro-batches are split over all W ranks' compute.
     per_gpu = {k: v * args.micro_batches * d.dp_size / d.world for k, v in flops.items()}

@@ -109,10 +109,9 @@ def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], st
         minis = [[i for i in mb if not flat[i]] for mb in minis]
     batches = [pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, tok.pad_id, backend) for mb in minis]
     lcfg = loss_config(cfg.algo)
-    # Log-probs before any update: needed when later mini-batches are off-policy, or for TIS/KL.
-    need_old = len(minis) > 1 or cfg.run.ppo_epochs > 1 or lcfg.tis_cap is not None
     timer.start("logprobs")
-    old, ref = logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress, stop)
+    old, ref = logprobs_before_update(policy, batches, old_logprobs_needed(len(minis), cfg.run.ppo_epochs),
+                                      cfg.rollout.temperature, progress, stop)
     timer.stop("logprobs")
     timer.start("train")
     sums = update(policy, samples, minis, batches, old, ref, d, lcfg, cfg.rollout, cfg.optim.grad_clip,
@@ -290,6 +289,13 @@ def split_mini_batches(n_samples: int, n_mini: int) -> list[list[int]]:
     """Consecutive, equal mini-batches of sample indices (config.validate made n_mini divide n_samples)."""
     size = n_samples // n_mini
     return [list(range(k * size, (k + 1) * size)) for k in range(n_mini)]
+
+
+def old_logprobs_needed(n_minis: int, epochs: int) -> bool:
+    """A pass for the pre-update log-probs is needed only if some micro-batch trains after an optimizer
+    step. Otherwise the update's forward runs on the same weights: its detached log-probs are the old
+    ones (`update` falls back to them) for the PPO ratio and TIS alike (bench/RESULTS.md section 8)."""
+    return n_minis > 1 or epochs > 1
 
 
 @torch.no_grad()

@@ -6,16 +6,24 @@ gradient: equal across world 1, dp 2, sp 2 and two single-rank torchrun agents (
 if micro-batch planning, padding micro-batches, Ulysses and FSDP's summed reduction are all right.
 """
 
+import copy
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from helpers_dist import REPO, free_port, torchrun
 
 import train
+from minirl import trainer
+from minirl.config import TrainConfig, loss_config
+from minirl.data import Prompt
+from minirl.dist import build_dist
+from minirl.model import ModelConfig, Transformer, init_weights
 
 
 def args(task, out, *extra):
@@ -114,3 +122,58 @@ def test_missing_model_on_two_ranks_is_one_line_from_rank_0(task, tmp_path):
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "/does/not/exist" in errors[0], out[-3000:]
     assert f'File "{REPO}/train.py"' not in out and f'File "{REPO}/minirl/' not in out, out[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The old-log-prob pass, in process (one gloo rank)
+
+
+@pytest.fixture
+def one_rank():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield build_dist(1)
+    dist.destroy_process_group()
+
+
+def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(one_rank):
+    """With TIS on and one optimizer step per RL step, `update` takes the old log-probs from its own
+    forward: the update (metrics, weights) equals the one fed by the separate pass, in float64."""
+    assert not trainer.old_logprobs_needed(1, 1)
+    assert trainer.old_logprobs_needed(2, 1) and trainer.old_logprobs_needed(1, 2)
+    cfg = TrainConfig()
+    cfg.algo.tis_cap = 1.2
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig("qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True))
+    init_weights(model)
+    model.double()
+    g = torch.Generator().manual_seed(1)
+    samples = [trainer.Sample(Prompt(i // 2, "", torch.randint(0, 50, (5,), generator=g).tolist(), ""),
+                              torch.randint(0, 50, (7,), generator=g).tolist(),
+                              (-4 * torch.rand(7, generator=g, dtype=torch.float64)).tolist(), "length",
+                              reward=float(i % 3)) for i in range(8)]
+    trainer.score_samples(samples, 2, True, "grpo")
+    minis = trainer.split_mini_batches(len(samples), 1)
+    batches = [trainer.pack_mini_batch(samples, mb, one_rank, 40, 0, "sdpa") for mb in minis]
+    for mbs in batches:  # the packed floats follow the model (float64)
+        for mb in mbs:
+            mb.advantages, mb.gen_logprobs, mb.mask = (x.double() for x in (mb.advantages, mb.gen_logprobs, mb.mask))
+    assert len(batches[0]) > 1  # several micro-batches, as in a real step
+
+    def one_update(with_pass: bool):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        policy = trainer.Policy(m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+        old, ref = trainer.logprobs_before_update(policy, batches, with_pass, 1.0, progress=False)
+        assert bool(old) == with_pass
+        sums = trainer.update(policy, samples, minis, batches, old, ref, one_rank, loss_config(cfg.algo),
+                              cfg.rollout, 1.0, 1, progress=False)
+        return {k: v.item() for k, v in sums.items()}, torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    (with_pass, weights_a), (skipped, weights_b) = one_update(True), one_update(False)
+    assert with_pass["tis_weight"] < 0.99  # the correction is active: truncated weights below 1 on average
+    assert with_pass.keys() == skipped.keys()
+    for k in with_pass:
+        assert skipped[k] == pytest.approx(with_pass[k], rel=1e-12, abs=1e-12), k
+    assert torch.allclose(weights_a, weights_b, rtol=0, atol=1e-12)
+    assert not torch.equal(weights_a, torch.cat([p.detach().flatten() for p in model.parameters()]))
