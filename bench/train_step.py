@@ -110,7 +110,9 @@ def micro_batch(cfg: ModelConfig, tokens: int, doc_len: int, seed: int, d: Dist,
 def build(cfg: ModelConfig, d: Dist, checkpointing: bool, compile_blocks: bool):
     """Random fp32 model on the device, sharded by FSDP2 (bf16 compute on CUDA), and AdamW."""
     model = random_model(cfg, d.device, seed=0)
-    model.set_compiled(compile_blocks)
+    if compile_blocks:
+        for block in model.layers:
+            block.compile()
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False,
                 checkpointing=checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)

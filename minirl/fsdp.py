@@ -60,7 +60,11 @@ def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool
     run's ParallelConfig (compile, cpu_offload, checkpointing)."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.set_compiled(pcfg.compile and d.device.type == "cuda")  # fuses norms, RoPE, SwiGLU (model.Block)
+    # Compiled blocks fuse norms, RoPE, SwiGLU (the FSDP hooks stay outside the graph). Not under
+    # --trace-collectives: the ledger must see each collective as the eager code issues it.
+    if pcfg.compile and d.device.type == "cuda" and not pcfg.trace_collectives:
+        for block in model.layers:
+            block.compile()
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=pcfg.cpu_offload,
                 checkpointing=pcfg.checkpointing and train)
     model.to_empty(device="cpu" if pcfg.cpu_offload else d.device)

@@ -222,6 +222,16 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def forward(self, x, cos, sin, meta: AttnMeta):
+        """Packed: x [t, D] (this rank's slice of the sequence under SP) -> [t, D]."""
+        q, k, v = self.qkv(x, cos, sin)  # [t, H, Hd], [t, Hkv, Hd]
+        if meta.sp_group is None:
+            o = varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, meta.backend)
+        else:
+            from minirl import ulysses
+            o = ulysses.attention(q, k, v, meta)
+        return self.o_proj(o.flatten(-2))
+
     def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
         """Cached: x [B, S, D] at positions input_pos [B, S]; caches [B, Hkv, S_max, Hd]; mask from
         decode_mask, whose width is the number of cache slots read."""
@@ -257,25 +267,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def packed_attention(q, k, v, meta: AttnMeta) -> torch.Tensor:
-    """Causal attention of packed documents: q [t, H, Hd], k/v [t, Hkv, Hd] -> [t, H, Hd]; under SP the
-    tokens are this rank's slice, and Ulysses' all-to-alls run around the kernel."""
-    if meta.sp_group is None:
-        return varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, meta.backend)
-    from minirl import ulysses
-    return ulysses.attention(q, k, v, meta)
-
-
 class Block(nn.Module):
-    """One decoder layer. With `checkpoint=True` it recomputes its activations in backward; with
-    `compiled=True` the math before and after attention runs as two torch.compile'd functions.
+    """One decoder layer. With `checkpoint=True` it recomputes its activations in backward.
 
     The checkpoint lives inside the block's own forward, so when FSDP2 wraps the block the checkpointed
     region is inside the FSDP unit: recompute runs with parameters already unsharded and cast.
-    Attention itself (the kernel and Ulysses' collectives) stays out of the compiled graphs. Compiled
-    whole, a block with an attention call dynamo cannot trace (flash-attn-4's) ran no faster than eager
-    under checkpointing, where a graph break sends the whole checkpointed region back to eager
-    (bench/RESULTS.md section 8); compiled in two parts, it runs the same with every backend.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -285,21 +281,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.checkpoint = False
-        self.compiled = False
-
-    def before_attention(self, x, cos, sin):
-        """Norm, projections, (Qwen3) per-head norms, RoPE: x [t, D] -> q [t, H, Hd], k/v [t, Hkv, Hd]."""
-        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-
-    def after_attention(self, x, o):
-        """Output projection, residual, norm, MLP, residual: x [t, D], o [t, H, Hd] -> [t, D]."""
-        x = x + self.self_attn.o_proj(o.flatten(-2))
-        return x + self.mlp(self.post_attention_layernorm(x))
 
     def _forward(self, x, cos, sin, meta):
-        before, after = _COMPILED if self.compiled else (Block.before_attention, Block.after_attention)
-        q, k, v = before(self, x, cos, sin)
-        return after(self, x, packed_attention(q, k, v, meta))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, cos, sin, meta: AttnMeta):
         if self.checkpoint and torch.is_grad_enabled():
@@ -309,11 +294,6 @@ class Block(nn.Module):
     def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
         x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-# One compiled graph each for every block: parameters are graph inputs, not constants. Compiled lazily,
-# on first use (GPUs only: fsdp.build_sharded decides).
-_COMPILED = (torch.compile(Block.before_attention), torch.compile(Block.after_attention))
 
 
 class Transformer(nn.Module):
@@ -378,11 +358,6 @@ class Transformer(nn.Module):
         """Activation checkpointing on every decoder block (recompute in backward)."""
         for layer in self.layers:
             layer.checkpoint = enabled
-
-    def set_compiled(self, enabled: bool):
-        """torch.compile'd math in every decoder block (see Block)."""
-        for layer in self.layers:
-            layer.compiled = enabled
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None):
