@@ -96,8 +96,8 @@ class ParallelConfig:
     sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)")
     micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank")
     checkpointing: bool = opt(True, "activation checkpointing inside each decoder block")
-    compile: bool = opt(True, "torch.compile the math of each decoder block on GPUs (1.28x faster 0.6B training "
-                        "steps on an H200, bench/RESULTS.md section 8); ignored on CPUs")
+    compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
+                        "H200, bench/RESULTS.md section 8); ignored on CPUs and under --trace-collectives")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")

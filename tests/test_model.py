@@ -133,13 +133,13 @@ def test_checkpointing_gives_identical_grads_with_fewer_saved_tensors():
         torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=0, msg=name)
 
 
-def compiled_vs_eager(make_model, ids, pos, meta, targets, checkpointing: bool):
-    """Log-probs and gradients of one forward+backward, blocks eager and compiled (as fsdp.build_sharded
-    compiles them on GPUs): ((logp, grads), (logp, grads))."""
+def compiled_vs_eager(make_model, ids, pos, meta, targets):
+    """Log-probs and gradients of one forward+backward with checkpointing, blocks eager and compiled (as
+    fsdp.build_sharded compiles them on GPUs): ((logp, grads), (logp, grads))."""
     out = []
     for compiled in (False, True):
         model = make_model()
-        model.set_checkpointing(checkpointing)
+        model.set_checkpointing(True)
         if compiled:
             for block in model.layers:
                 block.compile()
@@ -162,7 +162,7 @@ def test_compiled_blocks_on_cuda_with_each_attention_kernel(backend):
     meta = AttnMeta(cu_seqlens.cuda(), max_seqlen, backend=backend)
     (eager, eager_grads), (compiled, compiled_grads) = compiled_vs_eager(
         lambda: minirl_model(hf_model("qwen3", seed=3)).cuda().to(torch.bfloat16), ids.cuda(), pos.cuda(), meta,
-        ids.roll(-1).cuda(), checkpointing=True)
+        ids.roll(-1).cuda())
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
     # All gradients as one vector: a single small one (a norm weight's, summed over tokens) can differ by
     # a few % in bf16 (4.5 % seen with flash-attn-4), the whole by far less.
