@@ -278,6 +278,12 @@ def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingPar
     return SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
 
 
+def compiled_blocks(pc: ParallelConfig, device_type: str) -> bool:
+    """Whether the decoder blocks are torch.compile'd: on GPUs unless --no-compile, and never under
+    --trace-collectives, whose ledger must see each collective as the eager code issues it."""
+    return pc.compile and device_type == "cuda" and not pc.trace_collectives
+
+
 def sample_budget(rc: RolloutConfig) -> int:
     """Tokens after the prompt a sample may hold: a completion's max_new_tokens, or with --env, an
     episode's budget (its turns and observations). Also the constant length of seq-mean-token-sum-norm."""

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from minirl.config import compiled_blocks
 from minirl.dist import Dist
 from minirl.model import ModelConfig, Transformer
 
@@ -60,10 +61,8 @@ def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool
     run's ParallelConfig (compile, cpu_offload, checkpointing)."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    # Compiled blocks fuse norms, RoPE, SwiGLU (the FSDP hooks stay outside the graph). Not under
-    # --trace-collectives: the ledger must see each collective as the eager code issues it.
-    if pcfg.compile and d.device.type == "cuda" and not pcfg.trace_collectives:
-        for block in model.layers:
+    if compiled_blocks(pcfg, d.device.type):
+        for block in model.layers:  # fuses norms, RoPE, SwiGLU; the FSDP hooks stay outside the graph
             block.compile()
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=pcfg.cpu_offload,
                 checkpointing=pcfg.checkpointing and train)

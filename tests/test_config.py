@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from minirl.config import (DEFAULT_TASK, RolloutConfig, loss_config, parse_config, sample_budget, sampling_params,
-                           validate)
+from minirl.config import (DEFAULT_TASK, RolloutConfig, compiled_blocks, loss_config, parse_config, sample_budget,
+                           sampling_params, validate)
 
 TASK = ["--model", "/some/model", "--data", "d.jsonl"]
 
@@ -59,6 +59,13 @@ def test_derived_settings():
     assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k) == (20, 0.7, 0.9, 5)
     g = sampling_params(cfg.rollout, greedy=True)
     assert (g.max_new_tokens, g.temperature, g.top_p, g.top_k) == (20, 0.0, 1.0, 0)
+
+
+def test_blocks_compile_on_gpus_by_default_but_not_for_the_ledger():
+    assert compiled_blocks(parse_config(TASK).parallel, "cuda")
+    assert not compiled_blocks(parse_config(TASK).parallel, "cpu")
+    assert not compiled_blocks(parse_config(TASK + ["--no-compile"]).parallel, "cuda")
+    assert not compiled_blocks(parse_config(TASK + ["--trace-collectives"]).parallel, "cuda")
 
 
 def test_sample_budget_is_the_episode_budget_with_an_env():
