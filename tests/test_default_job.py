@@ -1,19 +1,16 @@
-"""The README's default job, run as the README says, and a run stopped by SIGTERM.
+"""The README's default job, run as the README says.
 
 `torchrun --nproc-per-node 2 train.py` with no arguments must finish well inside 10 minutes on a
 2-core CPU and raise held-out accuracy by at least 20 points; its outputs (metrics, TensorBoard
-scalars, reward curve, HF export) must be there. A SIGTERM mid-run (what a cluster scheduler sends)
-must end the run cleanly with a checkpoint of the last finished step.
+scalars, reward curve, HF export) must be there. (A SIGTERM mid-run, what a cluster scheduler sends:
+tests/test_shutdown.py.)
 """
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
-from helpers_dist import REPO, free_port, torchrun
+from helpers_dist import torchrun
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -39,27 +36,3 @@ def test_default_job_learns(tmp_path):
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "final" / "model.safetensors").exists()
 
-
-def test_sigterm_checkpoints_and_exits(tmp_path):
-    # Small steps and two held-out prompts: the signal, not the work, is what is tested.
-    test_data = tmp_path / "test.jsonl"
-    test_data.write_text('{"prompt": "12+34=", "answer": "46"}\n{"prompt": "50+7=", "answer": "57"}\n')
-    out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "train.py", "--out-dir", str(out_dir), "--steps", "500",
-           "--eval-every", "0", "--no-export", "--test-data", str(test_data), "--prompts-per-step", "8",
-           "--n-samples", "4"]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    metrics = out_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)  # polling for a file the run writes, not waiting for a fixed time
-    os.killpg(proc.pid, signal.SIGTERM)  # like a scheduler: every process of the job gets it
-    out, err = proc.communicate(timeout=120)
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert 1 <= steps[-1] < 500  # the step in flight at the signal is abandoned (its checkpoint: the one before)
-    latest = (out_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest == f"step_{steps[-1]}", (latest, steps[-1], err[-3000:])
-    assert "stopped by signal" in out

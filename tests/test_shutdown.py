@@ -3,8 +3,10 @@ trainer.rl_step): the step is abandoned on every rank, the last finished step is
 before torchrun's grace runs out, and `--resume` repeats a straight run's metrics exactly.
 
 One chain of launches on the built-in default task, 2 gloo ranks, torchrun's grace cut to GRACE s:
-A is stopped during step 2's rollout (saves step 1), B resumes it and is stopped again in step 2 (its
-rollout or update; step 1 is on disk already), C resumes B to the end; `straight` runs both steps at once.
+A is stopped during step 2's rollout (saves step 1) by a SIGTERM to torchrun and every worker at once, as a
+cluster scheduler sends it; B resumes it and is stopped again in step 2 (its rollout or update; step 1
+is on disk already) by a SIGTERM to torchrun alone, which passes it on; C resumes B to the end;
+`straight` runs both steps at once.
 The stop inside the update (trainer.update's check before each micro-batch of the first mini-batch) is
 also tested deterministically, on the worker level: tests/workers/stop_worker.py.
 """
@@ -80,13 +82,17 @@ class Launch:
                 pass
         return [pid for pid, fields in stats if fields[1] == str(self.proc.pid)]
 
-    def sigterm(self, line: str) -> tuple[float, float]:
-        """SIGTERM to torchrun alone (it passes it on to the workers, and SIGKILLs them GRACE s later):
-        seconds until `line` came (rank 0 prints it once the checkpoint is saved) and until the last
-        worker had exited."""
+    def sigterm(self, line: str, every_process: bool = False) -> tuple[float, float]:
+        """SIGTERM to torchrun alone (it passes it on to the workers, and SIGKILLs them GRACE s later), or
+        with `every_process` to torchrun and each worker at once, as a cluster scheduler signals a job
+        (torchrun starts every worker in a session of its own, so a process-group signal would reach
+        torchrun alone): seconds until `line` came (rank 0 prints it once the checkpoint is saved) and
+        until the last worker had exited."""
         ranks = self.workers()
         assert len(ranks) == 2, ranks
         start = time.monotonic()
+        for pid in ranks if every_process else []:
+            os.kill(int(pid), signal.SIGTERM)  # before torchrun's: once it passed its own on, one may be gone
         self.proc.send_signal(signal.SIGTERM)
         while any(os.path.exists(f"/proc/{pid}") for pid in ranks) and self.proc.poll() is None:
             time.sleep(0.02)  # polling for the ranks' exit (torchrun reaps them at once), not a fixed wait
@@ -121,7 +127,7 @@ def runs(tmp_path_factory):
     a = Launch(tmp / "run")
     a.wait_for("out", "step=1 ")  # step 1 is done; then rank 0's progress bar of step 2's rollout, the
     a.wait_for("err", "rollout:", after=a.text["err"].rindex("train:"))  # first after step 1's update bar
-    a_seconds = a.sigterm(STOPPED)
+    a_seconds = a.sigterm(STOPPED, every_process=True)
     a_rows = rows(tmp / "run")
     a_latest = latest(tmp / "run")
 
