@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -59,11 +60,50 @@ def setup(tmp_path_factory):
     return model_dir, str(data), tok, tmp
 
 
-def test_greedy_rollout_with_reward_and_logprob_check(setup):
+BAD_DATA = {  # test_bad_data_is_one_clear_error: file content -> the error it must give
+    '{"prompt": "a"}\n\n{"prompt": "b"\n': r"data\.jsonl:3: malformed JSON",
+    '{"prompt": "a"}\n{"question": "b"}\n': r"record 2 has no field 'prompt'",
+}
+
+
+@pytest.fixture(scope="module")
+def started(setup):
+    """The module's independent rollout.py runs (all but the SIGTERM one, which times its signal), started
+    together when first asked for: name -> Future of the CompletedProcess. Start-up (`import torch`) is
+    most of each run's time and is serial, so running them side by side uses both cores."""
+    model_dir, data, _, tmp = setup
+    runs = {
+        "greedy": dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "greedy.jsonl"), "--n", "2",
+                             "--temperature", "0", "--max-new-tokens", "6", "--reward", "exact", "--check-logprobs",
+                             "--batch-size", "3")),
+        "sampled": dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "sampled" / "sampled.jsonl"),
+                              "--num-samples", "3", "--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "8",
+                              "--check-logprobs", "--seed", "5"), torchrun=2),
+        "missing": dict(args=("--model", "/does/not/exist", "--data", data, "--out", str(tmp / "missing.jsonl")),
+                        torchrun=2),
+        "unwritable": dict(args=("--model", model_dir, "--data", data, "--out",
+                                 str(tmp / "no_such_dir" / "out.jsonl"))),
+    }
+    for i, content in enumerate(BAD_DATA):
+        bad = tmp / f"bad{i}" / "data.jsonl"
+        bad.parent.mkdir()
+        bad.write_text(content)
+        runs[content] = dict(args=("--model", model_dir, "--data", str(bad), "--out", str(bad.parent / "out.jsonl")))
+    # The NaN reward, and an OUT from an earlier run that must be gone afterwards.
+    (tmp / "nan_reward.py").write_text(
+        'def f(prompt, completion, answer):\n    return float("nan") if answer == "7" else 1.0\n')
+    (tmp / "nan.jsonl").write_text('{"stale": true}\n')
+    runs["nan"] = dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "nan.jsonl"), "--max-new-tokens",
+                             "4", "--reward", f"{tmp / 'nan_reward.py'}:f", "--batch-size", "1"), torchrun=2)
+    (tmp / "sampled").mkdir()  # its own folder: the test checks that no .rank part is left in it
+    with ThreadPoolExecutor(4) as pool:
+        yield {name: pool.submit(run, *r["args"], torchrun=r.get("torchrun", 0)) for name, r in runs.items()}
+
+
+def test_greedy_rollout_with_reward_and_logprob_check(setup, started):
     model_dir, data, tok, tmp = setup
     out = str(tmp / "greedy.jsonl")
-    proc = run("--model", model_dir, "--data", data, "--out", out, "--n", "2", "--temperature", "0",
-               "--max-new-tokens", "6", "--reward", "exact", "--check-logprobs", "--batch-size", "3")
+    proc = started["greedy"].result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = read_lines(out)
     assert [(d["index"], d["sample"]) for d in lines] == [(i, j) for i in range(4) for j in range(2)]
@@ -84,17 +124,16 @@ def test_greedy_rollout_with_reward_and_logprob_check(setup):
     assert float(report[1]) < 1e-4 and abs(float(report[2])) < 1e-3
 
 
-def test_sampled_rollout_data_parallel(setup):
+def test_sampled_rollout_data_parallel(setup, started):
     """Two ranks, each every other prompt; rank 0 merges into prompt order. The trainer's log-probs
     under temperature 0.8 and top-p 0.9 match the generator's."""
     model_dir, data, tok, tmp = setup
-    out = str(tmp / "sampled.jsonl")
-    proc = run("--model", model_dir, "--data", data, "--out", out, "--num-samples", "3", "--temperature", "0.8",
-               "--top-p", "0.9", "--max-new-tokens", "8", "--check-logprobs", "--seed", "5", torchrun=2)
+    out = str(tmp / "sampled" / "sampled.jsonl")
+    proc = started["sampled"].result()
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     lines = read_lines(out)
     assert [(d["index"], d["sample"]) for d in lines] == [(i, j) for i in range(4) for j in range(3)]
-    assert not [p for p in os.listdir(tmp) if ".rank" in p]  # the per-rank parts are merged and removed
+    assert os.listdir(tmp / "sampled") == ["sampled.jsonl"]  # the per-rank parts are merged and removed
     for d in lines:
         assert FIELDS | {"answer", "trainer_logprobs"} <= d.keys() and "reward" not in d
         assert d["prompt"] == QUESTIONS[d["index"]]
@@ -104,16 +143,12 @@ def test_sampled_rollout_data_parallel(setup):
     assert "logprob check vs float32 trainer" in proc.stdout
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a"}\n\n{"prompt": "b"\n', r"data\.jsonl:3: malformed JSON"),
-    ('{"prompt": "a"}\n{"question": "b"}\n', r"record 2 has no field 'prompt'"),
-])
-def test_bad_data_is_one_clear_error(setup, content, message):
-    model_dir, _, _, tmp = setup
-    data = tmp / "bad" / "data.jsonl"
-    data.parent.mkdir(exist_ok=True)
-    data.write_text(content)
-    proc = run("--model", model_dir, "--data", str(data), "--out", str(tmp / "bad" / "out.jsonl"))
+@pytest.mark.parametrize("content, message", list(BAD_DATA.items()))
+def test_bad_data_is_one_clear_error(setup, started, content, message):
+    _, _, _, tmp = setup
+    data = tmp / f"bad{list(BAD_DATA).index(content)}" / "data.jsonl"
+    assert data.read_text() == content
+    proc = started[content].result()
     assert proc.returncode != 0
     assert re.fullmatch(rf"rollout\.py: error: .*{message}.*\n", proc.stderr), proc.stderr
     assert str(data) in proc.stderr
@@ -129,11 +164,10 @@ def test_logprob_mismatch_by_hand():
     assert (m["outside_tokens"], m["outside_seqs"]) == (1, 1)
 
 
-def test_missing_model_on_two_ranks_is_one_line_from_rank_0(setup):
+def test_missing_model_on_two_ranks_is_one_line_from_rank_0(started):
     """Under torchrun every rank finds the same bad input: one error line (rank 0's), a non-zero exit
     within the timeout, and no traceback through our code (torchrun's own failure summary stays)."""
-    _, data, _, tmp = setup
-    proc = run("--model", "/does/not/exist", "--data", data, "--out", str(tmp / "missing.jsonl"), torchrun=2)
+    proc = started["missing"].result()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("rollout.py: error:")]
@@ -141,24 +175,19 @@ def test_missing_model_on_two_ranks_is_one_line_from_rank_0(setup):
     assert f'File "{REPO}/rollout.py"' not in out and f'File "{REPO}/minirl/' not in out, out[-3000:]
 
 
-def test_unwritable_out_is_one_line_before_the_model_loads(setup):
-    model_dir, data, _, tmp = setup
-    proc = run("--model", model_dir, "--data", data, "--out", str(tmp / "no_such_dir" / "out.jsonl"))
+def test_unwritable_out_is_one_line_before_the_model_loads(started):
+    proc = started["unwritable"].result()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.fullmatch(r"rollout\.py: error: .*no_such_dir/out\.jsonl.*\n", proc.stderr), proc.stderr
 
 
-def test_nan_reward_on_two_ranks_is_one_line_and_no_stale_out(setup):
+def test_nan_reward_on_two_ranks_is_one_line_and_no_stale_out(setup, started):
     """The NaN comes from one prompt (answer 7), scored on one rank: every rank stops with rank 0's
     line, the completions written before it stay in the OUT.rank<r> parts, and an OUT from an
     earlier run is gone (it would pass for this run's result)."""
-    model_dir, data, _, tmp = setup
-    (tmp / "nan_reward.py").write_text(
-        'def f(prompt, completion, answer):\n    return float("nan") if answer == "7" else 1.0\n')
-    out = tmp / "nan.jsonl"
-    out.write_text('{"stale": true}\n')
-    proc = run("--model", model_dir, "--data", data, "--out", str(out), "--max-new-tokens", "4",
-               "--reward", f"{tmp / 'nan_reward.py'}:f", "--batch-size", "1", torchrun=2)
+    _, _, _, tmp = setup
+    out = tmp / "nan.jsonl"  # held {"stale": true} before the run (`started`)
+    proc = started["nan"].result()
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     errors = [line for line in text.splitlines() if line.startswith("rollout.py: error:")]
