@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -25,12 +26,16 @@ from minirl.checkpoint import check_out_dir, newest_complete
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Train, then resume and faults side by side: both only read DIR/ckpt (faults breaks copies of it)."""
     shared = tmp_path_factory.mktemp("checkpoint")
-    out = {}
-    for phase in ("train", "resume", "faults"):
+
+    def launch(phase):
         os.makedirs(shared / phase)
-        out[phase] = run_worker_in(str(shared / phase), "checkpoint_worker.py", 2, "--phase", phase,
-                                   "--shared", str(shared))
+        return run_worker_in(str(shared / phase), "checkpoint_worker.py", 2, "--phase", phase, "--shared", str(shared))
+
+    out = {"train": launch("train")}
+    with ThreadPoolExecutor(2) as pool:
+        out.update(zip(("resume", "faults"), pool.map(launch, ("resume", "faults"))))
     return shared, out
 
 
