@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -226,13 +227,39 @@ def check(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-def test_multi_turn_step_is_the_same_on_w1_dp2_sp2(task, tmp_path):
+# The module's launches, independent of each other, so they are started together (start-up is mostly
+# serial, and a one-rank run leaves a core idle): train.py (ranks, extra flags) and rollout.py (env, flags).
+RUNS = {"w1": (1, []), "dp2": (2, []), "sp2": (2, ["--sp", "2"]), "env_error": (1, ["--env", "{root}/envs.py:Raises"])}
+ROLLOUTS = {"rollout_echo": ("Echo", ["--check-logprobs", "--batch-size", "5"]),
+            "rollout_raises": ("RaisesOnPrompt3", ["--batch-size", "2"])}
+
+
+@pytest.fixture(scope="module")
+def runs(task, tmp_path_factory) -> dict:
+    """name -> (CompletedProcess, out dir) of each of RUNS (train.py's OUT) and ROLLOUTS (rollout.py's
+    OUT file)."""
+    def one(name):
+        if name in ROLLOUTS:
+            env_name, extra = ROLLOUTS[name]
+            out = tmp_path_factory.mktemp(name) / "episodes.jsonl"
+            return run_rollout_py(task, out, env_name, *extra), out
+        n, extra = RUNS[name]
+        out = tmp_path_factory.mktemp(name) / "out"
+        return torchrun(n, train_args(task, out, *(x.format(root=task[0]) for x in extra))), out
+
+    names = [*RUNS, *ROLLOUTS]
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def test_multi_turn_step_is_the_same_on_w1_dp2_sp2(runs):
     """The micro-batch plan, packing, Ulysses and FSDP treat trajectories like any sample: step 1
     (rewards, loss, gradient norm) is the same on one rank, two dp ranks and two sp ranks."""
     rows = {}
-    for name, n, extra in (("w1", 1, []), ("dp2", 2, []), ("sp2", 2, ["--sp", "2"])):
-        check(torchrun(n, train_args(task, tmp_path / name, *extra)))
-        rows[name] = step1(tmp_path / name)
+    for name in ("w1", "dp2", "sp2"):
+        proc, out = runs[name]
+        check(proc)
+        rows[name] = step1(out)
     ref = rows["w1"]
     assert ref["grad_norm"] > 0 and ref["turns"] > 1 and ref["policy_tokens"] < ref["response_len"]
     for name in ("dp2", "sp2"):
@@ -240,9 +267,9 @@ def test_multi_turn_step_is_the_same_on_w1_dp2_sp2(task, tmp_path):
             assert rows[name][k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), (name, k)
 
 
-def test_env_error_in_training_is_one_line(task, tmp_path):
+def test_env_error_in_training_is_one_line(task, runs):
     root = task[0]
-    proc = torchrun(1, train_args(task, tmp_path, "--env", f"{root}/envs.py:Raises"))
+    proc, _ = runs["env_error"]
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: env '{root}/envs.py:Raises' on prompt ")
@@ -258,9 +285,8 @@ def run_rollout_py(task, out, env_name, *extra):
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_rollout_py_writes_turns_and_mask(task, tmp_path):
-    out = tmp_path / "episodes.jsonl"
-    proc = run_rollout_py(task, out, "Echo", "--check-logprobs", "--batch-size", "5")
+def test_rollout_py_writes_turns_and_mask(runs):
+    proc, out = runs["rollout_echo"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in open(out)]
     assert len(lines) == 24
@@ -276,10 +302,9 @@ def test_rollout_py_writes_turns_and_mask(task, tmp_path):
     assert report and int(report[1]) == sum(sum(d["mask"]) for d in lines) and float(report[2]) < 1e-5
 
 
-def test_rollout_py_env_error_keeps_the_episodes_before_it(task, tmp_path):
+def test_rollout_py_env_error_keeps_the_episodes_before_it(task, runs):
     """Record 3 (prompt "1+3=") breaks the env: one error line, and the batches before it stay written."""
-    out = tmp_path / "episodes.jsonl"
-    proc = run_rollout_py(task, out, "RaisesOnPrompt3", "--batch-size", "2")
+    proc, out = runs["rollout_raises"]
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         f"rollout.py: error: env '{task[0]}/envs.py:RaisesOnPrompt3' on prompt 2: step raised RuntimeError: "
