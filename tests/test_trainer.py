@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -44,10 +45,52 @@ def check(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
+LAYOUTS = {"dp2": ["--sp", "1"], "sp2": ["--sp", "2"]}
+
+
+def agents(cmd: list[str]) -> list[tuple[int, str]]:
+    """Two torchrun agents of one rank each, as two nodes start them: (exit code, stderr) of each."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errs)]
+
+
+def train_then_resume(task, out, layout) -> tuple:
+    """3 steps, then --resume to 5: (first run, its metrics, its `latest`, the resumed run)."""
+    first = torchrun(2, args(task, out, "--steps", "3", *layout))
+    if first.returncode != 0:
+        return first, None, None, None
+    rows, latest = metrics(out), (out / "checkpoints" / "latest").read_text().strip()
+    return first, rows, latest, torchrun(2, args(task, out, "--steps", "5", "--resume", *layout))
+
+
 @pytest.fixture(scope="module")
-def reference(task, tmp_path_factory):
-    out = tmp_path_factory.mktemp("world1")
-    check(torchrun(1, args(task, out, "--steps", "1")))
+def launched(task, tmp_path_factory) -> dict:
+    """The module's launches, independent of each other and started together when first asked for (start-up
+    is mostly serial, and a one-rank run leaves a core idle): name -> (Future, out dir)."""
+    outs = {name: tmp_path_factory.mktemp(name) for name in ("world1", "dp2", "sp2", "agents", "missing")}
+    port = free_port()
+    agent_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=minirl-test",
+                 *args(task, outs["agents"], "--steps", "1")]
+    missing = ["train.py", "--model", "/does/not/exist", "--data", str(task / "train.jsonl"), "--out-dir",
+               str(outs["missing"])]
+    with ThreadPoolExecutor(3) as pool:
+        yield {
+            "world1": (pool.submit(torchrun, 1, args(task, outs["world1"], "--steps", "1")), outs["world1"]),
+            **{name: (pool.submit(train_then_resume, task, outs[name], layout), outs[name])
+               for name, layout in LAYOUTS.items()},
+            "agents": (pool.submit(agents, agent_cmd), outs["agents"]),
+            "missing": (pool.submit(torchrun, 2, missing, timeout=180), outs["missing"]),
+        }
+
+
+@pytest.fixture(scope="module")
+def reference(launched):
+    future, out = launched["world1"]
+    check(future.result())
     return metrics(out)[1]
 
 
@@ -59,34 +102,27 @@ def assert_step1_equal(row, ref):
         assert row[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
 
 
-@pytest.mark.parametrize("layout", [["--sp", "1"], ["--sp", "2"]], ids=["dp2", "sp2"])
-def test_two_ranks_match_one_and_resume(task, reference, tmp_path, layout):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_ranks_match_one_and_resume(reference, launched, layout):
     assert reference["grad_norm"] > 0  # the comparison below means something
-    check(torchrun(2, args(task, tmp_path, "--steps", "3", *layout)))
-    rows = metrics(tmp_path)
+    future, out = launched[layout]
+    first, rows, latest, resumed = future.result()
+    check(first)
     assert sorted(rows) == [1, 2, 3]
     assert_step1_equal(rows[1], reference)
-    ckpt = tmp_path / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step_3"
+    assert latest == "step_3"
     # Resume: continues at step 4 from the saved state and data position.
-    check(torchrun(2, args(task, tmp_path, "--steps", "5", "--resume", *layout)))
-    assert sorted(metrics(tmp_path)) == [1, 2, 3, 4, 5]
-    assert (ckpt / "latest").read_text().strip() == "step_5"
+    check(resumed)
+    assert sorted(metrics(out)) == [1, 2, 3, 4, 5]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_5"
 
 
-def test_two_torchrun_agents_form_one_job(task, reference, tmp_path):
+def test_two_torchrun_agents_form_one_job(reference, launched):
     """Multi-node is plain torchrun: two agents of one rank each, rendezvous over c10d on localhost."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=minirl-test",
-           *args(task, tmp_path, "--steps", "1")]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    agents = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
-    for a in agents:
-        out, err = a.communicate(timeout=240)
-        assert a.returncode == 0, err[-4000:]
-    assert_step1_equal(metrics(tmp_path)[1], reference)
+    future, out = launched["agents"]
+    for code, err in future.result():
+        assert code == 0, err[-4000:]
+    assert_step1_equal(metrics(out)[1], reference)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -111,12 +147,10 @@ def test_malformed_jsonl_names_the_line(task, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {bad}:2: malformed JSON (Expecting value)"
 
 
-def test_missing_model_on_two_ranks_is_one_line_from_rank_0(task, tmp_path):
+def test_missing_model_on_two_ranks_is_one_line_from_rank_0(launched):
     """Under torchrun every rank finds the same bad input: one `error:` line (rank 0's), a non-zero
     exit within the timeout, and no traceback through our code (torchrun's own failure summary stays)."""
-    proc = torchrun(2, ["train.py", "--model", "/does/not/exist", "--data", str(task / "train.jsonl"),
-                        "--out-dir", str(tmp_path)],
-                    timeout=180)
+    proc = launched["missing"][0].result()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
