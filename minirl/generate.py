@@ -29,15 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minirl.backend import Completion, SamplingParams, check_request, checked_weights
-from minirl.logprobs import process_logits
+from minirl.logprobs import compiled, process_logits
 from minirl.model import MLP, Attention, Block, KVCache, ModelConfig, Transformer
 
 SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
 
 # A decode step on a GPU is a chain of small, latency-bound kernels. Inductor fuses each layer's norms,
 # RoPE, activation and residual adds into a few (model.cached_attention stays eager). Dynamic shapes:
-# one compile serves every batch size and cache length. Compiled lazily, on first CUDA use.
-_compiled_block_step = torch.compile(Block.forward_step, dynamic=True)
+# one compile serves every batch size and cache length. Compiled lazily, on first CUDA use (`compiled`).
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -47,8 +46,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 
 # The upcast, processing and softmax are a handful of passes over [B, V] fp32 (0.6 GB at batch 1024
 # of a 150k vocabulary) that a decode step makes once; torch.compile fuses them into a few kernels.
-# Compiled lazily, on first CUDA use.
-_compiled_sampling_probs = torch.compile(sampling_probs, dynamic=True)
+# Compiled lazily, on first CUDA use (`compiled`).
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
@@ -59,7 +57,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
     the other rows of its batch, nor on the device (CPU and GPU draw the same numbers; only their
     probabilities differ by rounding).
     """
-    probs_fn = _compiled_sampling_probs if logits.is_cuda else sampling_probs
+    probs_fn = compiled(sampling_probs) if logits.is_cuda else sampling_probs
     probs = probs_fn(logits, params.temperature, params.top_k, params.top_p)  # [B, V] fp32
     if params.temperature == 0:
         tokens = logits.argmax(-1)  # [B]
@@ -210,7 +208,7 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     # few lengths (multiples of `width`, the last one max_len) that covers them: a graph each.
     width = -(-max_len // 4 // 64) * 64  # at most 4 lengths
     lengths = [min(max_len, width * (i + 1)) for i in range((S - 1) // width, (max_len - 1) // width + 1)]
-    block_step = _compiled_block_step if device.type == "cuda" else Block.forward_step  # one layer
+    block_step = compiled(Block.forward_step) if device.type == "cuda" else Block.forward_step  # one layer
     steps = {n: functools.partial(decode_step, model, state, cache, n, params, eos, block_step) for n in lengths}
     state.reset(*first)
     if use_graph:

@@ -9,6 +9,8 @@ dropped; `torch.utils.checkpoint` recomputes the chunk's logits in backward inst
 generator samples from it and the trainer scores with it, so the two log-probs agree by construction.
 """
 
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -52,9 +54,12 @@ def _chunk_logprobs(h, weight, targets, temperature, top_k, top_p):
     return target_logp, entropy
 
 
-# On GPUs the chunk's dozen elementwise passes over [chunk, V] fp32 (scale, softmax, gather, entropy)
-# are memory-bound; torch.compile fuses them into a few kernels. Compiled lazily, on first CUDA use.
-_compiled_chunk = torch.compile(_chunk_logprobs, dynamic=True)
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn, dynamic=True), created on first use (by a CUDA caller) and then reused. Created
+    lazily: torch.compile imports inductor's compiler, seconds of CPU that every process importing minirl
+    paid at import time before, CPU-only runs and tests included."""
+    return torch.compile(fn, dynamic=True)
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, top_k=0, top_p=1.0, chunk_size=2048):
@@ -62,7 +67,9 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, top_k=0, top_p=1.0,
 
     Peak extra memory is one chunk's [chunk_size, V] fp32 logits (and its softmax), not [T, V].
     """
-    chunk_fn = _compiled_chunk if hidden.is_cuda else _chunk_logprobs
+    # On GPUs the chunk's dozen elementwise passes over [chunk, V] fp32 (scale, softmax, gather, entropy)
+    # are memory-bound; torch.compile fuses them into a few kernels. Compiled lazily, on first CUDA use.
+    chunk_fn = compiled(_chunk_logprobs) if hidden.is_cuda else _chunk_logprobs
     out_lp, out_ent = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
