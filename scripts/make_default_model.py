@@ -123,6 +123,32 @@ def sft_batch(tok: MiniTokenizer, rng: random.Random, problems: list):
             torch.tensor(targets), torch.tensor(mask))
 
 
+def sft(model: Transformer, next_batch, steps: int, lr: float, warmup: int, decay: int):
+    """Supervised warm-up, shared with scripts/make_tools_task.py: `steps` AdamW steps on the masked
+    mean negative log-likelihood of `next_batch()` (input_ids, position_ids, meta, targets, loss mask;
+    [T] each), gradients clipped to norm 1; the learning rate rises linearly over the first `warmup`
+    steps, stays at `lr`, and falls linearly to zero over the last `decay` steps. Prints the loss
+    every 100 steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def lr_factor(step):
+        return min(1.0, (step + 1) / warmup, (steps - step) / decay)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        input_ids, position_ids, meta, targets, mask = next_batch()
+        logprobs, _ = model(input_ids, position_ids, meta, targets=targets)  # [T]
+        loss = -(logprobs * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            print(f"warm-up step {step}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+
+
 def warm_up(model: Transformer, tok: MiniTokenizer, rng: random.Random, problems: list):
     """Supervised training on the sloppy teacher, at a constant learning rate decayed to zero at the end.
 
@@ -132,25 +158,7 @@ def warm_up(model: Transformer, tok: MiniTokenizer, rng: random.Random, problems
     and with them whether greedy decoding carries; the final decay lets them settle, so the
     warmed-up model reliably prefers the sloppy answer.
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=SFT_LR, betas=(0.9, 0.98), weight_decay=0.0)
-
-    def lr_factor(step):
-        return min(1.0, (step + 1) / SFT_WARMUP, (SFT_STEPS - step) / SFT_DECAY)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    t0 = time.time()
-    for step in range(1, SFT_STEPS + 1):
-        input_ids, position_ids, meta, targets, mask = sft_batch(tok, rng, problems)
-        logprobs, _ = model(input_ids, position_ids, meta, targets=targets)  # [T]
-        loss = -(logprobs * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0:
-            print(f"warm-up step {step}/{SFT_STEPS}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+    sft(model, lambda: sft_batch(tok, rng, problems), SFT_STEPS, SFT_LR, SFT_WARMUP, SFT_DECAY)
 
 
 def accuracy(model, tok, problems, temperature=0.0, samples=1) -> tuple[float, float]:

@@ -29,7 +29,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -42,6 +41,7 @@ from minirl.hf import read_config, save_model  # noqa: E402
 from minirl.model import Transformer, init_weights  # noqa: E402
 from minirl.tokenizer import Tokenizer  # noqa: E402
 from minirl.tools_task.calculator import Calculator  # noqa: E402
+from make_default_model import sft  # noqa: E402  (scripts/, next to this file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(REPO, "minirl", "tools_task")
@@ -95,21 +95,8 @@ def sft_batch(tok: Tokenizer, rng: random.Random, problems: list):
 
 
 def warm_up(model: Transformer, tok: Tokenizer, rng: random.Random, problems: list):
-    opt = torch.optim.AdamW(model.parameters(), lr=SFT_LR, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (step + 1) / SFT_WARMUP, (SFT_STEPS - step) / SFT_DECAY))
-    t0 = time.time()
-    for step in range(1, SFT_STEPS + 1):
-        input_ids, position_ids, meta, targets, mask = sft_batch(tok, rng, problems)
-        logprobs, _ = model(input_ids, position_ids, meta, targets=targets)  # [T]
-        loss = -(logprobs * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0:
-            print(f"warm-up step {step}/{SFT_STEPS}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    """Supervised training on the reluctant teacher's episodes (the default task's warm-up loop)."""
+    sft(model, lambda: sft_batch(tok, rng, problems), SFT_STEPS, SFT_LR, SFT_WARMUP, SFT_DECAY)
 
 
 def evaluate(model: Transformer, tok: Tokenizer, problems: list, temperature: float) -> tuple[float, float]:
