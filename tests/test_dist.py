@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers_dist import REPO, failures, gpus, run_worker, torchrun
@@ -43,6 +44,32 @@ def model_dir(tmp_path):
     return str(tmp_path)
 
 
+SINGLE_PROCESS = ("from minirl.dist import distributed\n"
+                  "with distributed() as d:\n"
+                  "    print(d.world, d.rank, d.sp_group, d.is_main)")
+
+
+def single_process() -> subprocess.CompletedProcess:
+    """`distributed()` in a plain `python` process, without torchrun's variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    return subprocess.run([sys.executable, "-c", SINGLE_PROCESS], cwd=REPO, env={**env, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory) -> dict:
+    """The module's launches (parallel_worker.py on 2 and 4 ranks, which test_fsdp and test_ulysses reuse
+    through run_worker's cache; the bad-layout torchrun; the single process), started together when first
+    asked for, 3 at a time: name -> Future. Start-up is mostly serial (torchrun, then `import torch`)."""
+    model = tmp_path_factory.mktemp("model")
+    (model / "config.json").write_text(json.dumps(config(4, 2).to_hf()))
+    with ThreadPoolExecutor(3) as pool:
+        yield {4: pool.submit(run_worker, "parallel_worker.py", 4), 2: pool.submit(run_worker, "parallel_worker.py", 2),
+               "bad_layout": pool.submit(torchrun, 2, ["-m", "minirl.dist", "--model", str(model), "--sp", "3"],
+                                         timeout=60),
+               "single": pool.submit(single_process)}
+
+
 def test_check_command(model_dir, capsys):
     main(["--model", model_dir, "--sp", "2", "--world", "4"])
     assert capsys.readouterr().out == "ok: world 4 = dp 2 x sp 2\n"
@@ -52,9 +79,9 @@ def test_check_command(model_dir, capsys):
     assert capsys.readouterr().err == "error: bad parallel layout: sp=4 does not divide the world size 6\n"
 
 
-def test_bad_layout_under_torchrun_fails_with_one_line(model_dir):
+def test_bad_layout_under_torchrun_fails_with_one_line(started):
     """A real launch: the ranks exit 2 before joining any process group, and the reason is printed once."""
-    proc = torchrun(2, ["-m", "minirl.dist", "--model", model_dir, "--sp", "3"], timeout=60)
+    proc = started["bad_layout"].result()
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: bad parallel layout: sp=3 does not divide the world size 2"], proc.stderr[-2000:]
@@ -84,18 +111,13 @@ def test_more_ranks_than_gpus_fails_with_one_line(model_dir):
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr and "[rank" not in proc.stderr  # no rank traceback
 
 
-def test_single_process_without_torchrun():
+def test_single_process_without_torchrun(started):
     """Started with plain `python`, `distributed` forms a one-rank gloo job and tears it down."""
-    code = ("from minirl.dist import distributed\n"
-            "with distributed() as d:\n"
-            "    print(d.world, d.rank, d.sp_group, d.is_main)")
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "PYTHONPATH": REPO},
-                          capture_output=True, text=True, timeout=120)
+    proc = started["single"].result()
     assert (proc.returncode, proc.stdout) == (0, "1 0 None True\n"), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("nproc, layout", [(2, "dp2-sp1"), (2, "dp1-sp2"), (4, "dp2-sp2"), (4, "dp1-sp4")])
-def test_grid(nproc, layout):
+def test_grid(started, nproc, layout):
     """Ranks of one sp group are adjacent: rank = dp_rank * sp + sp_rank; only rank 0 is main."""
-    assert failures(run_worker("parallel_worker.py", nproc), f"equiv/{layout}-ckpt0/grid") == []
+    assert failures(started[nproc].result(), f"equiv/{layout}-ckpt0/grid") == []
