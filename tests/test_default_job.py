@@ -8,9 +8,6 @@ tests/test_shutdown.py.)
 
 import json
 import os
-import time
-
-from helpers_dist import torchrun
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -18,11 +15,12 @@ def read_metrics(out_dir) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def test_default_job_learns(tmp_path):
-    start = time.time()
-    proc = torchrun(2, ["train.py", "--out-dir", str(tmp_path)], timeout=600)
+def test_default_job_learns(default_job):
+    """The run is conftest.py's `default_job`, started in the background as the session starts."""
+    future, tmp_path = default_job
+    proc, seconds = future.result()
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert time.time() - start < 600
+    assert seconds < 600
     rows = read_metrics(tmp_path)
     acc = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
     assert rows[0]["step"] == 0 and acc[-1] - acc[0] >= 0.20, acc
