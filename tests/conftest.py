@@ -64,30 +64,33 @@ def task(tmp_path_factory):
     return root
 
 
-DEFAULT_JOB_TEST = "test_default_job.py::test_default_job_learns"
+# Long train.py runs that no test times and that leave a share of the two cores idle (their ranks wait for
+# each other at every collective): started one after the other in the background as the session starts,
+# for the selected tests that check them, so that the tests before those use the idle share. The README's
+# default job alone: 119 s of wall time for 143 s of CPU.
+BACKGROUND = {  # name -> (the test that checks it, torchrun's train.py arguments but --out-dir)
+    "default_job": ("test_default_job.py::test_default_job_learns", []),
+    "tools_task": ("test_tools_task.py::test_tools_task_learns_to_use_the_tool",
+                   ["--task", "tools", "--steps", "10", "--eval-every", "0", "--lr", "1e-4", "--no-export"]),
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def default_job(request, tmp_path_factory):
-    """The README's default job, `torchrun --nproc-per-node 2 train.py` without arguments, started in the
-    background as the session starts, when test_default_job_learns is among its tests: a Future of
-    (CompletedProcess, seconds it took), and its out dir; None when that test is not to run.
-
-    It takes about two minutes but keeps only ~60% of two cores busy (its ranks wait for each other at
-    every collective; 119 s of wall time for 143 s of CPU, measured alone), so the tests before it use
-    the rest instead of it running alone. test_default_job_learns waits for it and checks it as before.
-    """
-    if not any(item.nodeid.endswith(DEFAULT_JOB_TEST) for item in request.session.items):
-        yield None
-        return
+def background(request, tmp_path_factory) -> dict:
+    """BACKGROUND's runs whose test is selected, started as the session starts, one at a time, on 2 ranks:
+    name -> (Future of (CompletedProcess, seconds it took), its out dir)."""
     from helpers_dist import torchrun
 
-    out = tmp_path_factory.mktemp("default_job")
-
-    def run():
+    def run(args, out):
         start = time.monotonic()
-        proc = torchrun(2, ["train.py", "--out-dir", str(out)], timeout=600)
+        proc = torchrun(2, ["train.py", *args, "--out-dir", str(out)], timeout=600)
         return proc, time.monotonic() - start
 
+    selected = [name for name, (test, _) in BACKGROUND.items()  # in BACKGROUND's order: the one needed first, first
+                if any(item.nodeid.endswith(test) for item in request.session.items)]
     with ThreadPoolExecutor(1) as pool:
-        yield pool.submit(run), out
+        runs = {}
+        for name in selected:
+            out = tmp_path_factory.mktemp(name)
+            runs[name] = (pool.submit(run, BACKGROUND[name][1], out), out)
+        yield runs

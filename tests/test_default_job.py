@@ -15,9 +15,9 @@ def read_metrics(out_dir) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def test_default_job_learns(default_job):
-    """The run is conftest.py's `default_job`, started in the background as the session starts."""
-    future, tmp_path = default_job
+def test_default_job_learns(background):
+    """The run is conftest.py's BACKGROUND["default_job"], started in the background as the session starts."""
+    future, tmp_path = background["default_job"]
     proc, seconds = future.result()
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert seconds < 600

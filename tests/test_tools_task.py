@@ -22,9 +22,11 @@ def test_calculator():
     assert env.step("522", []) == (None, 0.0, True)
 
 
-def test_tools_task_learns_to_use_the_tool(tmp_path):
-    proc = torchrun(2, ["train.py", "--task", "tools", "--steps", "10", "--eval-every", "0", "--lr", "1e-4",
-                        "--out-dir", str(tmp_path), "--no-export"], timeout=600)
+def test_tools_task_learns_to_use_the_tool(background):
+    """10 steps of `train.py --task tools` (conftest.py's BACKGROUND["tools_task"], started in the
+    background as the session starts)."""
+    future, tmp_path = background["tools_task"]
+    proc, _ = future.result()
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in rows if "loss" in r]
