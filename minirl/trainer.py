@@ -352,8 +352,8 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
                                         seqs=seqs)
             loss.backward()
             metrics["loss"] = loss.detach()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v / len(passes)
+            for name, v in metrics.items():
+                sums[name] = sums.get(name, 0) + v / len(passes)
             bar.update()
         grad_norm = clip_grad_norm_(policy.model.parameters(), grad_clip or float("inf"))
         sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach() / len(passes)

@@ -190,8 +190,6 @@ def test_stop_on_one_rank_before_the_update_stops_every_rank_before_micro_batch_
     assert [r["data"]["stop/before/forwards"] for r in reports] == [0, 0]
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.update: the metrics loop `for k, v in metrics.items()` reuses the "
-                   "pass index k, so `k == 0` is false after micro-batch 0 and later micro-batches skip stop.check()")
 def test_stop_on_one_rank_during_micro_batch_0_stops_every_rank_before_micro_batch_1(stop_worker):
     """SIGTERM on rank 0 inside micro-batch 0's forward: both ranks raise Interrupted before micro-batch 1,
     before the optimizer step (parameters, AdamW state and lr schedule unchanged)."""
