@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per RL step")
     p.add_argument("--tis-cap", type=float, default=2.0,
-                   help="truncated IS cap; > 0 makes the old-log-probs phase run (0 = skip it when on-policy)")
+                   help="truncated IS cap (0 = off); the old-log-probs phase runs only with --mini-batches > 1")
     p.add_argument("--compile", action="store_true", help="torch.compile every decoder block of the policy")
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing in training")
     p.add_argument("--keep-generator", action="store_true", help="keep the generator copy resident in training")

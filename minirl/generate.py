@@ -34,19 +34,9 @@ from minirl.model import MLP, Attention, Block, KVCache, ModelConfig, Transforme
 
 SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
 
-# A decode step on a GPU is a chain of small, latency-bound kernels. Inductor fuses each layer's norms,
-# RoPE, activation and residual adds into a few (model.cached_attention stays eager). Dynamic shapes:
-# one compile serves every batch size and cache length. Compiled lazily, on first CUDA use (`compiled`).
-
-
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """logits [B, V] (the head's dtype) -> probabilities [B, V] fp32 of the processed distribution."""
     return process_logits(logits.float(), temperature, top_k, top_p).softmax(-1)
-
-
-# The upcast, processing and softmax are a handful of passes over [B, V] fp32 (0.6 GB at batch 1024
-# of a 150k vocabulary) that a decode step makes once; torch.compile fuses them into a few kernels.
-# Compiled lazily, on first CUDA use (`compiled`).
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
@@ -57,6 +47,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
     the other rows of its batch, nor on the device (CPU and GPU draw the same numbers; only their
     probabilities differ by rounding).
     """
+    # On a GPU the upcast, processing and softmax (passes over [B, V] fp32: 0.6 GB at batch 1024 of a 150k
+    # vocabulary) are fused by torch.compile into a few kernels.
     probs_fn = compiled(sampling_probs) if logits.is_cuda else sampling_probs
     probs = probs_fn(logits, params.temperature, params.top_k, params.top_p)  # [B, V] fp32
     if params.temperature == 0:
@@ -208,6 +200,9 @@ def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, pr
     # few lengths (multiples of `width`, the last one max_len) that covers them: a graph each.
     width = -(-max_len // 4 // 64) * 64  # at most 4 lengths
     lengths = [min(max_len, width * (i + 1)) for i in range((S - 1) // width, (max_len - 1) // width + 1)]
+    # On a GPU a decode step is a chain of small, latency-bound kernels: inductor fuses each layer's norms,
+    # RoPE, activation and residual adds (model.cached_attention stays eager); dynamic shapes, so one
+    # compile serves every batch size and cache length.
     block_step = compiled(Block.forward_step) if device.type == "cuda" else Block.forward_step  # one layer
     steps = {n: functools.partial(decode_step, model, state, cache, n, params, eos, block_step) for n in lengths}
     state.reset(*first)
