@@ -77,12 +77,12 @@ def load_inputs(cfg: TrainConfig):
     model_cfg = read_config(cfg.data.model)
     check_parallel_or_exit(world, cfg.parallel.sp, model_cfg)
     check_weights(cfg.data.model)
-    note = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    out = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world, lock=rank0)  # rank 0 holds its lock
     reward_fn = load_reward(cfg.data.reward)
     tok = Tokenizer.from_dir(cfg.data.model)
     chat = cfg.data.chat_template and tok.has_chat_template
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    notes = [note] if note else []
+    notes = [out.note] if out.note else []
     if cfg.data.chat_template and not tok.has_chat_template:
         notes.append(f"note: {cfg.data.model} has no chat template; prompts are used as raw text")
     data = PromptDataset(cfg.data.data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,

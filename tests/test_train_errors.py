@@ -9,6 +9,9 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +19,7 @@ import pytest
 from helpers_dist import REPO, torchrun
 
 import train
+from minirl.checkpoint import OutDir, check_out_dir
 from minirl.config import parse_config
 
 
@@ -45,6 +49,18 @@ def write(path, text: str) -> str:
     return str(path)
 
 
+def edited_model(task, tmp_path, name: str, edit) -> str:
+    """A copy of the model whose file `name` went through `edit` (text -> text)."""
+    model = tmp_path / f"model_{name}"
+    shutil.copytree(task / "model", model)
+    (model / name).write_text(edit((model / name).read_text()))
+    return str(model)
+
+
+def without_hidden_size(text: str) -> str:
+    return json.dumps({k: v for k, v in json.loads(text).items() if k != "hidden_size"})
+
+
 @pytest.mark.parametrize("case, message", [
     ("lr", "--lr must be > 0"),
     ("gen_batch", "--gen-batch-size"),
@@ -58,6 +74,13 @@ def write(path, text: str) -> str:
     ("json_type", "'steps' must be int"),
     ("out_file", "is not a directory"),
     ("used_out_dir", "already holds a run"),
+    ("data_dir", "is a directory, not a data file"),
+    ("data_latin1", "train.jsonl:2: not UTF-8 text (byte 0xe9"),
+    ("empty_prompt", "train.jsonl: row 2, field 'prompt': the prompt is empty"),
+    ("no_hidden_size", "config.json: no 'hidden_size'"),
+    ("bad_config_json", "/config.json:36:20: malformed JSON"),
+    ("bad_tokenizer_json", "tokenizer.json: the tokenizers library cannot read it"),
+    ("reward_exits", "cannot import"),
 ])
 def test_bad_input_fails_before_start_up(task, tmp_path, capsys, case, message):
     out = tmp_path / "out"
@@ -74,7 +97,18 @@ def test_bad_input_fails_before_start_up(task, tmp_path, capsys, case, message):
         "json_type": lambda: ["--config", write(tmp_path / "c.json", '{"steps": "2"}')],
         "out_file": lambda: ["--out-dir", write(tmp_path / "a_file", "")],
         "used_out_dir": lambda: [],
+        "data_dir": lambda: ["--data", str(tmp_path)],
+        "data_latin1": lambda: ["--data", str(tmp_path / "train.jsonl")],
+        "empty_prompt": lambda: ["--data", write(tmp_path / "train.jsonl", '{"prompt": "1+1=", "answer": "2"}\n'
+                                                                            '{"prompt": "", "answer": "0"}\n')],
+        "no_hidden_size": lambda: ["--model", edited_model(task, tmp_path, "config.json", without_hidden_size)],
+        "bad_config_json": lambda: ["--model", edited_model(task, tmp_path, "config.json", lambda t: t[:-3])],
+        "bad_tokenizer_json": lambda: ["--model", edited_model(task, tmp_path, "tokenizer.json", lambda t: t[:100])],
+        "reward_exits": lambda: ["--reward", write(tmp_path / "quits.py", "import sys\nsys.exit(0)\n") + ":f"],
     }[case]()
+    if case == "data_latin1":  # the file as a latin-1 editor saves it
+        (tmp_path / "train.jsonl").write_bytes('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "caf\u00e9"}\n'
+                                               .encode("latin-1"))
     if case == "used_out_dir":  # an earlier run's results must survive a rerun without --resume
         out.mkdir()
         (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
@@ -83,6 +117,8 @@ def test_bad_input_fails_before_start_up(task, tmp_path, capsys, case, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in one_error_line(err), err
+    if case == "reward_exits":
+        assert "quits.py" in err and "sys.exit(0)" in err
     if case == "used_out_dir":
         assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
 
@@ -169,3 +205,58 @@ def test_non_finite_gradients_skip_updates_then_stop(two_rank_faults):
     assert rows[0]["grad_norm"] is None  # written as null: the file stays JSON
     assert not (out / "checkpoints").exists() or not any(
         n.startswith("step_") for n in os.listdir(out / "checkpoints"))
+
+
+# Marks that the process reached step 1's scoring (past every check before start-up), then holds it there
+# until the test is done with it.
+BLOCKING_REWARD = """import os, time
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def wait(prompt, completion, answer):
+    open(os.path.join(here, f"reached.{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(here, "done")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 0.0
+"""
+
+
+def test_two_runs_started_together_cannot_share_an_out_dir(task, tmp_path):
+    """Two `python train.py` into one out-dir, started at once: the first to claim it holds its lock, and
+    the other stops before start-up with one error line and exit 2 however close together they came.
+    The winner is held in its first reward (before it writes a result, so the plain check of the out-dir
+    cannot tell that it is there), then SIGKILLed: the kernel frees its lock, and the out-dir can be
+    claimed again at once."""
+    write(tmp_path / "blocking.py", BLOCKING_REWARD)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", *args(task, out, "--steps", "1")[1:], "--reward", f"{tmp_path}/blocking.py:wait"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONFAULTHANDLER": "1"}
+    logs = [open(tmp_path / f"run{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+
+    def reached():
+        return [p for p in procs if (tmp_path / f"reached.{p.pid}").exists()]
+
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(reached()) < 2 and not (
+                any(p.poll() is not None for p in procs) and (reached() or all(p.poll() is not None for p in procs))):
+            time.sleep(0.05)  # polling for the runs' progress, not waiting for a fixed time
+        texts = [log.seek(0) or log.read() for log in logs]
+        assert len(reached()) == 1, f"{len(reached())} runs got past the out-dir check:\n" + "\n".join(texts)
+        winner = reached()[0]
+        loser, text = next((p, t) for p, t in zip(procs, texts) if p is not winner)
+        assert loser.wait(60) == 2, text
+        assert f"{out} is in use by another run (pid {winner.pid} on " in one_error_line(text)
+        winner.kill()
+        winner.wait(60)
+        assert check_out_dir(str(out), resume=False, world_size=1, lock=True) == OutDir(0)
+    finally:
+        (tmp_path / "done").touch()
+        for p in procs:
+            p.kill()
+            p.wait(60)
+        for log in logs:
+            log.close()
