@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,8 +25,9 @@ from minirl.config import parse_config
 
 
 def args(task, out, *extra, reward="nan_on_3"):
+    """train.py's arguments for the tiny task; `reward` is one of TASK/rewards.py's, or a module:function."""
     return ["train.py", "--model", str(task / "model"), "--data", str(task / "train.jsonl"), "--no-chat-template",
-            "--reward", f"{task}/rewards.py:{reward}", "--prompts-per-step", "4", "--n-samples", "2",
+            "--reward", reward if ":" in reward else f"{task}/rewards.py:{reward}", "--prompts-per-step", "4", "--n-samples", "2",
             "--max-new-tokens", "4", "--micro-batch-tokens", "64", "--out-dir", str(out), "--no-export", *extra]
 
 
@@ -144,11 +146,32 @@ def test_resume_nothing_and_no_learning_warnings(task, tmp_path, capsys):
     assert "--n-samples 1" in err and "1 of" in err and "'answer'" in err
 
 
+# Rank 0's disk fills as step 2 is scored (a rank scores 4 completions a step: 4 prompts x 2 samples over
+# 2 ranks): its files may grow by 10 more bytes, so step 2's metrics row is cut short with EFBIG.
+DISK_FULL_REWARD = """import os, resource, signal, sys
+calls = 0
+
+
+def at_step_2(prompt, completion, answer):
+    global calls
+    calls += 1
+    if calls == 5 and os.environ["RANK"] == "0":
+        metrics = os.path.join(sys.argv[sys.argv.index("--out-dir") + 1], "metrics.jsonl")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = os.path.getsize(metrics) + 10
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return float(len(completion))
+"""
+
+
 @pytest.fixture(scope="module")
 def two_rank_faults(task, tmp_path_factory):
     """The two-rank fault runs, started together in the background when first asked for: name -> Future
     of (CompletedProcess, out dir). The one-rank resume test (first of the three) runs meanwhile."""
-    runs = {"nan": (["--steps", "6", "--save-every", "1"], "nan_on_3"), "non_finite": (["--steps", "4"], "huge")}
+    disk_full = tmp_path_factory.mktemp("rewards") / "disk_full.py"
+    disk_full.write_text(DISK_FULL_REWARD)
+    runs = {"nan": (["--steps", "6", "--save-every", "1"], "nan_on_3"), "non_finite": (["--steps", "4"], "huge"),
+            "disk_full": (["--steps", "3"], f"{disk_full}:at_step_2")}
     outs = {name: tmp_path_factory.mktemp(name) / "out" for name in runs}
 
     def launch(name):
@@ -195,6 +218,17 @@ def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(two_rank_faults):
     assert [f"step_{r['step']}" for r in rows] == [s for s in saved if s.startswith("step_")]
 
 
+def test_a_full_disk_during_a_metrics_write_is_one_error_and_leaves_whole_lines(two_rank_faults):
+    """Rank 0 alone writes metrics.jsonl; its failure is agreed on, so every rank stops (rank 1 with no
+    traceback of its own), the error names the file, and the row cut short is cut off again."""
+    proc, out = two_rank_faults["disk_full"].result()
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert f"{out}/metrics.jsonl" in one_error_line(text), text[-3000:]
+    assert f'File "{REPO}/' not in text, text[-3000:]
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_non_finite_gradients_skip_updates_then_stop(two_rank_faults):
     proc, out = two_rank_faults["non_finite"].result()
     text = proc.stdout + proc.stderr
@@ -207,19 +241,61 @@ def test_non_finite_gradients_skip_updates_then_stop(two_rank_faults):
         n.startswith("step_") for n in os.listdir(out / "checkpoints"))
 
 
-# Marks that the process reached step 1's scoring (past every check before start-up), then holds it there
-# until the test is done with it.
+# Scores its first `after` calls with 0.0, then marks that the process got there (step 1's scoring, past
+# every check before start-up) and holds it there until the test is done with it.
 BLOCKING_REWARD = """import os, time
-here = os.path.dirname(os.path.abspath(__file__))
+here, calls = os.path.dirname(os.path.abspath(__file__)), 0
 
 
-def wait(prompt, completion, answer):
-    open(os.path.join(here, f"reached.{os.getpid()}"), "w").close()
-    deadline = time.monotonic() + 300
-    while not os.path.exists(os.path.join(here, "done")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def wait(prompt, completion, answer, after={after}):
+    global calls
+    calls += 1
+    if calls > after:
+        open(os.path.join(here, f"reached.{{os.getpid()}}"), "w").close()
+        deadline = time.monotonic() + 300
+        while not os.path.exists(os.path.join(here, "done")) and time.monotonic() < deadline:
+            time.sleep(0.05)
     return 0.0
 """
+
+
+def launch(cmd: list[str], log) -> subprocess.Popen:
+    """`python CMD` as a user runs it, on the CPU, output to the open file `log`."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONFAULTHANDLER": "1"}
+    return subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until(done, timeout: float = 300):
+    """Poll `done()` (the runs' progress, read from files and exit codes) until it holds or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_run_stopped_during_step_1_exits_143_and_can_start_again(task, tmp_path):
+    """SIGTERM while step 1 is being scored, after the evaluation before training wrote its step-0 row:
+    no step finished, so nothing is saved, and the run exits 143 (128 + SIGTERM), not 0, which a
+    scheduler would take for a finished run. The step-0 row does not block the run: started again,
+    with or without --resume, it passes every check before start-up."""
+    write(tmp_path / "blocking.py", BLOCKING_REWARD.format(after=12))  # the 12 held-out prompts pass
+    out = tmp_path / "out"
+    run = args(task, out, "--steps", "1", "--test-data", str(task / "train.jsonl"))
+    with open(tmp_path / "run.log", "w+") as log:
+        proc = launch([*run, "--reward", f"{tmp_path}/blocking.py:wait"], log)
+        try:
+            wait_until(lambda: (tmp_path / f"reached.{proc.pid}").exists() or proc.poll() is not None)
+            assert proc.poll() is None, log.seek(0) or log.read()
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            (tmp_path / "done").touch()
+            code = proc.wait(120)
+        text = log.seek(0) or log.read()
+    assert code == 143, text
+    assert "stopped by signal during step 1" in text and "nothing to save" in text, text
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    for again in ([], ["--resume"]):
+        train.load_inputs(parse_config([*run[1:], "--reward", f"{task}/rewards.py:length", *again]))
 
 
 def test_two_runs_started_together_cannot_share_an_out_dir(task, tmp_path):
@@ -228,22 +304,18 @@ def test_two_runs_started_together_cannot_share_an_out_dir(task, tmp_path):
     The winner is held in its first reward (before it writes a result, so the plain check of the out-dir
     cannot tell that it is there), then SIGKILLed: the kernel frees its lock, and the out-dir can be
     claimed again at once."""
-    write(tmp_path / "blocking.py", BLOCKING_REWARD)
+    write(tmp_path / "blocking.py", BLOCKING_REWARD.format(after=0))
     out = tmp_path / "out"
-    cmd = [sys.executable, "train.py", *args(task, out, "--steps", "1")[1:], "--reward", f"{tmp_path}/blocking.py:wait"]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONFAULTHANDLER": "1"}
+    run = [*args(task, out, "--steps", "1"), "--reward", f"{tmp_path}/blocking.py:wait"]
     logs = [open(tmp_path / f"run{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    procs = [launch(run, log) for log in logs]
 
     def reached():
         return [p for p in procs if (tmp_path / f"reached.{p.pid}").exists()]
 
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(reached()) < 2 and not (
-                any(p.poll() is not None for p in procs) and (reached() or all(p.poll() is not None for p in procs))):
-            time.sleep(0.05)  # polling for the runs' progress, not waiting for a fixed time
+        wait_until(lambda: len(reached()) == 2 or (any(p.poll() is not None for p in procs) and reached())
+                   or all(p.poll() is not None for p in procs))
         texts = [log.seek(0) or log.read() for log in logs]
         assert len(reached()) == 1, f"{len(reached())} runs got past the out-dir check:\n" + "\n".join(texts)
         winner = reached()[0]
