@@ -1,11 +1,12 @@
 """Parsing, the default task, validation and the derived settings of minirl/config.py."""
 
 import os
+from dataclasses import fields
 
 import pytest
 
-from minirl.config import (DEFAULT_TASK, RolloutConfig, compiled_blocks, loss_config, parse_config, sample_budget,
-                           sampling_params, validate)
+from minirl.config import (DEFAULT_TASK, TASKS, RolloutConfig, TrainConfig, _sections, compiled_blocks, loss_config,
+                           parse_config, sample_budget, sampling_params, validate)
 
 TASK = ["--model", "/some/model", "--data", "d.jsonl"]
 
@@ -44,10 +45,67 @@ def test_a_model_without_the_default_job():
     (["--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
     (["--top-k", "-1"], "top_k must be >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    # Values that passed and did harm: flipped or NaN gradients, NaN or underflowing sampling, a NaN clip
+    # range, a division by zero, a crash mid-run.
+    (["--grad-clip=-1"], r"--grad-clip must be in \[0, inf\), got -1.0"),
+    (["--grad-clip", "nan"], r"--grad-clip must be in \[0, inf\), got nan"),
+    (["--temperature", "nan"], r"--temperature must be 0 or in \[0.01, inf\), got nan"),
+    (["--temperature", "1e-40"], r"--temperature must be 0 or in \[0.01, inf\), got 1e-40"),
+    (["--temperature", "inf"], r"--temperature must be 0 or in"),
+    (["--clip-eps-low", "nan"], r"--clip-eps-low must be in \[0, 1\)"),
+    (["--clip-eps-high", "nan"], r"--clip-eps-high must be in \[0, inf\)"),
+    (["--mini-batches", "0"], r"--mini-batches must be in \[1, inf\), got 0"),
+    (["--mini-batches=-1"], r"--mini-batches must be in \[1, inf\), got -1"),
+    (["--lr", "inf"], r"--lr must be in \(0, inf\), got inf"),
+    (["--kl-coef=-0.1"], r"--kl-coef must be in \[0, inf\)"),
+    (["--timeout-s", "0"], r"--timeout-s must be in \[1, inf\)"),
+    (["--vllm-memory", "1.5"], r"--vllm-memory must be in \(0, 1\]"),
 ])
 def test_validate_rejects(flags, message):
     with pytest.raises(ValueError, match=message):
         validate(parse_config(TASK + flags))
+
+
+def numeric_fields():
+    return [(section, f) for _, section in _sections(TrainConfig()) for f in fields(section)
+            if f.type in (int, float)]
+
+
+@pytest.mark.parametrize("name", [f.name for _, f in numeric_fields()])
+def test_every_numeric_setting_has_a_range_that_help_shows(name, capsys):
+    """NaN and inf pass for no float setting (NaN passes every `<` test that is not written for it), and
+    `--help` says each setting's range."""
+    section, f = next((s, f) for s, f in numeric_fields() if f.name == name)
+    assert f.metadata.get("range"), f"{name} has no range"
+    flag = "--" + name.replace("_", "-")
+    if f.type is float:
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(ValueError, match=f"{flag} must be"):
+                validate(parse_config(TASK + [f"{flag}={bad}"]))
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"range {f.metadata['range']}" in help_text.split(flag, 1)[1].split(" --", 1)[0]
+
+
+def test_infinity_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "job.json"
+    path.write_text('{"lr": Infinity, "model": "/some/model", "data": "d.jsonl"}')  # Python's json reads it
+    with pytest.raises(ValueError, match=r"--lr must be in \(0, inf\), got inf"):
+        validate(parse_config(["--config", str(path)]))
+
+
+def test_the_task_in_a_config_file_is_used(tmp_path):
+    """{"task": "tools"} in --config picks the tools task as --task tools does, its own settings under
+    the file's: it was silently ignored (the default task ran)."""
+    path = tmp_path / "job.json"
+    path.write_text('{"task": "tools", "steps": 3}')
+    cfg, flag = parse_config(["--config", str(path)]), parse_config(["--task", "tools"])
+    assert cfg.data.model == flag.data.model == TASKS["tools"] and cfg.data.data == flag.data.data
+    assert cfg.rollout.env == flag.rollout.env != "" and cfg.run.steps == 3
+    path.write_text('{"task": "nope"}')
+    with pytest.raises(ValueError, match="unknown --task 'nope'"):
+        parse_config(["--config", str(path)])
 
 
 def test_derived_settings():

@@ -95,6 +95,11 @@ def started(setup):
     (tmp / "nan.jsonl").write_text('{"stale": true}\n')
     runs["nan"] = dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "nan.jsonl"), "--max-new-tokens",
                              "4", "--reward", f"{tmp / 'nan_reward.py'}:f", "--batch-size", "1"), torchrun=2)
+    # --out naming the prompts file itself: refused before anything is written, on every rank.
+    (tmp / "same").mkdir()
+    (tmp / "same" / "data.jsonl").write_text(open(data).read())
+    same = str(tmp / "same" / "data.jsonl")
+    runs["out_is_data"] = dict(args=("--model", model_dir, "--data", same, "--out", same), torchrun=2)
     (tmp / "sampled").mkdir()  # its own folder: the test checks that no .rank part is left in it
     with ThreadPoolExecutor(4) as pool:
         yield {name: pool.submit(run, *r["args"], torchrun=r.get("torchrun", 0)) for name, r in runs.items()}
@@ -152,6 +157,40 @@ def test_bad_data_is_one_clear_error(setup, started, content, message):
     assert proc.returncode != 0
     assert re.fullmatch(rf"rollout\.py: error: .*{message}.*\n", proc.stderr), proc.stderr
     assert str(data) in proc.stderr
+
+
+def test_an_out_that_is_the_data_is_refused_and_the_prompts_kept(setup, started):
+    _, data, _, tmp = setup
+    proc = started["out_is_data"].result()
+    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "is --data" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp / "same" / "data.jsonl").read_text() == open(data).read()
+    assert sorted(os.listdir(tmp / "same")) == ["data.jsonl"]  # no part files either
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink", "model_file"])
+def test_an_out_that_is_an_input_by_another_name_is_refused(setup, tmp_path, capsys, link):
+    """A symlink or a hard link to the prompts, or a file of the model: the same file under another name
+    (rollout.py checks this before any process group starts: in-process here)."""
+    import rollout
+
+    model_dir, data, _, _ = setup
+    own = tmp_path / "data.jsonl"
+    own.write_text(open(data).read())
+    out = tmp_path / "out.jsonl"
+    if link == "symlink":
+        out.symlink_to(own)
+    elif link == "hardlink":
+        os.link(own, out)
+    else:
+        out = os.path.join(model_dir, "config.json")
+    before = open(out).read()
+    with pytest.raises(SystemExit) as e:
+        rollout.main(["--model", model_dir, "--data", str(own), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is" in err, err
+    assert open(out).read() == before
 
 
 def test_logprob_mismatch_by_hand():
