@@ -15,12 +15,13 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 from minirl.algorithms import LossConfig, check_advantage
 from minirl.attention import BACKENDS
-from minirl.backend import SamplingParams
+from minirl.backend import MIN_TEMPERATURE, SamplingParams
 from minirl.env import load_env, stop_token_id
 from minirl.episodes import EpisodeConfig
 from minirl.rewards import load_reward
@@ -31,41 +32,64 @@ TASKS = {"default": DEFAULT_TASK,  # 2-digit addition (scripts/make_default_mode
          "tools": os.path.join(os.path.dirname(DEFAULT_TASK), "tools_task")}  # a calculator tool, multi-turn
 
 
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, range: str = ""):
+    """A setting: its default, its help, and for a number the values it may take (`in_range`), which
+    `validate` checks and `--help` shows."""
+    return field(default=default, metadata={"help": help, "range": range})
+
+
+def in_range(value, spec: str) -> bool:
+    """Whether `value` lies in `spec`, an interval such as "[0, inf)" or "(0, 1]", or "0 or " one. NaN lies
+    in none, and inf only in an interval closed at inf (there is none): every number is finite."""
+    zero, left, low, high, right = re.fullmatch(r"(0 or )?([\[(])(\S+), (\S+)([\])])", spec).groups()
+    if zero and value == 0:
+        return True
+    low, high = float(low), float(high)
+    return (low < value if left == "(" else low <= value) and (value < high if right == ")" else value <= high)
+
+
+# Settings that a resumed run may change (--resume applies them, and says so); a change to any other
+# makes it another run, and is refused. The prompt settings count through the prompts they give.
+MAY_CHANGE_ON_RESUME = {"run": ("steps", "save_every", "keep_checkpoints", "eval_every", "export"),
+                        "optim": ("lr", "schedule", "warmup_steps", "grad_clip"), "data": ("test_data",),
+                        "rollout": ("backend", "gen_batch_size", "tp", "vllm_memory", "keep_generator"),
+                        "parallel": ("sp", "micro_batch_tokens", "checkpointing", "compile", "cpu_offload",
+                                     "attn_backend", "timeout_s", "numa", "trace_collectives")}
+SAME_PROMPTS = ("data", "prompt_field", "answer_field", "chat_template", "max_prompt_len")
 
 
 @dataclass
 class DataConfig:
     task: str = opt("default", "built-in task used without --model: default (addition) or tools (a calculator "
-                    "tool over several turns); its train_config.json stands in for --config")
+                    "tool over several turns); its train_config.json comes before --config")
     model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in --task")
     data: str = opt("", "prompt dataset, .jsonl (or .parquet with pyarrow); empty = the default task's")
     test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)")
     prompt_field: str = opt("prompt", "field holding the prompt (a string or a list of chat messages)")
     answer_field: str = opt("answer", "field holding the reference answer handed to the reward")
     chat_template: bool = opt(True, "render prompts with the tokenizer's chat template (--no-chat-template: raw text)")
-    max_prompt_len: int = opt(1024, "prompts longer than this many tokens are dropped (the count is reported)")
+    max_prompt_len: int = opt(1024, "prompts longer than this many tokens are dropped (the count is reported)",
+                              "[1, inf)")
     reward: str = opt("math", "reward: a built-in name (math, exact) or module:function")
 
 
 @dataclass
 class RolloutConfig:
     backend: str = opt("naive", "generator: naive (pure PyTorch) or vllm (colocated, needs vllm installed)")
-    n_samples: int = opt(8, "completions per prompt (the GRPO group size)")
-    temperature: float = opt(1.0, "sampling temperature (0 = greedy)")
-    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    max_new_tokens: int = opt(512, "completion length limit")
-    gen_batch_size: int = opt(64, "rows per generation batch (more prompts are processed in chunks)")
-    tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)")
-    vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training")
+    n_samples: int = opt(8, "completions per prompt (the GRPO group size)", "[1, inf)")
+    temperature: float = opt(1.0, "sampling temperature (0 = greedy)", f"0 or [{MIN_TEMPERATURE}, inf)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", "(0, 1]")
+    top_k: int = opt(0, "top-k sampling (0 = off)", "[0, inf)")
+    max_new_tokens: int = opt(512, "completion length limit", "[1, inf)")
+    gen_batch_size: int = opt(64, "rows per generation batch (more prompts are processed in chunks)", "[1, inf)")
+    tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)", "[1, inf)")
+    vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training", "(0, 1]")
     keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
     env: str = opt("", "multi-turn episodes with an environment, module:Name or file.py:Name (minirl/env.py); "
                    "it gives the rewards (--reward is unused)")
-    max_turns: int = opt(4, "with --env: policy turns per episode at most (finish_reason max_turns)")
+    max_turns: int = opt(4, "with --env: policy turns per episode at most (finish_reason max_turns)", "[1, inf)")
     episode_tokens: int = opt(0, "with --env: tokens after the prompt per episode, turns and observations "
-                              "(finish_reason length; 0 = max_turns x max_new_tokens)")
+                              "(finish_reason length; 0 = max_turns x max_new_tokens)", "[0, inf)")
 
 
 @dataclass
@@ -73,40 +97,42 @@ class AlgoConfig:
     advantage: str = opt("grpo", "baseline within a group: grpo (group mean) or rloo (mean of the other n-1)")
     std_norm: bool = opt(True, "divide group advantages by the group std (--no-std-norm: Dr.GRPO)")
     skip_zero_var: bool = opt(False, "leave groups whose rewards are all equal out of the loss and its normalisers")
-    clip_eps_low: float = opt(0.2, "PPO clip range below 1")
-    clip_eps_high: float = opt(0.2, "PPO clip range above 1")
-    dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)")
-    kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
-    entropy_coef: float = opt(0.0, "entropy bonus coefficient")
+    clip_eps_low: float = opt(0.2, "PPO clip range below 1", "[0, 1)")
+    clip_eps_high: float = opt(0.2, "PPO clip range above 1", "[0, inf)")
+    dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)", "0 or (1, inf)")
+    kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)", "[0, inf)")
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient", "[0, inf)")
     loss_agg: str = opt("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm")
     ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
-    tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight (0 = off)")
+    tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight "
+                         "(0 = off)", "[0, inf)")
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
     tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
-    tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask")
-    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
-    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
+    tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask", "[0, inf)")
+    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)",
+                            "[1, inf)")
+    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)", "[1, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-6, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_steps: int = opt(0, "linear warm-up steps")
+    lr: float = opt(1e-6, "peak learning rate (AdamW)", "(0, inf)")
+    weight_decay: float = opt(0.0, "AdamW weight decay", "[0, inf)")
+    warmup_steps: int = opt(0, "linear warm-up steps", "[0, inf)")
     schedule: str = opt("constant", "after warm-up: constant or cosine (to 10%% of lr)")
-    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
+    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)", "[0, inf)")
 
 
 @dataclass
 class ParallelConfig:
-    sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)")
-    micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank")
+    sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)", "[1, inf)")
+    micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank", "[1, inf)")
     checkpointing: bool = opt(True, "activation checkpointing inside each decoder block")
     compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
                         "H200, bench/RESULTS.md section 8); ignored on CPUs and under --trace-collectives")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
-    timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
+    timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)", "[1, inf)")
     numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)")
     trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
                                   "check each step that the ranks issued the same ones, report where they parted "
@@ -115,14 +141,16 @@ class ParallelConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
-    prompts_per_step: int = opt(64, "prompts per step, over all ranks")
-    seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible")
+    steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)", "[1, inf)")
+    prompts_per_step: int = opt(64, "prompts per step, over all ranks", "[1, inf)")
+    seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible", "[0, 2147483647]")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)")
-    resume: bool = opt(False, "resume from the newest complete checkpoint in out_dir (nothing there: a fresh run)")
-    keep_checkpoints: int = opt(0, "keep only the N newest checkpoints (0 = keep all)")
-    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = before and after only)")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)", "[0, inf)")
+    resume: bool = opt(False, "resume from the newest complete checkpoint in out_dir (nothing there: a fresh run); "
+                       "settings marked 'may change on --resume' may differ from the saved run's (out_dir/run.json), "
+                       "a change to any other is refused")
+    keep_checkpoints: int = opt(0, "keep only the N newest checkpoints (0 = keep all)", "[0, inf)")
+    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = before and after only)", "[0, inf)")
     export: bool = opt(True, "write an HF model dir to out_dir/final at the end")
 
 
@@ -180,9 +208,9 @@ def _typed(value, expected: type, what: str):
 
 def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, ...]] | None = None,
                  ) -> argparse.ArgumentParser:
-    """A flag per field of `cfg` (of the sections and fields in `only`, when given), its defaults as
-    `--help` shows them: where the built-in task's train_config.json sets a field, a bare run uses
-    that value, so help names it first."""
+    """A flag per field of `cfg` (of the sections and fields in `only`, when given), its range and its
+    default as `--help` shows them: where the built-in task's train_config.json sets a field, a bare run
+    uses that value, so help names it first."""
     bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
@@ -194,9 +222,11 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             default = getattr(section, f.name)
             shown = f"{default!r}" if f.name not in bare else (
                 f"{bare[f.name]!r} from the built-in task's train_config.json, {default!r} with --model")
+            notes = [f"range {f.metadata['range']}"] if f.metadata["range"] else []
+            notes += ["may change on --resume"] if f.name in MAY_CHANGE_ON_RESUME.get(name, ()) else []
             kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
-                               help=f.metadata["help"] + f" (default: {shown})", **kind)
+                               help=f.metadata["help"] + f" ({'; '.join([*notes, f'default: {shown}'])})", **kind)
     return p
 
 
@@ -208,17 +238,21 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
 def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
     """`cfg` (default: the dataclass defaults), then --config FILE, then the flags given in `args`.
 
-    With neither --config nor --model, the built-in task's (--task) train_config.json stands in for
-    --config, and its model and data fill in what is left empty: that is how a bare `train.py` runs
-    the default task, and `train.py --task tools` the other.
+    Without --model (in the flags or the file), the built-in task's (--task, in the flags or the file)
+    train_config.json comes first, and its model and data fill in what is left empty: that is how a
+    bare `train.py` runs the default task, and `train.py --task tools` the other.
     """
     cfg = cfg or TrainConfig()
-    if args.get("task", "default") not in TASKS:
-        raise ValueError(f"unknown --task {args['task']!r}: one of {', '.join(TASKS)}")
-    task = TASKS[args.get("task", "default")]
-    config_file = args.pop("config", "") or ("" if "model" in args else os.path.join(task, "train_config.json"))
-    if config_file:
-        apply_overrides(cfg, read_config_file(config_file), config_file)
+    config_file = args.pop("config", "")
+    values = read_config_file(config_file) if config_file else {}
+    flat = {**values, **{k: v for part in values.values() if isinstance(part, dict) for k, v in part.items()}}
+    name = args.get("task", flat.get("task", "default"))
+    if name not in TASKS:
+        raise ValueError(f"unknown --task {name!r}: one of {', '.join(TASKS)}")
+    task = TASKS[name]
+    if "model" not in args and "model" not in flat:
+        apply_overrides(cfg, read_config_file(os.path.join(task, "train_config.json")), f"--task {name}")
+    apply_overrides(cfg, values, config_file)
     apply_overrides(cfg, args, "command line")
     if not cfg.data.model:
         cfg.data.model = task
@@ -246,39 +280,50 @@ def read_config_file(path: str) -> dict:
 
 
 def validate(cfg: TrainConfig):
-    """Batch sizes and choices that would otherwise fail mid-run: one clear ValueError at start-up.
-    (`dist.check_parallel_or_exit` checks the parallel layout against the model.)"""
+    """Numbers out of their range (NaN and inf included), batch sizes and choices that would otherwise
+    fail or do harm mid-run: one clear ValueError at start-up. (`dist.check_parallel_or_exit` checks the
+    parallel layout against the model.)"""
+    for _, section in _sections(cfg):
+        for f in fields(section):
+            value, spec = getattr(section, f.name), f.metadata["range"]
+            if spec and not in_range(value, spec):
+                where = f"0 or in {spec.removeprefix('0 or ')}" if spec.startswith("0 or ") else f"in {spec}"
+                raise ValueError(f"--{f.name.replace('_', '-')} must be {where}, got {value!r}")
     if not cfg.data.data:
         raise ValueError("--data is required with --model")
     n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.algo.ppo_epochs) < 1:
-        raise ValueError("--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1")
     if n % cfg.algo.mini_batches:
         raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
                          f"--mini-batches {cfg.algo.mini_batches}")
-    if not 0 <= cfg.run.seed < 2**31:
-        raise ValueError(f"--seed must be in [0, 2**31), got {cfg.run.seed}")
     if cfg.rollout.backend not in ("naive", "vllm"):
         raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
     if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("--backend vllm needs vLLM, which is not installed: pip install vllm")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
-    if not cfg.optim.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.optim.lr}")
-    if cfg.rollout.gen_batch_size < 1:
-        raise ValueError(f"--gen-batch-size must be >= 1, got {cfg.rollout.gen_batch_size}")
-    if cfg.run.keep_checkpoints < 0:
-        raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
     if cfg.parallel.attn_backend not in ("", *BACKENDS):
         raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
-    if cfg.rollout.max_turns < 1 or cfg.rollout.episode_tokens < 0:
-        raise ValueError("--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")
     if cfg.rollout.env:
         load_env(cfg.rollout.env)  # importable, and makes a well-formed env
     loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
     check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
     sampling_params(cfg.rollout).check()
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(changes a resumed run applies, changes that would make it another run): "--flag old -> new" for
+    each setting that differs from the saved run's (`saved`: its `to_dict()`). The prompt settings are
+    compared through the prompts they give (train.py), the out-dir is the run's wherever it is, and a
+    setting that `saved` lacks (added to minirl since) counts as unchanged."""
+    applied, refused = [], []
+    for name, section in _sections(cfg):
+        for f in fields(section):
+            old, new = saved.get(name, {}).get(f.name, getattr(section, f.name)), getattr(section, f.name)
+            if old == new or f.name in (*SAME_PROMPTS, "out_dir", "resume"):
+                continue
+            change = f"--{f.name.replace('_', '-')} {old!r} -> {new!r}"
+            (applied if f.name in MAY_CHANGE_ON_RESUME.get(name, ()) else refused).append(change)
+    return applied, refused
 
 
 def loss_config(algo: AlgoConfig) -> LossConfig:

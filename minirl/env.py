@@ -9,17 +9,16 @@ An environment is a class, named like a reward: `--env module:Name` or `--env pa
 One instance is made per episode (`Name()`, no arguments), so it can keep the episode's state on
 itself. The episode's reward is the sum of the rewards its steps return.
 
-Every call into it goes through `checked_start` / `checked_step`: an exception, a non-string
-observation, a non-finite reward or a non-bool `done` becomes one ValueError that names the
-environment and the prompt, instead of a failure far from its cause (or a NaN in the weights).
+Every call into it goes through `checked_start` / `checked_step`: an exception or a sys.exit(), a
+non-string observation, a reward that is not finite (in float32) or a non-bool `done` becomes one
+ValueError that names the environment and the prompt, instead of a failure far from its cause (or a
+NaN in the weights).
 """
 
 import functools
-import math
-import numbers
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from minirl.rewards import import_named
+from minirl.rewards import as_reward, call_user, import_named
 
 
 class EnvStep(NamedTuple):
@@ -48,10 +47,7 @@ def load_env(spec: str):
     Cached: the trainer looks it up every step, and a .py file should be executed once.
     """
     cls = import_named(spec, "env", "an env is 'module:Name' or 'file.py:Name' (see minirl/env.py)")
-    try:
-        env = cls()
-    except Exception as e:
-        raise ValueError(f"env {spec!r}: {spec.rpartition(':')[2]}() raised {type(e).__name__}: {e}") from e
+    env = call_user(cls, f"env {spec!r}: {spec.rpartition(':')[2]}()")
     if not isinstance(env, Env):
         raise ValueError(f"env {spec!r}: an env needs a `stop` string and `start` and `step` methods (minirl/env.py)")
     if not isinstance(env.stop, str) or not env.stop:
@@ -69,26 +65,20 @@ def stop_token_id(spec: str, tok) -> int:
 
 
 def checked_start(env: Env, spec: str, prompt_index: int, prompt: str, answer: str):
-    try:
-        env.start(prompt, answer)
-    except Exception as e:  # user code: say which env and prompt, keep the traceback as the cause
-        raise ValueError(f"env {spec!r} on prompt {prompt_index}: start raised {type(e).__name__}: {e}") from e
+    call_user(env.start, f"env {spec!r} on prompt {prompt_index}: start", prompt, answer)
 
 
 def checked_step(env: Env, spec: str, prompt_index: int, text: str, token_ids: list[int]) -> EnvStep:
     """`env.step(text, token_ids)` as an EnvStep with a float reward, or a ValueError saying what was wrong."""
     where = f"env {spec!r} on prompt {prompt_index}"
-    try:
-        out = env.step(text, list(token_ids))  # a copy: the env cannot edit the sampled ids
-    except Exception as e:
-        raise ValueError(f"{where}: step raised {type(e).__name__}: {e}") from e
+    out = call_user(env.step, f"{where}: step", text, list(token_ids))  # a copy: the env cannot edit the ids
     if not isinstance(out, tuple) or len(out) != 3:
         raise ValueError(f"{where}: step returned {out!r}; it must return (observation, reward, done)")
     observation, reward, done = out
     if observation is not None and not isinstance(observation, str):
         raise ValueError(f"{where}: observation {observation!r} ({type(observation).__name__}) is not a string or None")
-    if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
-        raise ValueError(f"{where}: reward {reward!r} ({type(reward).__name__}) is not a finite number")
+    if as_reward(reward) is None:
+        raise ValueError(f"{where}: reward {reward!r} ({type(reward).__name__}) is not a number finite in float32")
     if not isinstance(done, bool):
         raise ValueError(f"{where}: done {done!r} ({type(done).__name__}) is not a bool")
-    return EnvStep(observation, float(reward), done)
+    return EnvStep(observation, as_reward(reward), done)
