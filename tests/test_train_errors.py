@@ -64,7 +64,7 @@ def without_hidden_size(text: str) -> str:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("lr", "--lr must be > 0"),
+    ("lr", "--lr must be in (0, inf), got -1e-06"),
     ("gen_batch", "--gen-batch-size"),
     ("attn", "--attn-backend 'bogus'"),
     ("keep", "--keep-checkpoints"),
@@ -182,25 +182,84 @@ def two_rank_faults(task, tmp_path_factory):
         yield {name: pool.submit(launch, name) for name in runs}
 
 
-def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(task, tmp_path, two_rank_faults):
-    """step_3 is cut short (a full disk): --resume walks back to step_2, reruns step 3 exactly as the
-    straight run did, and metrics.jsonl holds each step once. The straight run passes --resume too,
-    into an empty out-dir: it starts fresh."""
-    out = tmp_path / "out"
-    run = ["--steps", "3", "--save-every", "1", "--lr", "1e-3"]
-    proc = torchrun(1, args(task, out, *run, "--resume", reward="length"), timeout=300)  # nothing yet: fresh
+RESUMED = ["--steps", "3", "--save-every", "1", "--lr", "1e-3", "--resume"]  # the straight run's settings
+
+
+@pytest.fixture(scope="module")
+def resumed(task, tmp_path_factory, two_rank_faults):
+    """A straight 3-step run on one rank (passing --resume too, into an empty out-dir: it starts fresh),
+    its newest checkpoint cut short (a full disk), then resumed with a new --lr for one step more:
+    (straight run's rows, the resume's CompletedProcess, out dir). The two-rank fault runs go meanwhile."""
+    out = tmp_path_factory.mktemp("resumed") / "out"
+    proc = torchrun(1, args(task, out, *RESUMED, reward="length"), timeout=300)  # nothing yet: fresh
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to resume" in proc.stdout
     straight = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     shard = next(f for f in (out / "checkpoints" / "step_3").iterdir() if f.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = torchrun(1, args(task, out, *run, "--resume", reward="length"), timeout=300)
+    proc = torchrun(1, args(task, out, *RESUMED, "--steps", "4", "--lr", "2e-3", reward="length"), timeout=300)
+    return straight, proc, out
+
+
+def test_resume_past_a_corrupt_newest_checkpoint_matches_a_straight_run(resumed):
+    """step_3 is cut short: --resume walks back to step_2, reruns step 3 exactly as the straight run did,
+    and metrics.jsonl holds each step once."""
+    straight, proc, out = resumed
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 2" in proc.stdout and "truncated" in proc.stderr, proc.stderr[-3000:]
-    resumed = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    for key in ("reward_mean", "loss", "grad_norm"):
-        assert resumed[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward_mean", "loss", "grad_norm"):  # before step 3's update: its lr does not count yet
+        assert rows[2][key] == pytest.approx(straight[2][key], rel=1e-5, abs=1e-7), key
+
+
+def test_resume_applies_a_new_lr_and_steps_and_says_so(resumed):
+    """The checkpoint holds the saved run's lr (optimizer and schedule): the new one must replace it."""
+    straight, proc, out = resumed
+    assert "note: resuming after step 2, with --lr 0.001 -> 0.002, --steps 3 -> 4" in proc.stdout, proc.stdout
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in straight] == [1e-3] * 3 and [r["lr"] for r in rows[2:]] == [2e-3, 2e-3]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("task", "--task 'default' -> 'tools'"),
+    ("model", "--model '"),
+    ("reward", "--reward '"),
+    ("kl_coef", "--kl-coef 0.0 -> 0.1"),
+    ("fewer_prompts", "the prompts (12 usable rows then, 8 in "),
+    ("other_answers", "the prompts (12 usable rows then, 12 in "),
+    ("steps_below", "--steps 3 is below step 4"),
+])
+def test_resume_refuses_another_run(task, resumed, tmp_path, capsys, case, message):
+    """Settings that make another run (another model, task, reward, algorithm, prompts), and --steps below
+    the checkpoint, are one error line before start-up (exit 2), and the run is left as it was."""
+    _, _, out = resumed
+    data, lines = tmp_path / "train.jsonl", (task / "train.jsonl").read_text().splitlines(keepends=True)
+    extra = {
+        "task": lambda: ["--task", "tools"],
+        "model": lambda: ["--model", edited_model(task, tmp_path, "config.json", lambda t: t)],  # another path
+        "reward": lambda: ["--reward", f"{task}/rewards.py:vowels"],
+        "kl_coef": lambda: ["--kl-coef", "0.1"],
+        "fewer_prompts": lambda: ["--data", write(data, "".join(lines[:8]))],
+        "other_answers": lambda: ["--data", write(data, "".join(lines).replace('"answer": "2"', '"answer": "22"'))],
+        "steps_below": lambda: ["--steps", "3"],
+    }[case]()
+    before = (out / "metrics.jsonl").read_text(), (out / "run.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        train.main(args(task, out, *RESUMED, "--steps", "5", "--lr", "2e-3", *extra, reward="length")[1:])
+    assert e.value.code == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert ((out / "metrics.jsonl").read_text(), (out / "run.json").read_text()) == before
+
+
+def test_resuming_a_finished_run_does_nothing(task, resumed, capsys):
+    """All 4 steps are done: a rerun with --resume (a job script run twice) says so and exits 0 before
+    start-up, with no row written twice."""
+    _, _, out = resumed
+    before = (out / "metrics.jsonl").read_text()
+    train.main(args(task, out, *RESUMED, "--steps", "4", "--lr", "2e-3", reward="length")[1:])
+    assert "finished its 4 steps: nothing to resume" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 def test_nan_reward_on_one_rank_is_one_error_and_no_checkpoint(two_rank_faults):
