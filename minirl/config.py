@@ -16,7 +16,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from minirl.algorithms import LossConfig, check_advantage
+from minirl.advantages import check_advantage
+from minirl.algorithms import LossConfig
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 from minirl.env import load_env

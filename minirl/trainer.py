@@ -25,8 +25,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minirl import ulysses
-from minirl.algorithms import (LossConfig, Sequences, group_advantages, policy_loss, token_weights,
-                               zero_variance_groups)
+from minirl.advantages import group_advantages, zero_variance_groups
+from minirl.algorithms import LossConfig, Sequences, policy_loss, token_weights
 from minirl.attention import pick_backend
 from minirl.backend import RolloutBackend, sample_seed
 from minirl.config import RolloutConfig, TrainConfig, loss_config, sample_budget, sampling_params

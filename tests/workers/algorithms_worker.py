@@ -1,8 +1,8 @@
 """Sequence-level losses on 2 ranks: sequences cut across sp ranks, or whole on dp ranks, add up.
 
 `torchrun --nproc-per-node 2 algorithms_worker.py --out DIR`. For every sequence-level mode
-(GSPO, GSPO-token, sequence-level truncated and masked IS), a mini-batch of random per-token
-tensors packed into two micro-batches of uneven size is scored
+(GSPO, GSPO-token, sequence-level truncated and masked IS; CISPO and the KL estimators beside them),
+a mini-batch of random per-token tensors packed into two micro-batches of uneven size is scored
 - whole, in one process, without any collective (the reference, computed on every rank);
 - sp2: each micro-batch's tokens split between the two ranks as Ulysses splits them (contiguous
   slices, padded), the per-sequence sums all-reduced over the sp group;
@@ -28,6 +28,10 @@ MODES = {
     "seq-mask": dict(tis_cap=1.5, tis_level="sequence", tis_mode="mask", tis_low=0.7),
     "gspo+seq-mask": dict(ratio_level="sequence", clip_eps_low=0.02, clip_eps_high=0.03, tis_cap=3.0,
                           tis_level="sequence", tis_mode="mask", tis_low=0.8),
+    "gspo+k1": dict(ratio_level="sequence", clip_eps_low=0.02, clip_eps_high=0.03, kl_estimator="k1"),
+    # CISPO is per token, the sequence-level IS weight all-reduced; a k2 KL in the loss
+    "cispo+seq-tis+k2": dict(policy_loss="cispo", dual_clip_c=None, clip_eps_low=1.0, clip_eps_high=0.1,
+                             kl_estimator="k2", tis_cap=1.5, tis_level="sequence"),
 }
 LENGTHS = [[9, 5, 10], [7]]  # tokens per sequence in each micro-batch: T = 24 and 7 (odd: sp pads); under
 # sp2 the second sequence of each straddles the two ranks
@@ -62,7 +66,7 @@ def score(mb, seq_lens, n_tokens, cfg, agg, group):
 
 
 def check_mode(report: Report, d_sp, d_dp, name, kwargs, agg):
-    cfg = LossConfig(agg=agg, dual_clip_c=3.0, kl_coef=0.1, **kwargs)
+    cfg = LossConfig(**{"agg": agg, "dual_clip_c": 3.0, "kl_coef": 0.1, **kwargs})
     micro, seq_lens = mini_batch()
     n_tokens = sum(mb["mask"].sum() for mb in micro)
     ref = [score(mb, seq_lens, n_tokens, cfg, agg, None) for mb in micro]
