@@ -8,10 +8,28 @@ the loss counts (the policy's own: no prompt, observation or padding). The polic
 minirl/algorithms.py.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from minirl.algorithms import kl_estimate
+
 ADVANTAGES = ("grpo", "rloo", "reinforce++", "reinforce++-baseline")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """How a step's rewards become advantages, its auto settings resolved (config.derive)."""
+
+    estimator: str = "grpo"  # one of ADVANTAGES
+    group_size: int = 8  # samples per prompt
+    std_norm: bool = True  # divide by the group's std (grpo, rloo) or the batch's (reinforce++)
+    kl_coef: float = 0.0  # weight of the KL penalty in the reward (0: none, or the KL is in the loss)
+    kl_estimator: str = "k1"  # of that penalty, see algorithms.kl_estimate
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over this many tokens (0: off)
+    overlong_penalty: float = 1.0  # the most it takes off the reward
+    max_len: int = 0  # the length limit it counts back from (config.sample_budget)
 
 
 def check_advantage(estimator: str, group_size: int):
@@ -129,6 +147,31 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
         raise ValueError(f"the overlong buffer must be in [1, {max_len}] (the length limit), got {buffer}")
     exceed = (lengths.double() - (max_len - buffer)).clamp(0, buffer)  # [N]
     return -factor * exceed / buffer
+
+
+def advantages(rewards: Tensor, lengths: Tensor, mask: Tensor, ac: AdvantageConfig,
+               logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """A step's advantages per completion token [N, L] (0 at masked tokens), and the reward shaping's
+    metrics: the mean overlong penalty and the mean KL penalty per sample, each when on.
+
+    rewards [N] as scored, lengths [N] of the completions, mask [N, L]; with the KL in the reward, the
+    rollout policy's and the reference's log-probs [N, L] of every completion token. The shaping comes
+    first (DAPO's overlong penalty, then the KL penalty), then the estimator's baseline and scaling.
+    """
+    stats = {}
+    if ac.overlong_buffer:
+        penalty = overlong_penalty(lengths, ac.max_len, ac.overlong_buffer, ac.overlong_penalty)  # [N]
+        rewards, stats["overlong_penalty"] = rewards + penalty, penalty.mean().item()
+    token_kl = None
+    if ac.kl_coef:
+        token_kl = torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, ac.kl_estimator), 0.0)  # [N, L]
+        stats["kl_penalty"] = ac.kl_coef * token_kl.sum(1).mean().item()
+    if ac.estimator in ("grpo", "rloo"):
+        penalised = kl_returns(rewards, mask, token_kl, ac.kl_coef)[:, 0]  # [N]
+        adv = group_advantages(penalised, ac.group_size, ac.std_norm, estimator=ac.estimator)  # [N]
+        return torch.where(mask.bool(), adv[:, None], 0.0), stats
+    return reinforce_pp_advantages(rewards, mask, ac.group_size, ac.estimator == "reinforce++-baseline", token_kl,
+                                   ac.kl_coef, ac.std_norm), stats
 
 
 def select_groups(informative: list[bool], need: int) -> list[int]:

@@ -1,4 +1,6 @@
-"""Policy losses, KL estimators and the published defaults against values worked out by hand and\nindependent float64 formulas. (Advantages: tests/test_advantages.py; sequence-level modes: test_algorithms_seq.py.)"""
+"""Policy losses, KL estimators and the published defaults against values worked out by hand and
+independent float64 formulas. (Advantages: tests/test_advantages.py; sequence-level modes:
+tests/test_algorithms_seq.py.)"""
 
 import math
 
