@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from minirl.advantages import (
+    AdvantageConfig,
+    advantages,
     batch_normalise,
     check_advantage,
     group_advantages,
@@ -170,6 +172,59 @@ def test_batch_normalise_equal_values_give_exact_zeros():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     assert torch.equal(batch_normalise(values, mask), torch.zeros(3, 4))
     assert torch.equal(batch_normalise(values, torch.zeros(3, 4)), torch.zeros(3, 4))
+
+
+# ---- the step's composition: shaping, then the estimator ----
+
+
+def _step_batch(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 6, 2, 8, 5, 7]
+    masks = [[1.0] * L for L in lengths]
+    masks[3][2] = masks[3][5] = 0.0  # a multi-turn sample: two observation tokens
+    lp = [(torch.randn(L, generator=g, dtype=F64) * 0.3 - 1).tolist() for L in lengths]
+    ref = [(torch.tensor(x, dtype=F64) + torch.randn(len(x), generator=g, dtype=F64) * 0.2).tolist() for x in lp]
+    rewards = [1.0, 0.0, 1.0, 0.5, 0.0, 0.0]
+    return rewards, lengths, masks, lp, ref
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_advantages_with_overlong_and_kl_in_the_reward(estimator):
+    """DAPO's penalty (limit 8, buffer 4) and a k3 KL (coefficient 0.2) come off each reward, then the group
+    baseline: checked against the formulas written out per sample."""
+    rewards, lengths, masks, lp, ref = _step_batch()
+    ac = AdvantageConfig(estimator, group_size=3, std_norm=True, kl_coef=0.2, kl_estimator="k3", overlong_buffer=4,
+                         max_len=8)
+    got, stats = advantages(torch.tensor(rewards, dtype=F64), torch.tensor(lengths), _padded(masks), ac,
+                            _padded(lp), _padded(ref))
+    shaped, kl_sums = [], []
+    for r, L, m, a, b in zip(rewards, lengths, masks, lp, ref):
+        kl = sum(math.exp(y - x) - (y - x) - 1 for x, y, c in zip(a, b, m) if c)  # k3 of pi vs ref, counted tokens
+        kl_sums.append(kl)
+        shaped.append(r + _dapo_length_reward(L, 8, 4) - 0.2 * kl)
+    want = []
+    for g in range(2):
+        grp = shaped[3 * g:3 * g + 3]
+        mean = sum(grp) / 3
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / 3)
+        for x in grp:
+            base = mean if estimator == "grpo" else (sum(grp) - x) / 2
+            want.append((x - base) / (std + 1e-6))
+    torch.testing.assert_close(got, _padded([[w * c for c in m] for w, m in zip(want, masks)]))
+    assert stats["overlong_penalty"] == pytest.approx(sum(_dapo_length_reward(L, 8, 4) for L in lengths) / 6)
+    assert stats["kl_penalty"] == pytest.approx(0.2 * sum(kl_sums) / 6)
+
+
+def test_reinforce_pp_with_overlong_and_kl_in_the_reward():
+    rewards, lengths, masks, lp, ref = _step_batch(8)
+    ac = AdvantageConfig("reinforce++-baseline", group_size=3, kl_coef=0.3, kl_estimator="k1", overlong_buffer=3,
+                         max_len=8)
+    got, _ = advantages(torch.tensor(rewards, dtype=F64), torch.tensor(lengths), _padded(masks), ac, _padded(lp),
+                        _padded(ref))
+    shaped = [r + _dapo_length_reward(L, 8, 3) for r, L in zip(rewards, lengths)]
+    k1 = [[x - y for x, y in zip(a, b)] for a, b in zip(lp, ref)]
+    want = _openrlhf_reference(shaped, [[int(c) for c in m] for m in masks], k1, 0.3, 3, baseline=True)
+    torch.testing.assert_close(got, _padded(want))
 
 
 # ---- DAPO: overlong shaping, dynamic sampling ----
