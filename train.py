@@ -115,8 +115,11 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     if data.missing_answers:
         notes.append(f"warning: {data.missing_answers} of {cfg.data.data}'s rows have no {cfg.data.answer_field!r} "
                      f"field; their rewards compare against an empty answer")
-    if cfg.rollout.n_samples == 1:
+    if cfg.rollout.n_samples == 1 and cfg.algo.advantage == "grpo":
         notes.append("warning: --n-samples 1: every GRPO advantage is 0 (a group of one), so nothing is learned")
+    if cfg.algo.ratio_level != "token" and ds.loss.agg == "token-mean":
+        notes.append("warning: --loss-agg token-mean under GSPO (--ratio-level sequence*) counts each sequence once "
+                     "per token, so long ones weigh more; GSPO's objective is seq-mean-token-mean (its auto default)")
     if out.step:  # a resume: the same run, or an error
         notes.append(resume_note(cfg, checkpoint.saved_run(cfg.run.out_dir), data, out.step))
     if rank0:
@@ -195,8 +198,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
         for step in step_bar:
             drawn = data.state_dict()  # the data order before this step's prompts: --resume redoes the step
             try:
-                row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, ds, tok,
-                              progress=d.is_main, interrupt=interrupt)
+                row = rl_step(policy, generator, data, step, d, cfg, ds, tok, progress=d.is_main, interrupt=interrupt)
             except report.Interrupted as e:  # on every rank together, before the step changed the model
                 policy.optimizer.zero_grad(set_to_none=True)  # the micro-batches' gradients so far
                 if step > saved:

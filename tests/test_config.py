@@ -53,7 +53,7 @@ def test_a_model_without_the_default_job():
     (["--temperature", "nan"], r"--temperature must be 0 or in \[0.01, inf\), got nan"),
     (["--temperature", "1e-40"], r"--temperature must be 0 or in \[0.01, inf\), got 1e-40"),
     (["--temperature", "inf"], r"--temperature must be 0 or in"),
-    (["--clip-eps-low", "nan"], r"--clip-eps-low must be in \[0, 1\)"),
+    (["--clip-eps-low", "nan"], r"--clip-eps-low must be in \[0, 1\]"),
     (["--clip-eps-high", "nan"], r"--clip-eps-high must be in \[0, inf\)"),
     (["--mini-batches", "0"], r"--mini-batches must be in \[1, inf\), got 0"),
     (["--mini-batches=-1"], r"--mini-batches must be in \[1, inf\), got -1"),
