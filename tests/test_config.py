@@ -77,3 +77,13 @@ def test_sample_budget_is_the_episode_budget_with_an_env():
     assert sample_budget(rc) == 30  # max_turns x max_new_tokens
     rc.episode_tokens = 25
     assert sample_budget(rc) == 25
+
+
+def test_help_shows_what_a_bare_run_uses(capsys):
+    """A bare `train.py` runs the built-in task with its train_config.json: --help names those values."""
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 80 from the built-in task's train_config.json, 100 with --model)" in text
+    assert "(default: 1e-05 from the built-in task's train_config.json, 1e-06 with --model)" in text
+    assert "(default: 0.2)" in text  # --clip-eps-low: not in the task's file
