@@ -244,8 +244,9 @@ def validate(cfg: TrainConfig):
     rc, algo, n = cfg.rollout, cfg.algo, cfg.run.prompts_per_step * cfg.rollout.n_samples
     for bad, message in [
         (not cfg.data.data, "--data is required with --model"),
-        (min(cfg.run.prompts_per_step, rc.n_samples, cfg.run.steps, algo.mini_batches, algo.ppo_epochs) < 1,
-         "--prompts-per-step, --n-samples, --steps, --mini-batches and --ppo-epochs must be >= 1"),
+        (min(cfg.run.prompts_per_step, rc.n_samples, cfg.run.steps, algo.ppo_epochs) < 1,
+         "--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1"),
+        (algo.mini_batches < 1, f"--mini-batches must be >= 1, got {algo.mini_batches}"),
         (n % max(1, algo.mini_batches),
          f"prompts_per_step x n_samples = {n} samples do not split into --mini-batches {algo.mini_batches}"),
         (not 0 <= cfg.run.seed < 2**31, f"--seed must be in [0, 2**31), got {cfg.run.seed}"),

@@ -35,6 +35,7 @@ def test_a_model_without_the_default_job():
     (["--steps", "0"], "must be >= 1"),
     (["--prompts-per-step", "4", "--n-samples", "3", "--mini-batches", "5"],
      "prompts_per_step x n_samples = 12 samples do not split into --mini-batches 5"),
+    (["--mini-batches", "0"], "--mini-batches must be >= 1"),
     (["--backend", "sglang"], "unknown --backend 'sglang'"),
     (["--schedule", "linear"], "unknown --schedule 'linear'"),
     (["--loss-agg", "mean"], "agg must be one of"),
