@@ -97,8 +97,11 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     if data.missing_answers:
         notes.append(f"warning: {data.missing_answers} of {dc.data}'s rows have no {dc.answer_field!r} "
                      f"field; their rewards compare against an empty answer")
-    if cfg.rollout.n_samples == 1:
+    if cfg.rollout.n_samples == 1 and cfg.algo.advantage == "grpo":
         notes.append("warning: --n-samples 1: every GRPO advantage is 0 (a group of one), so nothing is learned")
+    if cfg.algo.ratio_level != "token" and ds.loss.agg == "token-mean":
+        notes.append("warning: --loss-agg token-mean under GSPO (--ratio-level sequence*) counts each sequence once "
+                     "per token, so long ones weigh more; GSPO's objective is seq-mean-token-mean (its auto default)")
     for line in notes if int(os.environ.get("RANK", "0")) == 0 else []:
         print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
     return model_cfg, tok, data, test, ds
@@ -152,8 +155,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
         for step in step_bar:
             drawn = data.state_dict()  # the data order before this step's prompts: --resume redoes the step
             try:
-                row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, ds, tok,
-                              progress=d.is_main, interrupt=interrupt)
+                row = rl_step(policy, generator, data, step, d, cfg, ds, tok, progress=d.is_main, interrupt=interrupt)
             except report.Interrupted:  # on every rank together, before the step changed the model
                 policy.optimizer.zero_grad(set_to_none=True)  # the micro-batches' gradients so far
                 if step > saved:

@@ -87,4 +87,4 @@ def test_help_shows_what_a_bare_run_uses(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 80 from the built-in task's train_config.json, 100 with --model)" in text
     assert "(default: 1e-05 from the built-in task's train_config.json, 1e-06 with --model)" in text
-    assert "(default: 0.2)" in text  # --clip-eps-low: not in the task's file
+    assert "to 10% of lr) (default: 'constant')" in text  # --schedule: not in the task's file
