@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -80,8 +81,8 @@ def main(argv=None):
 def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset, PromptDataset | None, Derived] | None:
     """Check and read everything a run needs before it starts: the settings, the layout against the
     model, the weights' files, the out dir (and a resumed run's settings against the saved run's), the
-    tokenizer, the prompts, the reward and environment (`config.derive`); prints notes and warnings once
-    (rank 0). A problem is a ValueError or FileNotFoundError naming it. None: --resume found the run
+    tokenizer, the prompts, the reward and environment (`config.derive`); rank 0 prints the notes and
+    warnings. A problem is a ValueError or FileNotFoundError naming it. None: --resume found the run
     finished, with nothing left to do."""
     validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,20 +101,17 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
         return None
     tok = Tokenizer.from_dir(cfg.data.model)
     ds = derive(cfg, tok)
-    chat = cfg.data.chat_template and tok.has_chat_template
-    notes = [out.note] if out.note else []
-    if cfg.data.chat_template and not tok.has_chat_template:
-        notes.append(f"note: {cfg.data.model} has no chat template; prompts are used as raw text")
-    data = PromptDataset(cfg.data.data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
-                         cfg.data.max_prompt_len, cfg.run.seed)
-    test = PromptDataset(cfg.data.test_data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
-                         cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
+    dc, notes = cfg.data, [out.note] if out.note else []
+    if dc.chat_template and not tok.has_chat_template:
+        notes.append(f"note: {dc.model} has no chat template; prompts are used as raw text")
+    data, test = (PromptDataset(path, tok, dc.prompt_field, dc.answer_field, dc.chat_template and tok.has_chat_template,
+                                dc.max_prompt_len, cfg.run.seed) if path else None for path in (dc.data, dc.test_data))
     longest = max(len(p.token_ids) for p in data.prompts) + ds.sample_budget - 1
     if longest > cfg.parallel.micro_batch_tokens:
         raise ValueError(f"--micro-batch-tokens {cfg.parallel.micro_batch_tokens} cannot hold the longest prompt "
                          f"with its completion ({longest} tokens); raise it or lower --max-new-tokens/--max-prompt-len")
     if data.missing_answers:
-        notes.append(f"warning: {data.missing_answers} of {cfg.data.data}'s rows have no {cfg.data.answer_field!r} "
+        notes.append(f"warning: {data.missing_answers} of {dc.data}'s rows have no {dc.answer_field!r} "
                      f"field; their rewards compare against an empty answer")
     if cfg.rollout.n_samples == 1 and cfg.algo.advantage == "grpo":
         notes.append("warning: --n-samples 1: every GRPO advantage is 0 (a group of one), so nothing is learned")
@@ -123,7 +121,7 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     if out.step:  # a resume: the same run, or an error
         notes.append(resume_note(cfg, checkpoint.saved_run(cfg.run.out_dir), data, out.step))
     if rank0:
-        checkpoint.save_run(cfg.run.out_dir, {"config": cfg.to_dict(), "prompts": prompts_record(data)})
+        checkpoint.save_run(cfg.run.out_dir, {"config": asdict(cfg), "prompts": prompts_record(data)})
         for line in notes:
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
     return model_cfg, tok, data, test, ds

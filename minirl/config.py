@@ -1,14 +1,10 @@
 """The training configuration: one tree of small dataclasses, overridable by a JSON file and CLI flags.
 
-Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
-`--help`, with the help text kept next to the field; train.py takes them all, rollout.py the ones it
-uses. Precedence: dataclass default < `--config FILE` < flags given on the command line. Without
---model the built-in task fills in model, data and its train_config.json. Config values are
-type-checked against the fields, and every problem with the file is a ValueError or FileNotFoundError
-naming it (entry points print it once).
-
-It also owns what follows from the settings: `validate`, and `derive`, which works out once, before
-the first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
+Every field is a flag of the same name (`--lr 1e-6`, `--no-numa`), grouped by section in `--help`,
+its help kept next to it; train.py takes them all, rollout.py the ones it uses. Precedence: dataclass
+default < `--config FILE` (without --model: the built-in task's) < flags. Values are type-checked; a
+bad file is one error naming it. `validate` checks the settings, `derive` works out once, before the
+first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
 """
 
 import argparse
@@ -17,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from minirl.advantages import AdvantageConfig, check_advantage
 from minirl.algorithms import KL_ESTIMATORS, KL_PLACEMENTS, LossConfig, auto_settings
@@ -152,10 +148,11 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)", "[1, inf)")
-    micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank", "[1, inf)")
+    micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank",
+                                  "[1, inf)")
     checkpointing: bool = opt(True, "activation checkpointing inside each decoder block")
     compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
-                        "H200, bench/RESULTS.md section 8); ignored on CPUs and under --trace-collectives")
+                        "H200, bench/RESULTS.md); ignored on CPUs and under --trace-collectives")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)", "[1, inf)")
@@ -188,9 +185,6 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _sections(cfg: TrainConfig):
@@ -294,13 +288,13 @@ def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
 
 def read_config_file(path: str) -> dict:
     """The JSON object in `path`; a missing file, bad JSON or a non-object is one error naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as fh:
-        try:
+    try:
+        with open(path) as fh:
             values = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
     return values
@@ -311,34 +305,33 @@ def read_config_file(path: str) -> dict:
 
 
 def validate(cfg: TrainConfig):
-    """Numbers out of their range (NaN and inf included), batch sizes and choices that would otherwise
-    fail or do harm mid-run: one clear ValueError at start-up. (`dist.check_parallel_or_exit` checks the
-    parallel layout against the model.)"""
+    """Every number in its range (`opt`; NaN and inf lie in none), and batch sizes and choices that would
+    otherwise fail or do harm mid-run: one clear ValueError at start-up. (`dist.check_parallel_or_exit`
+    checks the parallel layout against the model.)"""
     for _, section in _sections(cfg):
         for f in fields(section):
             value, spec = getattr(section, f.name), f.metadata["range"]
             if spec and not in_range(value, spec):
                 where = f"0 or in {spec.removeprefix('0 or ')}" if spec.startswith("0 or ") else f"in {spec}"
                 raise ValueError(f"--{f.name.replace('_', '-')} must be {where}, got {value!r}")
-    if not cfg.data.data:
-        raise ValueError("--data is required with --model")
-    n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if n % cfg.algo.mini_batches:
-        raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
-                         f"--mini-batches {cfg.algo.mini_batches}")
-    if cfg.rollout.backend not in ("naive", "vllm"):
-        raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
-    if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("--backend vllm needs vLLM, which is not installed: pip install vllm")
-    if cfg.optim.schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
-    if cfg.parallel.attn_backend not in ("", *BACKENDS):
-        raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
-    if cfg.rollout.env:
-        load_env(cfg.rollout.env)  # importable, and makes a well-formed env
-    check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
-    validate_algo(cfg.algo, cfg.rollout.n_samples, sample_budget(cfg.rollout))
-    sampling_params(cfg.rollout).check()
+    rc, algo, n = cfg.rollout, cfg.algo, cfg.run.prompts_per_step * cfg.rollout.n_samples
+    for bad, message in [
+        (not cfg.data.data, "--data is required with --model"),
+        (n % algo.mini_batches,
+         f"prompts_per_step x n_samples = {n} samples do not split into --mini-batches {algo.mini_batches}"),
+        (rc.backend not in ("naive", "vllm"), f"unknown --backend {rc.backend!r}: naive or vllm"),
+        (rc.backend == "vllm" and importlib.util.find_spec("vllm") is None,
+         "--backend vllm needs vLLM, which is not installed: pip install vllm"),
+        (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
+        (cfg.parallel.attn_backend not in ("", *BACKENDS),
+         f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")]:
+        if bad:
+            raise ValueError(message)
+    if rc.env:
+        load_env(rc.env)  # importable, and makes a well-formed env
+    check_advantage(algo.advantage, rc.n_samples)
+    validate_algo(algo, rc.n_samples, sample_budget(rc))
+    sampling_params(rc).check()
 
 
 def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
@@ -359,7 +352,7 @@ def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
 
 def resume_changes(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """(changes a resumed run applies, changes that would make it another run): "--flag old -> new" for
-    each setting that differs from the saved run's (`saved`: its `to_dict()`). The prompt settings are
+    each setting that differs from the saved run's (`saved`: its config as a dict). The prompt settings are
     compared through the prompts they give (train.py), the out-dir is the run's wherever it is, and a
     setting that `saved` lacks (added to minirl since) counts as unchanged."""
     applied, refused = [], []
