@@ -24,6 +24,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,26 @@ from minirl.hf import ours_to_hf
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear of a block
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Which adapters a model gets: rank r, alpha (the update is scaled by alpha / r), the projections of
+    every block that get one, and the seed of A's random start (the same on every rank)."""
+
+    rank: int
+    alpha: float = 32.0
+    targets: tuple[str, ...] = TARGETS
+    seed: int = 0
+
+    def check(self):
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"--lora-targets: {', '.join(unknown) or 'none given'}; choose among {', '.join(TARGETS)}")
+        if self.rank < 1:
+            raise ValueError(f"--lora-rank must be >= 1 for adapters (0: none), got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.alpha}")
 
 
 class LoRALinear(nn.Linear):
@@ -56,29 +77,21 @@ class LoRALinear(nn.Linear):
         return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
-def check_targets(targets: list[str]) -> None:
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or not targets:
-        raise ValueError(f"--lora-targets: {', '.join(unknown) or 'none given'}; choose among {', '.join(TARGETS)}")
-
-
-def add_adapters(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> nn.Module:
+def add_adapters(model: nn.Module, spec: AdapterSpec) -> nn.Module:
     """Swap every target projection of every block for a LoRALinear (in place; returns `model`).
 
-    On the meta device nothing is allocated (the sharded model gets its values from `initial_adapters`
-    in its state dict); elsewhere the adapters are initialised here.
+    On the meta device nothing is allocated (a sharded model gets the starting values from
+    `initial_adapters` in its state dict); elsewhere they are set here.
     """
-    check_targets(list(targets))
-    if rank < 1:
-        raise ValueError(f"--lora-rank must be >= 1 for adapters, got {rank}")
+    spec.check()
     for block in model.layers:
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if name in targets:
-                    setattr(parent, name, LoRALinear(child, rank, alpha))
+                if name in spec.targets:
+                    setattr(parent, name, LoRALinear(child, spec.rank, spec.alpha))
     if next(model.parameters()).device.type != "meta":
         with torch.no_grad():
-            for name, t in initial_adapters(model, seed).items():
+            for name, t in initial_adapters(model, spec.seed).items():
                 model.get_parameter(name).copy_(t)
     return model
 

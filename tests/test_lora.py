@@ -34,7 +34,8 @@ def logprobs(model, lengths=(7, 1, 11), seed=0):
 def adapted(family="qwen3", seed=0, targets=lora.TARGETS, random_b=True):
     """(base model, the same weights with adapters), float64; B random unless `random_b` is False."""
     base = minirl_model(hf_model(family, seed=seed)).double()
-    model = lora.add_adapters(minirl_model(hf_model(family, seed=seed)).double(), RANK, ALPHA, targets, seed=1)
+    model = lora.add_adapters(minirl_model(hf_model(family, seed=seed)).double(),
+                              lora.AdapterSpec(RANK, ALPHA, tuple(targets), seed=1))
     if random_b:
         g = torch.Generator().manual_seed(2)
         with torch.no_grad():
@@ -122,10 +123,17 @@ def test_adapters_off_is_the_base_model():
 def test_targets_choose_the_projections():
     _, model = adapted(targets=("v_proj", "down_proj"))
     assert sorted({n.rpartition(".")[2] for n in adapter_modules(model)}) == ["down_proj", "v_proj"]
-    with pytest.raises(ValueError, match="lm_head; choose among q_proj"):
-        lora.check_targets(["q_proj", "lm_head"])
-    with pytest.raises(ValueError, match="none given"):
-        lora.check_targets([])
+
+
+@pytest.mark.parametrize("spec, error", [
+    (lora.AdapterSpec(8, targets=("q_proj", "lm_head")), "--lora-targets: lm_head; choose among q_proj"),
+    (lora.AdapterSpec(8, targets=()), "--lora-targets: none given"),
+    (lora.AdapterSpec(0), "--lora-rank must be >= 1"),
+    (lora.AdapterSpec(8, alpha=0.0), "--lora-alpha must be > 0"),
+])
+def test_bad_specs_are_clear_errors(spec, error):
+    with pytest.raises(ValueError, match=error):
+        spec.check()
 
 
 def test_generator_logprobs_equal_trainer_logprobs_after_a_sync():

@@ -164,7 +164,7 @@ def run(report: Report, d: mdist.Dist, shared: str, phase: str, adapters: bool =
     seed = 0 if phase == "train" else 123
     model = make_model(cfg, seed=0 if adapters else seed)
     if adapters:
-        lora.add_adapters(model, rank=4, alpha=8.0, seed=seed)
+        lora.add_adapters(model, lora.AdapterSpec(rank=4, alpha=8.0, seed=seed))
         lora.freeze_base(model)
     model = shard_model(model, d.fsdp_mesh, False, False, True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)

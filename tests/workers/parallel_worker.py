@@ -29,7 +29,7 @@ SEED, LR, TOL = 0, 0.5, 1e-5
 def adapted_model(cfg):
     """The test model with LoRA adapters on every projection, base frozen; B random, so that A's
     gradient is not zero (it is B^T G)."""
-    model = lora.add_adapters(make_model(cfg, SEED), rank=4, alpha=8.0, seed=SEED)
+    model = lora.add_adapters(make_model(cfg, SEED), lora.AdapterSpec(rank=4, alpha=8.0, seed=SEED))
     g = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
