@@ -18,18 +18,18 @@ from tqdm import tqdm
 
 from minirl import checkpoint, ledger, report
 from minirl.backend import RolloutBackend
-from minirl.config import TrainConfig, parse_config, sample_budget, validate
+from minirl.config import TrainConfig, adapter_spec, parse_config, sample_budget, validate
 from minirl.data import PromptDataset
 from minirl.dist import Dist, check_parallel_or_exit, distributed
 from minirl.env import stop_token_id
-from minirl.fsdp import build_sharded, iter_full_params
+from minirl.fsdp import build_sharded
 from minirl.generate import Generator
 from minirl.hf import check_weights, load_state_dict_from_dir, read_config
 from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
 from minirl.rewards import load_reward
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Policy, evaluate, rl_step
+from minirl.trainer import Policy, evaluate, rl_step, sync_weights
 
 
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
@@ -137,7 +137,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
                 start = state.step
                 data.load_state_dict(state.data_state)
                 log(f"resumed from step {start}")
-        generator.update_weights(iter_full_params(policy.model, generator.dtype))
+        sync_weights(policy, generator)
 
         metrics = report.MetricsLog(cfg.run.out_dir, start_step=start) if d.is_main else None
         if test is not None and start == 0:
@@ -196,22 +196,28 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
                     metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
             log(f"held-out accuracy after training: {acc:.1%}")
         if cfg.run.export:
-            checkpoint.export_hf(policy.model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
-            log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
+            adapter_dir = os.path.join(cfg.run.out_dir, "adapter") if cfg.lora.lora_rank else None
+            checkpoint.export_hf(policy.model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model,
+                                 adapter_dir=adapter_dir, base_model=os.path.abspath(cfg.data.model))
+            log(f"exported {os.path.join(cfg.run.out_dir, 'final')}" + (f" and {adapter_dir}" if adapter_dir else ""))
         if d.is_main:
             report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
     return False
 
 
 def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
-    """The FSDP2-sharded policy, the frozen reference (only with a KL penalty), AdamW and its lr schedule:
-    linear warm-up, then constant or cosine decay to 10% of the peak lr."""
-    weights = load_state_dict_from_dir(cfg.data.model)
-    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
-    ref_model = build_sharded(model_cfg, weights, d, cfg.parallel, train=False) if cfg.algo.kl_coef else None
+    """The FSDP2-sharded policy, the frozen reference (only with a KL penalty; with LoRA the policy with its
+    adapters off), AdamW of the trainable parameters and its lr schedule: linear warm-up, then constant or
+    cosine decay to 10% of the peak lr."""
+    weights, adapters = load_state_dict_from_dir(cfg.data.model), adapter_spec(cfg)
+    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True, adapters=adapters)
+    ref_model = None
+    if cfg.algo.kl_coef:
+        ref_model = model if adapters else build_sharded(model_cfg, weights, d, cfg.parallel, train=False)
     del weights
     oc, updates = cfg.optim, cfg.run.steps * cfg.run.mini_batches * cfg.run.ppo_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=oc.lr,
+                                  weight_decay=oc.weight_decay)
 
     def lr_multiplier(update: int) -> float:
         if update < oc.warmup_steps:

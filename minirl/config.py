@@ -20,6 +20,7 @@ from minirl.algorithms import LossConfig, check_advantage
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 from minirl.env import load_env
+from minirl.lora import TARGETS, AdapterSpec
 
 # The built-in tasks: a small model, its data and its settings ship in the repo.
 DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_task")
@@ -107,6 +108,14 @@ class ParallelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on a frozen base model (0 = full fine-tuning); "
+                         "give it ~10x the full fine-tuning --lr (README: LoRA)")
+    lora_alpha: float = opt(32.0, "LoRA scale: the adapters' update B A is multiplied by alpha / rank")
+    lora_targets: str = opt(",".join(TARGETS), "comma-separated projections of every block that get adapters")
+
+
+@dataclass
 class RunConfig:
     steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
     prompts_per_step: int = opt(64, "prompts per step, over all ranks")
@@ -128,6 +137,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -257,6 +267,10 @@ def validate(cfg: TrainConfig):
         raise ValueError("--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")
     if cfg.rollout.env:
         load_env(cfg.rollout.env)  # importable, and makes a well-formed env
+    if cfg.lora.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {cfg.lora.lora_rank}")
+    if cfg.lora.lora_rank:
+        adapter_spec(cfg).check()
     loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
     check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
     sampling_params(cfg.rollout).check()
@@ -269,6 +283,14 @@ def loss_config(algo: AlgoConfig) -> LossConfig:
                       entropy_coef=algo.entropy_coef, agg=algo.loss_agg, ratio_level=algo.ratio_level,
                       tis_cap=algo.tis_cap or None, tis_level=algo.tis_level, tis_mode=algo.tis_mode,
                       tis_low=algo.tis_low)
+
+
+def adapter_spec(cfg: TrainConfig) -> AdapterSpec | None:
+    """The LoRA adapters the policy trains (minirl/lora.py), or None for full fine-tuning."""
+    if not cfg.lora.lora_rank:
+        return None
+    targets = tuple(t.strip() for t in cfg.lora.lora_targets.split(",") if t.strip())
+    return AdapterSpec(cfg.lora.lora_rank, cfg.lora.lora_alpha, targets, seed=cfg.run.seed)
 
 
 def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:

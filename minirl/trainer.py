@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minirl import ulysses
+from minirl import lora, ulysses
 from minirl.algorithms import (LossConfig, Sequences, group_advantages, policy_loss, token_weights,
                                zero_variance_groups)
 from minirl.attention import pick_backend
@@ -77,7 +77,7 @@ class MicroBatch:
 @dataclass
 class Policy:
     """The trained model (FSDP2-sharded) with its optimizer and lr schedule; the frozen reference
-    model when a KL penalty needs one."""
+    model when a KL penalty needs one (with LoRA: the trained model itself, its adapters switched off)."""
 
     model: Transformer
     optimizer: torch.optim.Optimizer
@@ -118,7 +118,7 @@ def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], st
                   cfg.run.ppo_epochs, progress, stop)
     timer.stop("train")
     timer.start("weight_sync")
-    generator.update_weights(iter_full_params(policy.model, generator.dtype))  # a collective
+    sync_weights(policy, generator)
     timer.stop("weight_sync")
 
     row = {"step": step + 1, **rollout_stats(samples, cfg.rollout.n_samples), **{k: v.item() for k, v in sums.items()},
@@ -314,7 +314,8 @@ def logprobs_before_update(policy: Policy, batches: list[list[MicroBatch]], need
             if need_old:
                 old[m, j] = micro_logprobs(policy.model, mb, temperature)[0]
             if policy.ref_model is not None:
-                ref[m, j] = micro_logprobs(policy.ref_model, mb, temperature)[0]
+                with lora.adapters_off(policy.ref_model):  # LoRA: the base model (a no-op for a frozen copy)
+                    ref[m, j] = micro_logprobs(policy.ref_model, mb, temperature)[0]
             bar.update()
     bar.close()
     return old, ref
@@ -374,6 +375,11 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
     out["grad_norm"] = out["grad_norm"] / d.world  # replicated values, summed over ranks
     out["skipped_updates"] = out.get("skipped_updates", torch.zeros((), device=d.device)) / d.world
     return out
+
+
+def sync_weights(policy: Policy, generator: RolloutBackend):
+    """Stream the policy's full weights into the generator, LoRA adapters merged (a collective)."""
+    generator.update_weights(lora.merged(policy.model, iter_full_params(policy.model, generator.dtype)))
 
 
 # ---------------------------------------------------------------------------------------------------
