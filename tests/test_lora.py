@@ -199,7 +199,8 @@ def test_peft_export_loads_in_transformers_and_matches_the_merged_export(tmp_pat
 def test_lora_run_of_the_default_task_learns(background):
     """train.py --lora-rank 8 on the default task (conftest.py's BACKGROUND["lora_job"]: lr 1e-3, 10x the
     full fine-tuning rate that learns as fast, 5 steps of 16 prompts) raises held-out accuracy by 20 points
-    or more, and exports the merged model and the adapters, which peft loads onto the base model."""
+    or more, and exports the merged model and the adapters, which peft loads onto the base model. Its KL
+    reference is the base model (adapters off): the KL is exactly 0 before the first update, not after."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -209,9 +210,11 @@ def test_lora_run_of_the_default_task_learns(background):
     future, out = background["lora_job"]
     proc, _ = future.result()
     assert proc.returncode == 0, proc.stderr[-4000:]
-    acc = [json.loads(line)["test_accuracy"] for line in (out / "metrics.jsonl").read_text().splitlines()
-           if "test_accuracy" in line]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
     assert acc[-1] - acc[0] >= 0.20, acc
+    kl = [r["kl_ref"] for r in rows if "kl_ref" in r]
+    assert kl[0] == 0.0 and kl[-1] > 0, kl
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["base_model_name_or_path"] == DEFAULT_TASK
 
