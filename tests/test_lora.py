@@ -136,6 +136,19 @@ def test_bad_specs_are_clear_errors(spec, error):
         spec.check()
 
 
+def test_lora_flags_are_checked_before_start():
+    from minirl.config import adapter_spec, parse_config, validate
+
+    assert adapter_spec(parse_config([])) is None  # full fine-tuning by default
+    cfg = parse_config(["--lora-rank", "4", "--lora-targets", "q_proj, down_proj", "--seed", "3"])
+    validate(cfg)
+    assert adapter_spec(cfg) == lora.AdapterSpec(4, 32.0, ("q_proj", "down_proj"), seed=3)
+    with pytest.raises(ValueError, match="--lora-targets: qproj; choose among"):
+        validate(parse_config(["--lora-rank", "4", "--lora-targets", "qproj"]))
+    with pytest.raises(ValueError, match="--lora-rank must be >= 0"):
+        validate(parse_config(["--lora-rank", "-1"]))
+
+
 def test_generator_logprobs_equal_trainer_logprobs_after_a_sync():
     """The generator holds merged weights (fp32); the LoRA model's packed forward scores its samples alike."""
     _, model = adapted()
