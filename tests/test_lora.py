@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from helpers_dist import gpus, torchrun
 from helpers_models import FAMILIES, VOCAB, hf_model, minirl_model, packed_batch, save_hf_model
 
 from minirl import lora
@@ -242,3 +243,18 @@ def test_lora_run_of_the_default_task_learns(background):
         torch.testing.assert_close(peft_model(ids).logits, want, rtol=0, atol=0.15)
         with peft_model.disable_adapter():
             assert (peft_model(ids).logits - want).abs().max() > 1.0
+
+
+@gpus(1)
+def test_lora_job_on_one_gpu(tmp_path):
+    """The LoRA job on one GPU: compiled blocks (adapters on, and off for the KL reference), bf16 compute,
+    bf16 merged weights for the generator. It learns, and the KL to the base starts at (about) zero."""
+    proc = torchrun(1, ["train.py", "--lora-rank", "8", "--lr", "1e-3", "--prompts-per-step", "16", "--steps", "5",
+                        "--eval-every", "0", "--kl-coef", "1e-3", "--out-dir", str(tmp_path)], timeout=900, cuda=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    acc = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
+    kl = [r["kl_ref"] for r in rows if "kl_ref" in r]
+    print(f"held-out accuracy {acc}, kl_ref {kl}")
+    assert acc[-1] - acc[0] >= 0.20 and abs(kl[0]) < 1e-4 and kl[-1] > kl[0], (acc, kl)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
