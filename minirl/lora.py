@@ -143,9 +143,9 @@ def merged(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]],
 
     The names are then the base model's, so a generator or an HF export takes the stream as it is;
     without adapters it passes through unchanged. A module's W (and bias) come before its A and B
-    (registration order) and are held until B does: one gathered tensor more, never a model. Consume it to the end
-    on every rank (the gathers are collectives). With `adapters` (a dict), the full A and B are also
-    put there under their names, for `save_adapter`.
+    (registration order) and are held until B does: one gathered tensor more, never a model. Consume
+    it to the end on every rank (the gathers are collectives). With `adapters` (a dict), the full A and
+    B are also put there under their names, for `save_adapter`.
     """
     scales = {name: m.scale for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     held = {}  # the current adapted module's tensors until its lora_B comes
