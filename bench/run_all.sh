@@ -6,9 +6,9 @@
 #
 # Writes to $OUT: attention.json, logprobs_memory.json, train_step.json, rl_step.json,
 # rl_step_profile.txt, train_step_lora.json and rl_step_lora.json (LoRA against full fine-tuning),
-# decode_attention.json, generate.json, and log (everything printed here). The generator benchmark runs last: it is the longest and the most variable, so a run cut short still
-# has the others. One failing benchmark does not stop the rest; the exit status is non-zero if any
-# failed.
+# decode_attention.json, generate.json, and log (everything printed here). The generator benchmark runs
+# last: it is the longest and the most variable, so a run cut short still has the others. One failing
+# benchmark does not stop the rest; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
