@@ -101,8 +101,11 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     if data.missing_answers:
         notes.append(f"warning: {data.missing_answers} of {cfg.data.data}'s rows have no {cfg.data.answer_field!r} "
                      f"field; their rewards compare against an empty answer")
-    if cfg.rollout.n_samples == 1:
+    if cfg.rollout.n_samples == 1 and cfg.algo.advantage == "grpo":
         notes.append("warning: --n-samples 1: every GRPO advantage is 0 (a group of one), so nothing is learned")
+    if cfg.algo.ratio_level != "token" and ds.loss.agg == "token-mean":
+        notes.append("warning: --loss-agg token-mean under GSPO (--ratio-level sequence*) counts each sequence once "
+                     "per token, so long ones weigh more; GSPO's objective is seq-mean-token-mean (its auto default)")
     if rank0:
         for line in notes:
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
@@ -157,8 +160,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
         for step in step_bar:
             drawn = data.state_dict()  # the data order before this step's prompts: --resume redoes the step
             try:
-                row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, ds, tok,
-                              progress=d.is_main, interrupt=interrupt)
+                row = rl_step(policy, generator, data, step, d, cfg, ds, tok, progress=d.is_main, interrupt=interrupt)
             except report.Interrupted:  # on every rank together, before the step changed the model
                 policy.optimizer.zero_grad(set_to_none=True)  # the micro-batches' gradients so far
                 if step > saved:

@@ -6,8 +6,8 @@ log-probs; only with --mini-batches > 1, since one optimizer step takes them fro
 `trainer.old_logprobs_needed`), train (packed
 forward+backward per micro-batch, clip, AdamW) and weight sync (the updated FSDP2 policy streamed
 into the generator's bf16 copy). This script runs exactly those phases with minirl's own pieces:
-`fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`set_advantages`,
-`pack_mini_batch`, `logprobs_before_update`, `update`, the weight sync). Only the rollout is composed
+`fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`pack_mini_batch`,
+`set_advantages`, `logprobs_before_update`, `update`, the weight sync). Only the rollout is composed
 here from `Generator.generate`, because `rollouts.rollout` also needs a tokenizer and text rewards.
 
 Workload (synthetic, fixed): random-weight Qwen3-0.6B shape, --prompts random-token prompts of
@@ -120,11 +120,11 @@ def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist)
         samples = rollout(generator, prompts, cfg, seed=step)
     mem = {"rollout": peak_memory_gb(d.device)}
     generator.release()
-    trainer.set_advantages(samples, cfg.rollout.n_samples, cfg.algo.std_norm, cfg.algo.advantage)
     reset_peak_memory(d.device)
     minis = split_mini_batches(len(samples), cfg.algo.mini_batches)
     batches = [pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, 0, policy.attn_backend)
                for mb in minis]
+    trainer.set_advantages(samples, batches, ds.advantage)
     with timer.phase("logprobs"):
         need_old = trainer.old_logprobs_needed(len(minis), cfg.algo.ppo_epochs)
         trainer.logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress=False)

@@ -18,7 +18,8 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
-from minirl.algorithms import LossConfig, check_advantage
+from minirl.advantages import AdvantageConfig, check_advantage
+from minirl.algorithms import KL_ESTIMATORS, KL_PLACEMENTS, LossConfig, auto_settings
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 from minirl.env import load_env, stop_token_id
@@ -71,15 +72,36 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = opt("grpo", "baseline within a group: grpo (group mean) or rloo (mean of the other n-1)")
-    std_norm: bool = opt(True, "divide group advantages by the group std (--no-std-norm: Dr.GRPO)")
+    """The algorithm (README's table names each value's paper). A setting left on auto (empty, 0 or None)
+    takes the published default of the algorithm chosen: algorithms.auto_settings decides, --help says."""
+
+    advantage: str = opt("grpo", "grpo (group mean off, over the group std) | rloo (mean of the other n-1 off) | "
+                         "reinforce++ (normalised over the batch, KL in the reward) | reinforce++-baseline "
+                         "(group mean off, then normalised over the batch)")
+    std_norm: bool | None = opt(None, "divide advantages by the std, the group's (grpo, rloo) or the batch's "
+                                "(reinforce++); --no-std-norm: Dr.GRPO. auto: on, off for rloo")
     skip_zero_var: bool = opt(False, "leave groups whose rewards are all equal out of the loss and its normalisers")
-    clip_eps_low: float = opt(0.2, "PPO clip range below 1")
-    clip_eps_high: float = opt(0.2, "PPO clip range above 1")
+    dynamic_sampling: int = opt(0, "DAPO dynamic sampling: redraw the groups whose rewards are all equal, at most "
+                                "this many more draws a step, so the step holds --prompts-per-step groups that "
+                                "carry signal (0 = off)")
+    overlong_filter: bool = opt(False, "DAPO: completions cut off by the length limit out of the loss and its "
+                                "normalisers")
+    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the reward falls linearly, by up to "
+                               "--overlong-penalty, over the last this many tokens before the length limit (0 = off)")
+    overlong_penalty: float = opt(1.0, "the most the soft overlong punishment takes off a reward")
+    policy_loss: str = opt("ppo", "ppo (clipped surrogate: PPO, GRPO, DAPO, GSPO) | cispo (REINFORCE weighted by "
+                           "a clipped, stop-gradient IS ratio)")
+    clip_eps_low: float = opt(0.0, "clip range below 1 (0 = auto: 0.2; GSPO 3e-4; cispo 1, no lower bound)")
+    clip_eps_high: float = opt(0.0, "clip range above 1 (0 = auto: 0.2; GSPO 4e-4; cispo 3, weights capped at 4)")
     dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)")
-    kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
+    kl_coef: float = opt(0.0, "weight of the KL to the frozen initial policy (0 = none, no reference model)")
+    kl_estimator: str = opt("", "k1 | k2 | k3 (empty = auto: k1 in the reward; in the loss k3, k2 for "
+                            "reinforce++-baseline)")
+    kl_placement: str = opt("", "loss (a loss term) | reward (a per-token penalty in the reward) (empty = auto: "
+                            "reward for reinforce++, else loss)")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
-    loss_agg: str = opt("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm")
+    loss_agg: str = opt("", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (empty = auto: "
+                        "token-mean; GSPO seq-mean-token-mean)")
     ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
     tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight (0 = off)")
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
@@ -181,6 +203,10 @@ def _typed(value, expected: type, what: str):
 
     bool is checked first: in Python True is also an int, and "1" or 1 is not a yes/no answer.
     """
+    if expected == bool | None:  # a yes/no left to the algorithm when None (auto)
+        if value is None:
+            return None
+        expected = bool
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
@@ -202,9 +228,10 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             if only is not None and f.name not in only.get(name, ()):
                 continue
             default = getattr(section, f.name)
-            shown = f"{default!r}" if f.name not in bare else (
+            shown = ("auto" if default is None else f"{default!r}") if f.name not in bare else (
                 f"{bare[f.name]!r} from the built-in task's train_config.json, {default!r} with --model")
-            kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else dict(type=type(default))
+            yes_no = f.type in (bool, bool | None)
+            kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
                                help=f.metadata["help"] + f" (default: {shown})", **kind)
     return p
@@ -290,18 +317,48 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {cfg.lora.lora_rank}")
     if cfg.lora.lora_rank:
         adapter_spec(cfg).check()
-    loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
     check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
+    validate_algo(cfg.algo, cfg.rollout.n_samples, sample_budget(cfg.rollout))
     sampling_params(cfg.rollout).check()
 
 
+def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
+    """The algorithm's settings, and combinations of them that would do nothing or not what they say."""
+    if algo.kl_placement not in ("", *KL_PLACEMENTS) or algo.kl_estimator not in ("", *KL_ESTIMATORS):
+        raise ValueError(f"--kl-placement is one of {KL_PLACEMENTS} and --kl-estimator one of {KL_ESTIMATORS}, "
+                         f"got {algo.kl_placement!r} and {algo.kl_estimator!r}")
+    if (algo.kl_placement or algo.kl_estimator) and not algo.kl_coef:
+        raise ValueError("--kl-placement and --kl-estimator need --kl-coef > 0, the weight of the KL")
+    if algo.dynamic_sampling < 0 or (algo.dynamic_sampling and n_samples < 2):
+        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: it needs K >= 0 and "
+                         "--n-samples >= 2 (a group of one always has equal rewards)")
+    if algo.overlong_buffer and not (0 < algo.overlong_buffer <= budget and algo.overlong_penalty > 0):
+        raise ValueError(f"--overlong-buffer must be in [1, {budget}] (the length limit) and --overlong-penalty "
+                         f"> 0, got {algo.overlong_buffer} and {algo.overlong_penalty}")
+    loss_config(algo)  # checks loss_agg, the clip, dual_clip_c, ratio_level, policy_loss and the tis_* settings
+
+
 def loss_config(algo: AlgoConfig) -> LossConfig:
-    """The policy loss's settings; a flag's 0 ("off") is the loss's None."""
-    return LossConfig(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high,
-                      dual_clip_c=algo.dual_clip_c or None, kl_coef=algo.kl_coef,
-                      entropy_coef=algo.entropy_coef, agg=algo.loss_agg, ratio_level=algo.ratio_level,
-                      tis_cap=algo.tis_cap or None, tis_level=algo.tis_level, tis_mode=algo.tis_mode,
-                      tis_low=algo.tis_low)
+    """The policy loss's settings, auto ones resolved (`algorithms.auto_settings`); a flag's 0 ("off") is the
+    loss's None. With the KL in the reward the loss has no KL term (its estimator still names `kl_ref`'s)."""
+    auto = auto_settings(algo.advantage, algo.policy_loss, algo.ratio_level, algo.kl_placement)
+    return LossConfig(policy_loss=algo.policy_loss, clip_eps_low=algo.clip_eps_low or auto["clip_eps_low"],
+                      clip_eps_high=algo.clip_eps_high or auto["clip_eps_high"], dual_clip_c=algo.dual_clip_c or None,
+                      kl_coef=algo.kl_coef if auto["kl_placement"] == "loss" else 0.0,
+                      kl_estimator=algo.kl_estimator or auto["kl_estimator"], entropy_coef=algo.entropy_coef,
+                      agg=algo.loss_agg or auto["loss_agg"], ratio_level=algo.ratio_level, tis_cap=algo.tis_cap or None,
+                      tis_level=algo.tis_level, tis_mode=algo.tis_mode, tis_low=algo.tis_low)
+
+
+def advantage_config(cfg: TrainConfig) -> AdvantageConfig:
+    """How rewards become advantages, auto settings resolved (`algorithms.auto_settings`)."""
+    algo = cfg.algo
+    auto = auto_settings(algo.advantage, algo.policy_loss, algo.ratio_level, algo.kl_placement)
+    in_reward = auto["kl_placement"] == "reward"
+    return AdvantageConfig(algo.advantage, cfg.rollout.n_samples,
+                           auto["std_norm"] if algo.std_norm is None else algo.std_norm,
+                           algo.kl_coef if in_reward else 0.0, algo.kl_estimator or auto["kl_estimator"],
+                           algo.overlong_buffer, algo.overlong_penalty, sample_budget(cfg.rollout))
 
 
 def adapter_spec(cfg: TrainConfig) -> AdapterSpec | None:
@@ -338,6 +395,7 @@ class Derived:
     from several flags, the tokenizer or the hardware (an "auto" default) is added here."""
 
     loss: LossConfig
+    advantage: AdvantageConfig
     sampling: SamplingParams  # the rollouts'
     greedy: SamplingParams  # held-out evaluation: argmax, the same length limit
     sample_budget: int
@@ -351,5 +409,6 @@ def derive(cfg: TrainConfig, tok) -> Derived:
     rc, episodes = cfg.rollout, None
     if rc.env:
         episodes = EpisodeConfig(rc.env, load_env(rc.env), stop_token_id(rc.env, tok), rc.max_turns, sample_budget(rc))
-    return Derived(loss_config(cfg.algo), sampling_params(rc), sampling_params(rc, greedy=True), sample_budget(rc),
-                   load_reward(cfg.data.reward) if cfg.data.reward else None, episodes, adapter_spec(cfg))
+    return Derived(loss_config(cfg.algo), advantage_config(cfg), sampling_params(rc), sampling_params(rc, greedy=True),
+                   sample_budget(rc), load_reward(cfg.data.reward) if cfg.data.reward else None, episodes,
+                   adapter_spec(cfg))

@@ -25,9 +25,9 @@ class MicroBatch:
     meta: AttnMeta
     targets: torch.Tensor
     mask: torch.Tensor  # 1.0 where the target is a completion token
-    seq_ids: torch.Tensor  # index of the token's sequence within the mini-batch
-    advantages: torch.Tensor
+    seq_ids: torch.Tensor  # index of the token's sequence among the step's samples
     gen_logprobs: torch.Tensor
+    advantages: torch.Tensor | None = None  # per token, from the step's rewards (trainer.set_advantages)
     old_logprobs: torch.Tensor | None = None  # before the step's first update, when needed (trainer)
     ref_logprobs: torch.Tensor | None = None  # under the frozen reference model, with a KL penalty
 
@@ -74,7 +74,7 @@ def pack(samples: list[Sample], idx: list[int], pad_id: int, d: Dist, attn_backe
     """Concatenate sequences (prompt + completion, shifted by one for next-token targets) and slice
     them for this sp rank. An empty `idx` gives a one-token dummy with zero weight, so a rank with
     fewer micro-batches still joins every collective of forward and backward."""
-    ids, pos, tgt, mask, seq, adv, gen = [], [], [], [], [], [], []
+    ids, pos, tgt, mask, seq, gen = [], [], [], [], [], []
     for i in idx:
         s = samples[i]
         full = s.prompt.token_ids + s.completion_ids
@@ -84,17 +84,16 @@ def pack(samples: list[Sample], idx: list[int], pad_id: int, d: Dist, attn_backe
         tgt += full[1:]
         mask += [0.0] * (P - 1) + ([1.0] * len(s.completion_ids) if s.mask is None else s.mask)
         seq += [i] * L
-        adv += [s.advantage] * L
         gen += [0.0] * (P - 1) + s.gen_logprobs
     if not idx:
-        ids, pos, tgt, mask, seq, adv, gen = [pad_id], [0], [pad_id], [0.0], [0], [0.0], [0.0]
+        ids, pos, tgt, mask, seq, gen = [pad_id], [0], [pad_id], [0.0], [0], [0.0]
     T = lambda x, dt=torch.float32: torch.tensor(x, dtype=dt)  # noqa: E731
     local_ids, local_pos, meta, _ = ulysses.shard_micro_batch(
         T(ids, torch.long), T(pos, torch.long), d.sp_rank, d.sp_size, attn_backend, d.sp_group)
     sl = lambda x, dt=torch.float32: ulysses.local_slice(T(x, dt), d.sp_rank, d.sp_size).to(d.device)  # noqa: E731
     meta.cu_seqlens = meta.cu_seqlens.to(d.device)
     return MicroBatch(local_ids.to(d.device), local_pos.to(d.device), meta, sl(tgt, torch.long), sl(mask),
-                      sl(seq, torch.long), sl(adv), sl(gen))
+                      sl(seq, torch.long), sl(gen))
 
 
 def pack_mini_batch(samples: list[Sample], idx: list[int], d: Dist, token_budget: int, pad_id: int,
@@ -103,6 +102,14 @@ def pack_mini_batch(samples: list[Sample], idx: list[int], d: Dist, token_budget
     lengths = [len(samples[i].prompt.token_ids) + len(samples[i].completion_ids) - 1 for i in idx]
     plan = plan_micro_batches(lengths, d.dp_size, token_budget)[d.dp_rank]
     return [pack(samples, [idx[j] for j in micro], pad_id, d, attn_backend) for micro in plan]
+
+
+def completion_coords(mb: MicroBatch, prompt_lens: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of the micro-batch's tokens sits among the step's completion tokens laid out [N, width]
+    (`width` >= the longest completion): (its sample, its place in that completion), [t] each. A prompt
+    or padding token (mask 0) gets a place clamped into range: callers leave those out by the mask."""
+    col = mb.position_ids - (prompt_lens[mb.seq_ids] - 1)  # [t]: the target at position p is full[p + 1]
+    return mb.seq_ids, col.clamp(0, width - 1)
 
 
 def micro_logprobs(model, mb: MicroBatch, temperature: float, top_k: int = 0, top_p: float = 1.0):
