@@ -47,6 +47,15 @@ class AdapterSpec:
     targets: tuple[str, ...] = TARGETS
     seed: int = 0
 
+    @classmethod
+    def from_flags(cls, rank: int, alpha: float, targets: str, seed: int) -> "AdapterSpec | None":
+        """From --lora-rank (0: None, full fine-tuning), --lora-alpha, --lora-targets (comma-separated), checked."""
+        if rank == 0:
+            return None
+        spec = cls(rank, alpha, tuple(t.strip() for t in targets.split(",") if t.strip()), seed)
+        spec.check()
+        return spec
+
     def check(self):
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:

@@ -22,7 +22,7 @@ from minirl import lora
 from minirl.attention import varlen_attention
 from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
 from minirl.ledger import Ledger
-from minirl.ulysses import SeqToHead, attention, local_slice, shard_micro_batch
+from minirl.ulysses import AllToAll, attention, local_slice, shard_micro_batch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts"))
 from repro_recompute_hang import gather_tokens  # noqa: E402  (the reproducer's all-gather of the peers' way)
@@ -160,7 +160,7 @@ def check_attention(report: Report, sp: int):
     report.check(f"attention/sp{sp}-gather_tokens", torch.equal(gather_tokens(lpos, d.sp_group, pad), pos))
     # The fused all-to-all only moves numbers: rank r gets exactly its head group of the full q, k, v.
     full = (q, *(x.repeat_interleave(max(1, sp // Hkv), dim=1) for x in (k, v)))  # kv repeated as attention does
-    moved = SeqToHead.apply(d.sp_group, *(local_slice(x, d.sp_rank, sp) for x in full))
+    moved = AllToAll.apply(d.sp_group, True, *(local_slice(x, d.sp_rank, sp) for x in full))
     want = (local_slice(x.transpose(0, 1), d.sp_rank, sp).transpose(0, 1) for x in full)  # [T, h/sp, D]
     report.check(f"attention/sp{sp}/qkv_moved", all(torch.equal(m[:T], w) for m, w in zip(moved, want)))
 
