@@ -5,10 +5,10 @@
 #   bash bench/run_all.sh --tiny     # the same sequence as a CPU smoke run (about two minutes)
 #
 # Writes to $OUT: attention.json, logprobs_memory.json, train_step.json, rl_step.json,
-# rl_step_profile.txt, train_step_lora.json and rl_step_lora.json (LoRA against full fine-tuning),
-# decode_attention.json, generate.json, and log (everything printed here). The generator benchmark runs
-# last: it is the longest and the most variable, so a run cut short still has the others. One failing
-# benchmark does not stop the rest; the exit status is non-zero if any failed.
+# rl_step_profile.txt, decode_attention.json, generate.json, and log (everything printed here). The
+# generator benchmark runs last: it is the longest and the most variable, so a run cut short still
+# has the others. One failing benchmark does not stop the rest; the exit status is non-zero if any
+# failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,10 +34,6 @@ all() {
   bench logprobs_memory python bench/logprobs_memory.py
   bench train_step torchrun --standalone --nproc-per-node 1 bench/train_step.py --ckpt on,off
   bench rl_step torchrun --standalone --nproc-per-node 1 bench/rl_step.py
-  bench train_step_lora torchrun --standalone --nproc-per-node 1 bench/train_step.py --shape qwen3-4b \
-    --lora-rank 8,64,0 --out "$OUT/train_step_lora.json"
-  bench rl_step_lora torchrun --standalone --nproc-per-node 1 bench/rl_step.py --lora-rank 8 --no-profile \
-    --out "$OUT/rl_step_lora.json"
   bench decode_attention python bench/decode_attention.py
   bench generate python bench/generate.py
   python bench/summary.py "$OUT"
