@@ -12,14 +12,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
-from minirl import checkpoint, report
+from minirl import checkpoint, outdir, report
 from minirl.attention import pick_backend
-from minirl.config import Derived, TrainConfig, derive, parse_config, resume_changes, validate
+from minirl.config import Derived, TrainConfig, derive, parse_config, validate
 from minirl.data import PromptDataset
 from minirl.dist import Dist, agree, check_parallel_or_exit, distributed
 from minirl.fsdp import build_sharded
@@ -90,7 +89,7 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     check_parallel_or_exit(world, cfg.parallel.sp, model_cfg)
     check_weights(cfg.data.model)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    out = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world, lock=rank0)  # rank 0 holds its lock
+    out = outdir.check_out_dir(cfg.run.out_dir, cfg.run.resume, world, lock=rank0)  # rank 0 holds its lock
     if out.step > cfg.run.steps:
         raise ValueError(f"--steps {cfg.run.steps} is below step {out.step}, the checkpoint --resume goes on from in "
                          f"{cfg.run.out_dir}; pass --steps {out.step} or more")
@@ -119,33 +118,12 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
         notes.append("warning: --loss-agg token-mean under GSPO (--ratio-level sequence*) counts each sequence once "
                      "per token, so long ones weigh more; GSPO's objective is seq-mean-token-mean (its auto default)")
     if out.step:  # a resume: the same run, or an error
-        notes.append(resume_note(cfg, checkpoint.saved_run(cfg.run.out_dir), data, out.step))
+        notes.append(outdir.check_resume(cfg, data, out.step))
     if rank0:
-        checkpoint.save_run(cfg.run.out_dir, {"config": asdict(cfg), "prompts": prompts_record(data)})
+        outdir.save_run(cfg, data)
         for line in notes:
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
     return model_cfg, tok, data, test, ds
-
-
-def prompts_record(data: PromptDataset) -> dict:
-    return {"rows": len(data.prompts), "fingerprint": data.fingerprint()}
-
-
-def resume_note(cfg: TrainConfig, saved: dict | None, data: PromptDataset, step: int) -> str:
-    """What --resume goes on with, in one line; a ValueError when a changed setting, or other prompts,
-    would make it another run than the one saved in out_dir/run.json (`config.resume_changes`)."""
-    if saved is None:  # a run of an older minirl
-        return f"note: resuming after step {step}; {cfg.run.out_dir} has no {checkpoint.RUN_FILE}, so the " \
-               f"settings are not compared with the saved run's"
-    applied, refused = resume_changes(saved["config"], cfg)
-    if saved["prompts"] != prompts_record(data):
-        refused.append(f"the prompts ({saved['prompts']['rows']} usable rows then, {len(data.prompts)} in "
-                       f"{cfg.data.data} now{', other ones' if saved['prompts']['rows'] == len(data.prompts) else ''})")
-    if refused:
-        raise ValueError(f"--resume: {'; '.join(refused)}: that would be another run than the one in "
-                         f"{cfg.run.out_dir} ({checkpoint.RUN_FILE}); pass the saved values, or start it in another "
-                         f"--out-dir (--help marks the settings that may change on --resume)")
-    return f"note: resuming after step {step}" + (f", with {', '.join(applied)}" if applied else "")
 
 
 def trace_collectives(cfg: TrainConfig, d: Dist, ledger_dir: str):

@@ -1,4 +1,4 @@
-"""Training checkpoints (save, resume, pruning), the out-dir check and lock before a run, and HF export.
+"""Training checkpoints (save, resume, pruning) and HF export.
 
 A checkpoint directory `step_N/` holds
 - the model's trainable parameters and the optimizer state, sharded, in torch.distributed.checkpoint
@@ -21,21 +21,13 @@ first, and takes the first that is complete and loads, warning about each one it
 truncated file, a `latest` naming a deleted directory). `step_N` directories newer than `latest`
 are leftovers of an unfinished save or of a run that fell back past them; they are ignored, and
 overwritten when the run gets there again.
-
-The out-dir belongs to one run at a time: rank 0 holds an flock on `out_dir/.lock` from before the
-process group starts until it exits (`claim`), and `out_dir/run.json` keeps the settings the run
-started with, which a resumed run is compared against (`save_run`).
 """
 
-import fcntl
-import json
 import os
 import random
 import re
 import shutil
-import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -49,14 +41,10 @@ from minirl import hf, lora
 from minirl.dist import agree
 from minirl.fsdp import iter_full_params
 from minirl.model import ModelConfig
-from minirl.report import METRICS_FILE
 
 CHECKPOINTS = "checkpoints"  # out_dir/checkpoints holds step_N/ and `latest`
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # what a checkpoint holds of the model
 LATEST = "latest"
-LOCK = ".lock"  # out_dir/.lock: the run writing into out_dir holds an flock on it (`claim`)
-RUN_FILE = "run.json"  # out_dir/run.json: the settings of the run, compared on --resume (`save_run`)
-_held: dict[str, int] = {}  # the out-dirs this process has claimed: real path -> the lock file's fd
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -165,122 +153,6 @@ def newest_complete(ckpt_dir: str, world_size: int) -> tuple[str | None, list[st
             return path, warnings
         warnings.append(why)
     return None, warnings
-
-
-@dataclass
-class OutDir:
-    """What `check_out_dir` found: the step a run goes on after (0: a fresh start) and a note to print."""
-
-    step: int
-    note: str = ""
-
-
-def claim(out_dir: str) -> None:
-    """Hold out_dir/.lock until this process exits, or raise ValueError when another process holds it.
-
-    An flock: atomic, so two runs started together cannot both win it, and released by the kernel when
-    its holder exits, also killed by SIGKILL, so a crashed run never leaves the dir locked. The file
-    names its holder (pid and host) for the error the loser prints; it stays when the run ends.
-    """
-    key = os.path.realpath(out_dir)
-    if key in _held:
-        return
-    fd = os.open(os.path.join(out_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        if isinstance(e, BlockingIOError):
-            raise ValueError(f"--out-dir {out_dir} is in use by another run ({holder}); wait for it to end, or "
-                             f"choose another --out-dir") from None
-        raise ValueError(f"--out-dir {out_dir}: cannot lock {LOCK} ({e.strerror or e})") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    _held[key] = fd
-
-
-def finished_rows(metrics: str) -> int:
-    """Rows of a metrics.jsonl that record a finished step (step 0 is the evaluation before training)."""
-    if not os.path.isfile(metrics):
-        return 0
-    rows = 0
-    with open(metrics, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            try:
-                rows += json.loads(line).get("step", 0) > 0
-            except (ValueError, AttributeError):  # a line cut short by a crash; not a row
-                pass
-    return rows
-
-
-def check_out_dir(out_dir: str, resume: bool, world_size: int, lock: bool = False) -> OutDir:
-    """Before the process group starts: may a run write into `out_dir`, and after which step does it go
-    on? Raises ValueError if it may not.
-
-    - an out-dir that cannot be created or written to is an error; with `lock` (rank 0 of a run) this
-      process `claim`s it first, so that a second run into it stops here, also one started together;
-    - a finished step is a result: a row of metrics.jsonl after step 0, a checkpoint, an exported model.
-      An out-dir holding results without `resume` is an error, so a rerun never overwrites them; one
-      with none (a run that stopped or failed during step 1) is started again;
-    - `resume` goes on after the newest complete checkpoint. With none: checkpoints that are all broken
-      or an exported model are an error (starting again would overwrite them); else the run starts
-      fresh, its metrics replaced, and the note says so.
-    """
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out-dir {out_dir} exists and is not a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out-dir {out_dir} is not writable ({e.strerror or e})") from None
-    if lock:
-        claim(out_dir)
-    ckpt_dir = os.path.join(out_dir, CHECKPOINTS)
-    metrics = os.path.join(out_dir, METRICS_FILE)
-    checkpoints = bool(candidates(ckpt_dir)[0])
-    results = [name for name, there in ((METRICS_FILE, finished_rows(metrics)), (CHECKPOINTS + "/", checkpoints),
-                                        ("final/", os.path.isdir(os.path.join(out_dir, "final")))) if there]
-    if not resume:
-        if results:
-            todo = ("pass --resume to continue it" if checkpoints else
-                    "it has no checkpoint: pass --resume to start it again (its metrics are replaced)")
-            raise ValueError(f"--out-dir {out_dir} already holds a run ({', '.join(results)}); {todo}, choose "
-                             f"another --out-dir, or delete it")
-        return OutDir(0, f"note: {out_dir} holds no finished step: starting its run again"
-                      if os.path.isfile(metrics) else "")
-    if not checkpoints and "final/" not in results:
-        return OutDir(0, f"note: nothing to resume in {out_dir} (no checkpoint): starting a fresh run" +
-                      ("; its metrics.jsonl is replaced" if results else ""))
-    path, warnings = newest_complete(ckpt_dir, world_size)
-    if path is None:
-        why = "; ".join(warnings) or f"no checkpoint in {ckpt_dir}"
-        raise ValueError(f"--resume: {out_dir} holds a run ({', '.join(results)}) but no complete checkpoint "
-                         f"({why}); choose another --out-dir, or delete it to start again")
-    return OutDir(int(_STEP_DIR.fullmatch(os.path.basename(path))[1]))
-
-
-def save_run(out_dir: str, record: dict) -> None:
-    """Write out_dir/run.json, the settings a run started (or was last resumed) with, atomically."""
-    path = os.path.join(out_dir, RUN_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def saved_run(out_dir: str) -> dict | None:
-    """out_dir/run.json (see `save_run`), or None when there is none."""
-    path = os.path.join(out_dir, RUN_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise ValueError(f"{path}: malformed ({e}); restore it, or delete it to resume without comparing "
-                         f"the settings") from None
 
 
 def _non_finite(model) -> list[str]:

@@ -9,7 +9,6 @@ first step, the forms the step uses them in (`Derived`). Nothing changes the con
 
 import argparse
 import importlib.util
-import json
 import os
 import re
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from minirl.attention import BACKENDS
 from minirl.backend import MIN_TEMPERATURE, SamplingParams
 from minirl.env import load_env, stop_token_id
 from minirl.episodes import EpisodeConfig
+from minirl.hf import read_json
 from minirl.lora import TARGETS, AdapterSpec
 from minirl.rewards import load_reward
 
@@ -30,30 +30,16 @@ TASKS = {"default": DEFAULT_TASK,  # 2-digit addition (scripts/make_default_mode
          "tools": os.path.join(os.path.dirname(DEFAULT_TASK), "tools_task")}  # a calculator tool, multi-turn
 
 
-def opt(default, help: str, range: str = ""):
-    """A setting: its default, its help, and for a number the values it may take (`in_range`), which
-    `validate` checks and `--help` shows."""
-    return field(default=default, metadata={"help": help, "range": range})
+def opt(default, help: str, range: str = "", resume: bool = False):
+    """A setting: its default, its help, a number's `range` and whether --resume may change it (outdir.py)."""
+    return field(default=default, metadata={"help": help, "range": range, "resume": resume})
 
 
 def in_range(value, spec: str) -> bool:
-    """Whether `value` lies in `spec`, an interval such as "[0, inf)" or "(0, 1]", or "0 or " one. NaN lies
-    in none, and inf only in an interval closed at inf (there is none): every number is finite."""
+    """Whether `value` lies in `spec`: "[0, inf)", "(0, 1]", "0 or (1, inf)"... NaN and inf lie in none."""
     zero, left, low, high, right = re.fullmatch(r"(0 or )?([\[(])(\S+), (\S+)([\])])", spec).groups()
-    if zero and value == 0:
-        return True
-    low, high = float(low), float(high)
-    return (low < value if left == "(" else low <= value) and (value < high if right == ")" else value <= high)
-
-
-# Settings that a resumed run may change (--resume applies them, and says so); a change to any other
-# makes it another run, and is refused. The prompt settings count through the prompts they give.
-MAY_CHANGE_ON_RESUME = {"run": ("steps", "save_every", "keep_checkpoints", "eval_every", "export"),
-                        "optim": ("lr", "schedule", "warmup_steps", "grad_clip"), "data": ("test_data",),
-                        "rollout": ("backend", "gen_batch_size", "tp", "vllm_memory", "keep_generator"),
-                        "parallel": ("sp", "micro_batch_tokens", "checkpointing", "compile", "cpu_offload",
-                                     "attn_backend", "timeout_s", "numa", "trace_collectives")}
-SAME_PROMPTS = ("data", "prompt_field", "answer_field", "chat_template", "max_prompt_len")
+    above = float(low) < value if left == "(" else float(low) <= value
+    return bool(zero) and value == 0 or above and (value < float(high) if right == ")" else value <= float(high))
 
 
 @dataclass
@@ -62,27 +48,26 @@ class DataConfig:
                     "tool over several turns); its train_config.json comes before --config")
     model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in --task")
     data: str = opt("", "prompt dataset, .jsonl (or .parquet with pyarrow); empty = the default task's")
-    test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)")
+    test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)", resume=True)
     prompt_field: str = opt("prompt", "field holding the prompt (a string or a list of chat messages)")
     answer_field: str = opt("answer", "field holding the reference answer handed to the reward")
     chat_template: bool = opt(True, "render prompts with the tokenizer's chat template (--no-chat-template: raw text)")
-    max_prompt_len: int = opt(1024, "prompts longer than this many tokens are dropped (the count is reported)",
-                              "[1, inf)")
+    max_prompt_len: int = opt(1024, "prompts of more tokens are dropped (the count is reported)", "[1, inf)")
     reward: str = opt("math", "reward: a built-in name (math, exact) or module:function")
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = opt("naive", "generator: naive (pure PyTorch) or vllm (colocated, needs vllm installed)")
+    backend: str = opt("naive", "generator: naive (pure PyTorch) or vllm (colocated; pip install vllm)", resume=True)
     n_samples: int = opt(8, "completions per prompt (the GRPO group size)", "[1, inf)")
     temperature: float = opt(1.0, "sampling temperature (0 = greedy)", f"0 or [{MIN_TEMPERATURE}, inf)")
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", "(0, 1]")
     top_k: int = opt(0, "top-k sampling (0 = off)", "[0, inf)")
     max_new_tokens: int = opt(512, "completion length limit", "[1, inf)")
-    gen_batch_size: int = opt(64, "rows per generation batch (more prompts are processed in chunks)", "[1, inf)")
-    tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)", "[1, inf)")
-    vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training", "(0, 1]")
-    keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
+    gen_batch_size: int = opt(64, "rows per generation batch (more are generated in chunks)", "[1, inf)", resume=True)
+    tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)", "[1, inf)", resume=True)
+    vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights and KV cache)", "(0, 1]", resume=True)
+    keep_generator: bool = opt(False, "keep the generator's weight copy resident during training", resume=True)
     env: str = opt("", "multi-turn episodes with an environment, module:Name or file.py:Name (minirl/env.py); "
                    "it gives the rewards (--reward is unused)")
     max_turns: int = opt(4, "with --env: policy turns per episode at most (finish_reason max_turns)", "[1, inf)")
@@ -106,19 +91,15 @@ class AlgoConfig:
                                 "carry signal (0 = off)", "[0, inf)")
     overlong_filter: bool = opt(False, "DAPO: completions cut off by the length limit out of the loss and its "
                                 "normalisers")
-    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the reward falls linearly, by up to "
-                               "--overlong-penalty, over the last this many tokens before the length limit (0 = off)",
-                               "[0, inf)")
+    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the reward falls linearly, by up to --overlong-"
+                               "penalty, over the last this many tokens before the length limit (0 = off)", "[0, inf)")
     overlong_penalty: float = opt(1.0, "the most the soft overlong punishment takes off a reward", "[0, inf)")
     policy_loss: str = opt("ppo", "ppo (clipped surrogate: PPO, GRPO, DAPO, GSPO) | cispo (REINFORCE weighted by "
                            "a clipped, stop-gradient IS ratio)")
-    clip_eps_low: float = opt(0.0, "clip range below 1 (0 = auto: 0.2; GSPO 3e-4; cispo 1, no lower bound)",
-                              "[0, 1]")
-    clip_eps_high: float = opt(0.0, "clip range above 1 (0 = auto: 0.2; GSPO 4e-4; cispo 3, weights capped at 4)",
-                               "[0, inf)")
+    clip_eps_low: float = opt(0.0, "clip range below 1 (0 = auto: 0.2; GSPO 3e-4; cispo 1: no lower bound)", "[0, 1]")
+    clip_eps_high: float = opt(0.0, "clip range above 1 (0 = auto: 0.2; GSPO 4e-4; cispo 3: weights <= 4)", "[0, inf)")
     dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)", "0 or (1, inf)")
-    kl_coef: float = opt(0.0, "weight of the KL to the frozen initial policy (0 = none, no reference model)",
-                         "[0, inf)")
+    kl_coef: float = opt(0.0, "weight of the KL to the frozen initial policy (0: none, no reference model)", "[0, inf)")
     kl_estimator: str = opt("", "k1 | k2 | k3 (empty = auto: k1 in the reward; in the loss k3, k2 for "
                             "reinforce++-baseline)")
     kl_placement: str = opt("", "loss (a loss term) | reward (a per-token penalty in the reward) (empty = auto: "
@@ -127,63 +108,60 @@ class AlgoConfig:
     loss_agg: str = opt("", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (empty = auto: "
                         "token-mean; GSPO seq-mean-token-mean)")
     ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
-    tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight "
-                         "(0 = off)", "[0, inf)")
+    tis_cap: float = opt(0.0, "importance sampling against the generator's log-probs: the weight's cap (0 = off)",
+                         "[0, inf)")
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
     tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
     tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask", "[0, inf)")
-    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)",
-                            "[1, inf)")
+    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into as many mini-batches)", "[1, inf)")
     ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)", "[1, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-6, "peak learning rate (AdamW)", "(0, inf)")
+    lr: float = opt(1e-6, "peak learning rate (AdamW)", "(0, inf)", resume=True)
     weight_decay: float = opt(0.0, "AdamW weight decay", "[0, inf)")
-    warmup_steps: int = opt(0, "linear warm-up steps", "[0, inf)")
-    schedule: str = opt("constant", "after warm-up: constant or cosine (to 10%% of lr)")
-    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)", "[0, inf)")
+    warmup_steps: int = opt(0, "linear warm-up steps", "[0, inf)", resume=True)
+    schedule: str = opt("constant", "after warm-up: constant or cosine (to 10%% of lr)", resume=True)
+    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)", "[0, inf)", resume=True)
 
 
 @dataclass
 class ParallelConfig:
-    sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)", "[1, inf)")
-    micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank",
-                                  "[1, inf)")
-    checkpointing: bool = opt(True, "activation checkpointing inside each decoder block")
+    sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)", "[1, inf)", resume=True)
+    micro_batch_tokens: int = opt(16384, "tokens in one micro-batch of a data-parallel rank", "[1, inf)", resume=True)
+    checkpointing: bool = opt(True, "activation checkpointing inside each decoder block", resume=True)
     compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
-                        "H200, bench/RESULTS.md); ignored on CPUs and under --trace-collectives")
-    cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
-    attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
-    timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)", "[1, inf)")
-    numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)")
+                        "H200, bench/RESULTS.md); ignored on CPUs and under --trace-collectives", resume=True)
+    cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state", resume=True)
+    attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)", resume=True)
+    timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)", "[1, inf)", resume=True)
+    numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)", resume=True)
     trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
                                   "check each step that the ranks issued the same ones, report where they parted "
-                                  "on a hang (minirl/ledger.py)")
+                                  "on a hang (minirl/ledger.py)", resume=True)
 
 
 @dataclass
 class LoRAConfig:
     lora_rank: int = opt(0, "train LoRA adapters of this rank on a frozen base model (0 = full fine-tuning); "
-                         "give it ~10x the full fine-tuning --lr (README: LoRA)")
-    lora_alpha: float = opt(32.0, "LoRA scale: the adapters' update B A is multiplied by alpha / rank")
+                         "give it ~10x the full fine-tuning --lr (README: LoRA)", "[0, inf)")
+    lora_alpha: float = opt(32.0, "LoRA scale: the adapters' update B A is multiplied by alpha / rank", "(0, inf)")
     lora_targets: str = opt(",".join(TARGETS), "comma-separated projections of every block that get adapters")
 
 
 @dataclass
 class RunConfig:
-    steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)", "[1, inf)")
+    steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)", "[1, inf)", resume=True)
     prompts_per_step: int = opt(64, "prompts per step, over all ranks", "[1, inf)")
     seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible", "[0, 2147483647]")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)", "[0, inf)")
-    resume: bool = opt(False, "resume from the newest complete checkpoint in out_dir (nothing there: a fresh run); "
-                       "settings marked 'may change on --resume' may differ from the saved run's (out_dir/run.json), "
-                       "a change to any other is refused")
-    keep_checkpoints: int = opt(0, "keep only the N newest checkpoints (0 = keep all)", "[0, inf)")
-    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = before and after only)", "[0, inf)")
-    export: bool = opt(True, "write an HF model dir to out_dir/final at the end")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)", "[0, inf)", resume=True)
+    resume: bool = opt(False, "go on from the newest complete checkpoint in out_dir (none: a fresh run); settings "
+                       "marked 'may change on --resume' may differ from out_dir/run.json's, others may not")
+    keep_checkpoints: int = opt(0, "keep only the N newest checkpoints (0 = keep all)", "[0, inf)", resume=True)
+    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = before and after)", "[0, inf)", resume=True)
+    export: bool = opt(True, "write an HF model dir to out_dir/final at the end", resume=True)
 
 
 @dataclass
@@ -257,7 +235,7 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             shown = ("auto" if default is None else f"{default!r}") if f.name not in bare else (
                 f"{bare[f.name]!r} from the built-in task's train_config.json, {default!r} with --model")
             notes = [f"range {f.metadata['range']}"] if f.metadata["range"] else []
-            notes += ["may change on --resume"] if f.name in MAY_CHANGE_ON_RESUME.get(name, ()) else []
+            notes += ["may change on --resume"] if f.metadata["resume"] else []
             yes_no = f.type in (bool, bool | None)
             kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
@@ -281,10 +259,8 @@ def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
     config_file = args.pop("config", "")
     values = read_config_file(config_file) if config_file else {}
     flat = {**values, **{k: v for part in values.values() if isinstance(part, dict) for k, v in part.items()}}
-    name = args.get("task", flat.get("task", "default"))
-    if name not in TASKS:
+    if (task := TASKS.get(name := args.get("task", flat.get("task", "default")))) is None:
         raise ValueError(f"unknown --task {name!r}: one of {', '.join(TASKS)}")
-    task = TASKS[name]
     if "model" not in args and "model" not in flat:
         apply_overrides(cfg, read_config_file(os.path.join(task, "train_config.json")), f"--task {name}")
     apply_overrides(cfg, values, config_file)
@@ -298,16 +274,9 @@ def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
 
 def read_config_file(path: str) -> dict:
     """The JSON object in `path`; a missing file, bad JSON or a non-object is one error naming the file."""
-    try:
-        with open(path) as fh:
-            values = json.load(fh)
-    except (FileNotFoundError, IsADirectoryError):
-        raise FileNotFoundError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
-    return values
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    return read_json(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,15 +284,13 @@ def read_config_file(path: str) -> dict:
 
 
 def validate(cfg: TrainConfig):
-    """Every number in its range (`opt`; NaN and inf lie in none), and batch sizes and choices that would
-    otherwise fail or do harm mid-run: one clear ValueError at start-up. (`dist.check_parallel_or_exit`
-    checks the parallel layout against the model.)"""
+    """Every number in its range (NaN and inf in none), and batch sizes and choices that would otherwise fail
+    or do harm mid-run: one clear ValueError at start-up. (`dist.check_parallel_or_exit`: the layout.)"""
     for _, section in _sections(cfg):
         for f in fields(section):
-            value, spec = getattr(section, f.name), f.metadata["range"]
-            if spec and not in_range(value, spec):
-                where = f"0 or in {spec.removeprefix('0 or ')}" if spec.startswith("0 or ") else f"in {spec}"
-                raise ValueError(f"--{f.name.replace('_', '-')} must be {where}, got {value!r}")
+            if (spec := f.metadata["range"]) and not in_range(value := getattr(section, f.name), spec):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be {'' if spec[0] == '0' else 'in '}{spec}, "
+                                 f"got {value!r}")  # "must be in [0, inf)", "must be 0 or (1, inf)"
     rc, algo, n = cfg.rollout, cfg.algo, cfg.run.prompts_per_step * cfg.rollout.n_samples
     for bad, message in [
         (not cfg.data.data, "--data is required with --model"),
@@ -342,7 +309,6 @@ def validate(cfg: TrainConfig):
     adapter_spec(cfg)  # checks the --lora-* flags
     check_advantage(algo.advantage, rc.n_samples)
     validate_algo(algo, rc.n_samples, sample_budget(rc))
-    sampling_params(rc).check()
 
 
 def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
@@ -352,29 +318,12 @@ def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
                          f"got {algo.kl_placement!r} and {algo.kl_estimator!r}")
     if (algo.kl_placement or algo.kl_estimator) and not algo.kl_coef:
         raise ValueError("--kl-placement and --kl-estimator need --kl-coef > 0, the weight of the KL")
-    if algo.dynamic_sampling < 0 or (algo.dynamic_sampling and n_samples < 2):
-        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: it needs K >= 0 and "
-                         "--n-samples >= 2 (a group of one always has equal rewards)")
+    if algo.dynamic_sampling and n_samples < 2:
+        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: a group of one always has them")
     if algo.overlong_buffer and not (0 < algo.overlong_buffer <= budget and algo.overlong_penalty > 0):
         raise ValueError(f"--overlong-buffer must be in [1, {budget}] (the length limit) and --overlong-penalty "
                          f"> 0, got {algo.overlong_buffer} and {algo.overlong_penalty}")
     loss_config(algo)  # checks loss_agg, the clip, dual_clip_c, ratio_level, policy_loss and the tis_* settings
-
-
-def resume_changes(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(changes a resumed run applies, changes that would make it another run): "--flag old -> new" for
-    each setting that differs from the saved run's (`saved`: its config as a dict). The prompt settings are
-    compared through the prompts they give (train.py), the out-dir is the run's wherever it is, and a
-    setting that `saved` lacks (added to minirl since) counts as unchanged."""
-    applied, refused = [], []
-    for name, section in _sections(cfg):
-        for f in fields(section):
-            old, new = saved.get(name, {}).get(f.name, getattr(section, f.name)), getattr(section, f.name)
-            if old == new or f.name in (*SAME_PROMPTS, "out_dir", "resume"):
-                continue
-            change = f"--{f.name.replace('_', '-')} {old!r} -> {new!r}"
-            (applied if f.name in MAY_CHANGE_ON_RESUME.get(name, ()) else refused).append(change)
-    return applied, refused
 
 
 def loss_config(algo: AlgoConfig) -> LossConfig:

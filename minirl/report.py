@@ -92,7 +92,7 @@ class Interrupt:
 
 class MetricsLog:
     """One JSON line per row in out_dir/metrics.jsonl, and TensorBoard scalars when it is installed.
-    `start_step` is the step the run continues after: 0 (fresh) removes an old file (checkpoint.check_out_dir
+    `start_step` is the step the run continues after: 0 (fresh) removes an old file (outdir.check_out_dir
     allowed it); N (resume) keeps the rows up to step N, as the later steps run again."""
 
     def __init__(self, out_dir: str, start_step: int):

@@ -16,9 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,7 +24,8 @@ import torch.distributed.checkpoint as dcp
 from helpers_dist import run_worker_in
 from transformers import AutoModelForCausalLM
 
-from minirl.checkpoint import OutDir, check_out_dir, newest_complete
+from minirl.checkpoint import newest_complete
+from minirl.outdir import OutDir, check_out_dir
 
 
 @pytest.fixture(scope="module")
@@ -194,59 +192,6 @@ def test_out_dir_with_results_needs_resume(run_dir, tmp_path):
         check_out_dir(str(tmp_path / "only_metrics"), resume=False, world_size=2)
 
 
-def test_a_run_with_no_finished_step_starts_again(tmp_path):
-    """Stopped or failed during step 1: the evaluation before training (step 0) and maybe a line cut short
-    are all there is. A rerun, with or without --resume, starts the run again (MetricsLog replaces them)."""
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "test_accuracy": 0.1}\n{"step": 1, "lo')
-    (tmp_path / "checkpoints" / "step_1.tmp").mkdir(parents=True)  # a save cut short
-    for resume in (False, True):
-        out = check_out_dir(str(tmp_path), resume=resume, world_size=2)
-        assert out.step == 0 and ("holds no finished step" in out.note or "nothing to resume" in out.note), out
-
-
-def test_resume_with_no_checkpoint_starts_fresh(tmp_path):
-    """Finished steps in metrics.jsonl but no checkpoint (a run that failed with --save-every 0):
-    --resume starts it afresh and says its metrics are replaced."""
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n')
-    out = check_out_dir(str(tmp_path), resume=True, world_size=2)
-    assert out.step == 0 and "nothing to resume" in out.note and "metrics.jsonl is replaced" in out.note
-    (tmp_path / "final").mkdir()  # an exported model is never overwritten by starting again
-    with pytest.raises(ValueError, match=r"holds a run \(metrics.jsonl, final/\) but no complete checkpoint"):
-        check_out_dir(str(tmp_path), resume=True, world_size=2)
-
-
-def test_resume_with_nothing_to_resume_says_so(tmp_path):
-    out = check_out_dir(str(tmp_path / "typo"), resume=True, world_size=2)
-    assert out.step == 0 and "nothing to resume" in out.note and "typo" in out.note
-
-
-HOLDER = """import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, b"pid %d on the other host" % os.getpid())
-print("locked", flush=True)
-sys.stdin.read()
-"""
-
-
-def test_a_locked_out_dir_is_refused_until_its_holder_is_killed(tmp_path):
-    """Another process (a run's rank 0) holds the out-dir's lock: the check refuses it, naming the holder.
-    SIGKILL gives no process a chance to clean up; the kernel still releases the lock."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / ".lock")], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(ValueError, match=rf"{tmp_path} is in use by another run \(pid {holder.pid} on the other"):
-            check_out_dir(str(tmp_path), resume=False, world_size=1, lock=True)
-        check_out_dir(str(tmp_path), resume=False, world_size=1)  # the other ranks of a run do not lock
-    finally:
-        holder.kill()
-        holder.wait()
-    assert check_out_dir(str(tmp_path), resume=False, world_size=1, lock=True) == OutDir(0)
-    assert check_out_dir(str(tmp_path), resume=False, world_size=1, lock=True) == OutDir(0)  # held: same process
-    assert (tmp_path / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
-
-
 def test_resume_without_a_complete_checkpoint_is_an_error(run_dir):
     with pytest.raises(ValueError, match="no complete checkpoint .*written by 2 ranks; this run has 4"):
         check_out_dir(str(run_dir), resume=True, world_size=4)
@@ -265,11 +210,3 @@ def test_newest_complete_passes_over_broken_checkpoints(run_dir):
     os.remove(ckpt / "step_2" / ".metadata")
     path, warnings = newest_complete(str(ckpt), world_size=2)
     assert path is None and "step_2: no readable DCP metadata" in warnings[1]
-
-
-def test_unusable_out_dirs(tmp_path):
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="exists and is not a directory"):
-        check_out_dir(str(tmp_path / "file"), resume=False, world_size=1)
-    with pytest.raises(ValueError, match="is not writable"):
-        check_out_dir(str(tmp_path / "file" / "run"), resume=False, world_size=1)

@@ -20,7 +20,7 @@ import pytest
 from helpers_dist import REPO, torchrun
 
 import train
-from minirl.checkpoint import OutDir, check_out_dir
+from minirl.outdir import OutDir, check_out_dir
 from minirl.config import parse_config
 
 
