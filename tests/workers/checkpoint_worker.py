@@ -157,7 +157,7 @@ def run_faults(report: Report, d: mdist.Dist, model, optimizer, scheduler, share
 
 def run(report: Report, d: mdist.Dist, shared: str, phase: str):
     cfg = tiny_config()
-    model = shard_model(make_model(cfg, seed=0 if phase == "train" else 123), d.fsdp_mesh, False, False, True)
+    model = shard_model(make_model(cfg, seed=0 if phase == "train" else 123), d.fsdp_mesh, False, False, "full")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))
     ckpt_dir = os.path.join(shared, "ckpt")

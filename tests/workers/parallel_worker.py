@@ -72,10 +72,10 @@ def worst(got: dict, want: dict) -> tuple[float, str]:
     return max((rel_err(got[n], want[n]), n) for n in want)
 
 
-def check_layout(report: Report, ref: dict, cfg, sp: int, checkpointing: bool, mixed_precision=False,
+def check_layout(report: Report, ref: dict, cfg, sp: int, checkpointing: str, mixed_precision=False,
                  cpu_offload=False, tol=TOL, backend="sdpa"):
     d = mdist.build_dist(sp)
-    name = f"equiv/dp{d.dp_size}-sp{sp}-ckpt{int(checkpointing)}" + "-bf16" * mixed_precision \
+    name = f"equiv/dp{d.dp_size}-sp{sp}-ckpt_{checkpointing}" + "-bf16" * mixed_precision \
         + "-offload" * cpu_offload + f"-{backend}" * (backend != "sdpa")
     first = d.dp_rank * sp  # the sp ranks of a group are adjacent
     sp_ranks = None if sp == 1 else dist.get_process_group_ranks(d.sp_group)
@@ -104,7 +104,7 @@ def check_layout(report: Report, ref: dict, cfg, sp: int, checkpointing: bool, m
 def check_iter_full_params(report: Report, cfg):
     d = mdist.build_dist(1)
     full = make_model(cfg, SEED).state_dict()
-    model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, False)
+    model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, "none")
     fp32 = list(iter_full_params(model, torch.float32))
     report.check("iter_full_params/names", [n for n, _ in fp32] == list(full), "names or order differ")
     report.check("iter_full_params/fp32", all(torch.equal(t, full[n]) for n, t in fp32), "values differ")
@@ -143,7 +143,7 @@ def check_attention(report: Report, sp: int):
 def record_ledger(report: Report, cfg, ledger_dir: str):
     """One forward+backward with checkpointing on dp2 x sp2, every collective recorded by minirl.ledger."""
     d = mdist.build_dist(2)
-    model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, checkpointing=True)
+    model = shard_model(make_model(cfg, SEED), d.fsdp_mesh, False, False, checkpointing="full")
     batches = local_batches(d)
     with Ledger(ledger_dir, d.rank, labels={"sp": d.sp_group, "fsdp": d.fsdp_mesh.get_group()}) as ledger:
         forward_backward(model, batches)
@@ -168,15 +168,15 @@ def main():
         cfg = tiny_config()
         ref = reference_step(cfg)
         if d.world == 2:
-            for checkpointing in (False, True):
+            for checkpointing in ("none", "full", "selective"):
                 check_layout(report, ref, cfg, sp=1, checkpointing=checkpointing)
                 check_layout(report, ref, cfg, sp=2, checkpointing=checkpointing)
-            check_layout(report, ref, cfg, sp=2, checkpointing=True, cpu_offload=True)
-            check_layout(report, ref, cfg, sp=2, checkpointing=True, mixed_precision=True, tol=5e-2)
+            check_layout(report, ref, cfg, sp=2, checkpointing="full", cpu_offload=True)
+            check_layout(report, ref, cfg, sp=2, checkpointing="selective", mixed_precision=True, tol=5e-2)
             check_iter_full_params(report, cfg)
             check_attention(report, sp=2)
         else:
-            for checkpointing in (False, True):
+            for checkpointing in ("none", "full", "selective"):
                 check_layout(report, ref, cfg, sp=2, checkpointing=checkpointing)
                 check_layout(report, ref, cfg, sp=4, checkpointing=checkpointing)
             check_attention(report, sp=4)
