@@ -22,6 +22,7 @@ Several variants run in one process, one after the other (comma-separated --shap
     python bench/train_step.py                                   # Qwen3-0.6B shape, train.py's defaults
     python bench/train_step.py --shape qwen3-0.6b,qwen3-1.7b --ckpt selective,full,none --attn varlen
     torchrun --nproc-per-node 2 bench/train_step.py --sp 2       # Ulysses over 2 GPUs (dp = world / sp)
+    torchrun --nproc-per-node 2 bench/train_step.py --sp 2 --sp-head-chunks 2   # all-to-alls overlapping attention
     python bench/train_step.py --tiny                            # CPU smoke run (gloo, sdpa, fp32)
 Plain `python` forms a one-rank job (minirl.dist.init_process_group); under torchrun every rank
 runs the step on its own micro-batch (dp) or its slice of one (sp), and rank 0 reports.
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile every decoder block on GPUs, as train.py does (--no-compile: eager)")
     p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (under torchrun)")
+    p.add_argument("--sp-head-chunks", type=int, default=1,
+                   help="Ulysses: each rank's heads in this many chunks whose all-to-alls overlap attention")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--profile", action="store_true",
@@ -93,7 +96,8 @@ def document_lengths(tokens: int, doc_len: int) -> list[int]:
     return [min(doc_len, tokens - s) for s in range(0, tokens, doc_len)]
 
 
-def micro_batch(cfg: ModelConfig, tokens: int, doc_len: int, seed: int, d: Dist, backend: str, dp_size: int):
+def micro_batch(cfg: ModelConfig, tokens: int, doc_len: int, seed: int, d: Dist, backend: str, dp_size: int,
+                head_chunks: int = 1):
     """One packed micro-batch of random documents, sliced for this sp rank.
 
     Returns (input_ids [t], position_ids [t], meta, targets [t], weights [t]). The weights make
@@ -109,6 +113,7 @@ def micro_batch(cfg: ModelConfig, tokens: int, doc_len: int, seed: int, d: Dist,
     targets = ulysses.local_slice(ids[1:], d.sp_rank, d.sp_size)  # [t]
     weights = ulysses.local_slice(torch.full((tokens,), 1.0 / (tokens * dp_size)), d.sp_rank, d.sp_size)  # [t]
     meta.cu_seqlens = meta.cu_seqlens.to(d.device)
+    meta.sp_head_chunks = head_chunks
     to = lambda x: x.to(d.device)  # noqa: E731
     return to(local_ids), to(local_pos), meta, to(targets), to(weights)
 
@@ -144,7 +149,7 @@ def run_variant(shape: str, attn: str, checkpointing: str, args, d: Dist, peak_t
     model, optimizer = build(cfg, d, checkpointing, compiled)
     reset_peak_memory(d.device)  # the peak of training, not of building (a full fp32 copy before sharding)
     batches = [micro_batch(cfg, args.tokens, args.doc_len, seed=1000 * d.dp_rank + m, d=d, backend=backend,
-                           dp_size=d.dp_size) for m in range(args.micro_batches)]
+                           dp_size=d.dp_size, head_chunks=args.sp_head_chunks) for m in range(args.micro_batches)]
     step_ms = median(time_ms(lambda: train_step(model, optimizer, batches, args.chunk), d.device,
                              args.warmup, args.steps))
     if args.profile:  # every rank runs the step (collectives pair up); rank 0 writes the table
@@ -158,7 +163,7 @@ def run_variant(shape: str, attn: str, checkpointing: str, args, d: Dist, peak_t
     datasheet = datasheet_bf16(d.device)
     row = {
         "shape": shape, "checkpointing": checkpointing, "chunk": args.chunk, "attn": backend,
-        "compile": compiled, "world": d.world, "dp": d.dp_size, "sp": d.sp_size,
+        "compile": compiled, "world": d.world, "dp": d.dp_size, "sp": d.sp_size, "sp_head_chunks": args.sp_head_chunks,
         "tokens_per_step": args.tokens * args.micro_batches * d.dp_size, "doc_len": args.doc_len,
         "step_ms": step_ms, "tokens_per_s": args.tokens * args.micro_batches * d.dp_size / (step_ms * 1e-3),
         "model_tflops_per_gpu": achieved,

@@ -40,6 +40,7 @@ class AttnMeta:
     max_seqlen: int
     backend: str = "sdpa"
     sp_group: object = None  # a ProcessGroup: Ulysses sequence parallelism when not None
+    sp_head_chunks: int = 1  # Ulysses: each rank's heads in this many chunks, transfers overlapping attention
 
 
 def _available(backend: str, device: torch.device) -> bool:

@@ -2,23 +2,22 @@
 # Device call 1 of 2 (issue #32), run from the root of main's tree with this branch in .carry/i32:
 # row 1 before (main's code: compiled blocks, full checkpointing, torch's varlen kernel) and after
 # (this branch: selective and none), the one-GPU GPU tests of torch's kernel; stashes half of
-# flash-attn-4's wheels for call 2. Results: $OUT/call1.tgz (+ the log).
+# flash-attn-4's wheels for call 2. Results: files in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-R=$OUT/r1; mkdir -p "$R" /root/stash
+R=$OUT  # at most 8 files come back: each step writes its own, so a step cut short loses only itself
+mkdir -p /root/stash
 cp .carry/whl1/* /root/stash/
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch; print('torch', torch.__version__)"; } | tee "$R/env.txt"
 S="--warmup 2 --steps 6"
 echo "=== before: main $(date +%T)"
-python bench/train_step.py --compile --ckpt on --attn varlen $S --out "$R/main_varlen.json" 2>&1 | tee "$R/main_varlen.log" | grep -v "^W1"
+timeout 100 python bench/train_step.py --compile --ckpt on --attn varlen $S --out "$R/main_varlen.json" 2>&1 | tee "$R/main_varlen.log" | grep -v "^W1"
 cd .carry/i32
 echo "=== after: this branch $(date +%T)"
-python bench/train_step.py --attn varlen --ckpt selective,none $S --profile --out "$R/new_varlen.json" 2>&1 \
+timeout 150 python bench/train_step.py --attn varlen --ckpt selective,none $S --profile --out "$R/new_varlen.json" 2>&1 \
   | tee "$R/new_varlen.log" | grep -v "^W1"
 echo "=== GPU tests $(date +%T)"
-python -m pytest -m gpu -v -p no:cacheprovider tests/test_attention.py tests/test_model.py tests/test_fsdp.py \
-  -k "varlen or cuda_nccl" 2>&1 | tee "$R/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|relative error|passed|failed"
+timeout 70 python -m pytest -m gpu -v -p no:cacheprovider tests/test_model.py -k "varlen" 2>&1 | tee "$R/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|relative error|passed|failed"
 echo "=== done $(date +%T)"
-tar czf "$OUT/call1.tgz" -C "$OUT" r1
 grep -h -A8 "^training step" "$R"/main_varlen.log "$R"/new_varlen.log

@@ -19,7 +19,7 @@ from minirl import dist as mdist
 from minirl.attention import varlen_attention
 from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
 from minirl.ledger import Ledger
-from minirl.ulysses import SeqToHead, attention, gather_tokens, local_slice, shard_micro_batch
+from minirl.ulysses import _seq_to_head, attention, gather_tokens, local_slice, shard_micro_batch
 
 SEED, LR, TOL = 0, 0.5, 1e-5
 
@@ -112,11 +112,11 @@ def check_iter_full_params(report: Report, cfg):
                                              for n, t in iter_full_params(model)), "bf16 values differ")
 
 
-def check_attention(report: Report, sp: int):
+def check_attention(report: Report, sp: int, H=4, Hkv=2, head_chunks=1):
     """ulysses.attention on slices == varlen attention on the whole sequence, values and gradients."""
     d = mdist.build_dist(sp)
     g = torch.Generator().manual_seed(7)
-    lengths, H, Hkv, D = [5, 1, 8], 4, 2, 16  # T = 14: padded for sp = 4
+    lengths, D = [5, 1, 8], 16  # T = 14: padded for sp = 4
     T = sum(lengths)
     q, k, v, r = (torch.randn(T, h, D, generator=g) for h in (H, Hkv, Hkv, H))
     pos = torch.cat([torch.arange(n) for n in lengths])
@@ -124,18 +124,21 @@ def check_attention(report: Report, sp: int):
     meta_ref = full_meta(pos)
     o_ref = varlen_attention(q_ref, k_ref, v_ref, meta_ref.cu_seqlens, meta_ref.max_seqlen, "sdpa")
     (o_ref * r).sum().backward()
-    name = f"attention/sp{sp}"
+    name = f"attention/sp{sp}" + f"-{head_chunks}chunks" * (head_chunks > 1)
     _, lpos, meta, pad = shard_micro_batch(pos, pos, d.sp_rank, sp, "sdpa", d.sp_group)
     ql, kl, vl = (local_slice(x, d.sp_rank, sp).requires_grad_() for x in (q, k, v))
+    meta.sp_head_chunks = head_chunks
     o = attention(ql, kl, vl, meta)
     (o * local_slice(r, d.sp_rank, sp)).sum().backward()
     report.close(rel_err(o, local_slice(o_ref.detach(), d.sp_rank, sp)), TOL, f"{name}/out")
     for x, x_ref, what in ((ql, q_ref, "q"), (kl, k_ref, "k"), (vl, v_ref, "v")):
         report.close(rel_err(x.grad, local_slice(x_ref.grad, d.sp_rank, sp)), TOL, f"{name}/grad_{what}")
+    if head_chunks > 1:
+        return
     report.check(f"attention/sp{sp}-gather_tokens", torch.equal(gather_tokens(lpos, d.sp_group, pad), pos))
     # The fused all-to-all only moves numbers: rank r gets exactly its head group of the full q, k, v.
     full = (q, *(x.repeat_interleave(max(1, sp // Hkv), dim=1) for x in (k, v)))  # kv repeated as attention does
-    moved = SeqToHead.apply(d.sp_group, *(local_slice(x, d.sp_rank, sp) for x in full))
+    moved = _seq_to_head([local_slice(x, d.sp_rank, sp) for x in full], d.sp_group)
     want = (local_slice(x.transpose(0, 1), d.sp_rank, sp).transpose(0, 1) for x in full)  # [T, h/sp, D]
     report.check(f"attention/sp{sp}/qkv_moved", all(torch.equal(m[:T], w) for m, w in zip(moved, want)))
 
@@ -156,8 +159,8 @@ def record_ledger(report: Report, cfg, ledger_dir: str):
     L = cfg.num_hidden_layers
     # q, k, v in (one call) and o out per layer: in forward, again when backward recomputes the block,
     # and reversed for the gradient.
-    want = {("alltoall_base_", "forward"): 2 * L, ("alltoall_base_", "recompute"): 2 * L,
-            ("alltoall_base_", "backward"): 2 * L}
+    want = {("all_to_all_single", "forward"): 2 * L, ("all_to_all_single", "recompute"): 2 * L,
+            ("all_to_all_single", "backward"): 2 * L}
     report.check("ledger", count == want, f"sp-group collectives {count}, expected {want}")
 
 
@@ -175,6 +178,7 @@ def main():
             check_layout(report, ref, cfg, sp=2, checkpointing="selective", mixed_precision=True, tol=5e-2)
             check_iter_full_params(report, cfg)
             check_attention(report, sp=2)
+            check_attention(report, sp=2, H=8, Hkv=4, head_chunks=2)  # 2 kv heads a rank, one a chunk
         else:
             for checkpointing in ("none", "full", "selective"):
                 check_layout(report, ref, cfg, sp=2, checkpointing=checkpointing)
