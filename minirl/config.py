@@ -1,26 +1,31 @@
 """The training configuration: one tree of small dataclasses, overridable by a JSON file and CLI flags.
 
 Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
-`--help`, with the help text kept next to the field. Precedence: dataclass default < `--config FILE`
-< flags given on the command line. Without --model the built-in default task fills in model and data.
-Config values are type-checked against the fields, and every problem with the file is a ValueError or
-FileNotFoundError naming it (entry points print it once).
+`--help`, with the help text kept next to the field; train.py takes them all, rollout.py the ones it
+uses. Precedence: dataclass default < `--config FILE` < flags given on the command line. Without
+--model the built-in task fills in model, data and its train_config.json. Config values are
+type-checked against the fields, and every problem with the file is a ValueError or FileNotFoundError
+naming it (entry points print it once).
 
-It also owns what follows from the settings: `validate`, and the forms the code uses them in
-(`loss_config`, `sampling_params`). Nothing changes the config after `parse_config` returns it.
+It also owns what follows from the settings: `validate`, and `derive`, which works out once, before
+the first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
 """
 
 import argparse
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
-from minirl.algorithms import LossConfig, check_advantage
+from minirl.advantages import AdvantageConfig, check_advantage
+from minirl.algorithms import KL_ESTIMATORS, KL_PLACEMENTS, LossConfig, auto_settings
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
-from minirl.env import load_env
+from minirl.env import load_env, stop_token_id
+from minirl.episodes import EpisodeConfig
 from minirl.model import CHECKPOINTING
+from minirl.rewards import load_reward
 
 # The built-in tasks: a small model, its data and its settings ship in the repo.
 DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_task")
@@ -67,20 +72,43 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = opt("grpo", "baseline within a group: grpo (group mean) or rloo (mean of the other n-1)")
-    std_norm: bool = opt(True, "divide group advantages by the group std (--no-std-norm: Dr.GRPO)")
+    """The algorithm (README's table names each value's paper). A setting left on auto (empty, 0 or None)
+    takes the published default of the algorithm chosen: algorithms.auto_settings decides, --help says."""
+
+    advantage: str = opt("grpo", "grpo (group mean off, over the group std) | rloo (mean of the other n-1 off) | "
+                         "reinforce++ (normalised over the batch, KL in the reward) | reinforce++-baseline "
+                         "(group mean off, then normalised over the batch)")
+    std_norm: bool | None = opt(None, "divide advantages by the std, the group's (grpo, rloo) or the batch's "
+                                "(reinforce++); --no-std-norm: Dr.GRPO. auto: on, off for rloo")
     skip_zero_var: bool = opt(False, "leave groups whose rewards are all equal out of the loss and its normalisers")
-    clip_eps_low: float = opt(0.2, "PPO clip range below 1")
-    clip_eps_high: float = opt(0.2, "PPO clip range above 1")
+    dynamic_sampling: int = opt(0, "DAPO dynamic sampling: redraw the groups whose rewards are all equal, at most "
+                                "this many more draws a step, so the step holds --prompts-per-step groups that "
+                                "carry signal (0 = off)")
+    overlong_filter: bool = opt(False, "DAPO: completions cut off by the length limit out of the loss and its "
+                                "normalisers")
+    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the reward falls linearly, by up to "
+                               "--overlong-penalty, over the last this many tokens before the length limit (0 = off)")
+    overlong_penalty: float = opt(1.0, "the most the soft overlong punishment takes off a reward")
+    policy_loss: str = opt("ppo", "ppo (clipped surrogate: PPO, GRPO, DAPO, GSPO) | cispo (REINFORCE weighted by "
+                           "a clipped, stop-gradient IS ratio)")
+    clip_eps_low: float = opt(0.0, "clip range below 1 (0 = auto: 0.2; GSPO 3e-4; cispo 1, no lower bound)")
+    clip_eps_high: float = opt(0.0, "clip range above 1 (0 = auto: 0.2; GSPO 4e-4; cispo 3, weights capped at 4)")
     dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)")
-    kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
+    kl_coef: float = opt(0.0, "weight of the KL to the frozen initial policy (0 = none, no reference model)")
+    kl_estimator: str = opt("", "k1 | k2 | k3 (empty = auto: k1 in the reward; in the loss k3, k2 for "
+                            "reinforce++-baseline)")
+    kl_placement: str = opt("", "loss (a loss term) | reward (a per-token penalty in the reward) (empty = auto: "
+                            "reward for reinforce++, else loss)")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
-    loss_agg: str = opt("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm")
+    loss_agg: str = opt("", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (empty = auto: "
+                        "token-mean; GSPO seq-mean-token-mean)")
     ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
     tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight (0 = off)")
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
     tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
     tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask")
+    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
+    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
 
 
 @dataclass
@@ -104,16 +132,15 @@ class ParallelConfig:
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
     numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)")
-    trace_collectives: bool = opt(False, "record every collective in out_dir/ledger, check each step that the ranks "
-                                  "issued the same ones, report where they parted on a hang (minirl/ledger.py)")
+    trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
+                                  "check each step that the ranks issued the same ones, report where they parted "
+                                  "on a hang (minirl/ledger.py)")
 
 
 @dataclass
 class RunConfig:
     steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
     prompts_per_step: int = opt(64, "prompts per step, over all ranks")
-    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
-    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
     seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)")
@@ -170,6 +197,10 @@ def _typed(value, expected: type, what: str):
 
     bool is checked first: in Python True is also an int, and "1" or 1 is not a yes/no answer.
     """
+    if expected == bool | None:  # a yes/no left to the algorithm when None (auto)
+        if value is None:
+            return None
+        expected = bool
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
@@ -177,35 +208,49 @@ def _typed(value, expected: type, what: str):
     raise ValueError(f"{what} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def build_parser(cfg: TrainConfig, description: str) -> argparse.ArgumentParser:
+def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, ...]] | None = None,
+                 ) -> argparse.ArgumentParser:
+    """A flag per field of `cfg` (of the sections and fields in `only`, when given), its defaults as
+    `--help` shows them: where the built-in task's train_config.json sets a field, a bare run uses
+    that value, so help names it first."""
+    bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
     for name, section in _sections(cfg):
         group = p.add_argument_group(name)
         for f in fields(section):
+            if only is not None and f.name not in only.get(name, ()):
+                continue
             default = getattr(section, f.name)
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(default, bool):
-                group.add_argument(flag, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
-                                   help=f.metadata["help"] + f" (default: {default})")
-            else:
-                group.add_argument(flag, default=argparse.SUPPRESS, type=type(default), dest=f.name,
-                                   help=f.metadata["help"] + f" (default: {default!r})")
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none",
-                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling of --checkpointing none
+            shown = ("auto" if default is None else f"{default!r}") if f.name not in bare else (
+                f"{bare[f.name]!r} from the built-in task's train_config.json, {default!r} with --model")
+            yes_no = f.type in (bool, bool | None)
+            kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
+            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
+                               help=f.metadata["help"] + f" (default: {shown})", **kind)
+    if only is None or "checkpointing" in only.get("parallel", ()):  # the old spelling of --checkpointing none
+        p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none",
+                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """Defaults, then --config FILE, then flags. With neither --config nor --model, the built-in task's
-    (--task) train_config.json stands in for --config, and its model and data fill in what is left
-    empty: that is how a bare `train.py` runs the default task, and `train.py --task tools` the other."""
-    cfg = TrainConfig()
-    args = vars(build_parser(cfg, description).parse_args(argv))
+    """train.py's command line: every field a flag (`config_from_args`)."""
+    return config_from_args(vars(build_parser(TrainConfig(), description).parse_args(argv)))
+
+
+def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
+    """`cfg` (default: the dataclass defaults), then --config FILE, then the flags given in `args`.
+
+    With neither --config nor --model, the built-in task's (--task) train_config.json stands in for
+    --config, and its model and data fill in what is left empty: that is how a bare `train.py` runs
+    the default task, and `train.py --task tools` the other.
+    """
+    cfg = cfg or TrainConfig()
     if args.get("task", "default") not in TASKS:
         raise ValueError(f"unknown --task {args['task']!r}: one of {', '.join(TASKS)}")
     task = TASKS[args.get("task", "default")]
-    config_file = args.pop("config") or ("" if "model" in args else os.path.join(task, "train_config.json"))
+    config_file = args.pop("config", "") or ("" if "model" in args else os.path.join(task, "train_config.json"))
     if config_file:
         apply_overrides(cfg, read_config_file(config_file), config_file)
     apply_overrides(cfg, args, "command line")
@@ -240,11 +285,13 @@ def validate(cfg: TrainConfig):
     if not cfg.data.data:
         raise ValueError("--data is required with --model")
     n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.run.ppo_epochs) < 1:
+    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.algo.ppo_epochs) < 1:
         raise ValueError("--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1")
-    if n % cfg.run.mini_batches:
+    if n % cfg.algo.mini_batches:
         raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
-                         f"--mini-batches {cfg.run.mini_batches}")
+                         f"--mini-batches {cfg.algo.mini_batches}")
+    if not 0 <= cfg.run.seed < 2**31:
+        raise ValueError(f"--seed must be in [0, 2**31), got {cfg.run.seed}")
     if cfg.rollout.backend not in ("naive", "vllm"):
         raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
     if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -265,18 +312,48 @@ def validate(cfg: TrainConfig):
         raise ValueError("--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")
     if cfg.rollout.env:
         load_env(cfg.rollout.env)  # importable, and makes a well-formed env
-    loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
     check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
+    validate_algo(cfg.algo, cfg.rollout.n_samples, sample_budget(cfg.rollout))
     sampling_params(cfg.rollout).check()
 
 
+def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
+    """The algorithm's settings, and combinations of them that would do nothing or not what they say."""
+    if algo.kl_placement not in ("", *KL_PLACEMENTS) or algo.kl_estimator not in ("", *KL_ESTIMATORS):
+        raise ValueError(f"--kl-placement is one of {KL_PLACEMENTS} and --kl-estimator one of {KL_ESTIMATORS}, "
+                         f"got {algo.kl_placement!r} and {algo.kl_estimator!r}")
+    if (algo.kl_placement or algo.kl_estimator) and not algo.kl_coef:
+        raise ValueError("--kl-placement and --kl-estimator need --kl-coef > 0, the weight of the KL")
+    if algo.dynamic_sampling < 0 or (algo.dynamic_sampling and n_samples < 2):
+        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: it needs K >= 0 and "
+                         "--n-samples >= 2 (a group of one always has equal rewards)")
+    if algo.overlong_buffer and not (0 < algo.overlong_buffer <= budget and algo.overlong_penalty > 0):
+        raise ValueError(f"--overlong-buffer must be in [1, {budget}] (the length limit) and --overlong-penalty "
+                         f"> 0, got {algo.overlong_buffer} and {algo.overlong_penalty}")
+    loss_config(algo)  # checks loss_agg, the clip, dual_clip_c, ratio_level, policy_loss and the tis_* settings
+
+
 def loss_config(algo: AlgoConfig) -> LossConfig:
-    """The policy loss's settings; a flag's 0 ("off") is the loss's None."""
-    return LossConfig(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high,
-                      dual_clip_c=algo.dual_clip_c or None, kl_coef=algo.kl_coef,
-                      entropy_coef=algo.entropy_coef, agg=algo.loss_agg, ratio_level=algo.ratio_level,
-                      tis_cap=algo.tis_cap or None, tis_level=algo.tis_level, tis_mode=algo.tis_mode,
-                      tis_low=algo.tis_low)
+    """The policy loss's settings, auto ones resolved (`algorithms.auto_settings`); a flag's 0 ("off") is the
+    loss's None. With the KL in the reward the loss has no KL term (its estimator still names `kl_ref`'s)."""
+    auto = auto_settings(algo.advantage, algo.policy_loss, algo.ratio_level, algo.kl_placement)
+    return LossConfig(policy_loss=algo.policy_loss, clip_eps_low=algo.clip_eps_low or auto["clip_eps_low"],
+                      clip_eps_high=algo.clip_eps_high or auto["clip_eps_high"], dual_clip_c=algo.dual_clip_c or None,
+                      kl_coef=algo.kl_coef if auto["kl_placement"] == "loss" else 0.0,
+                      kl_estimator=algo.kl_estimator or auto["kl_estimator"], entropy_coef=algo.entropy_coef,
+                      agg=algo.loss_agg or auto["loss_agg"], ratio_level=algo.ratio_level, tis_cap=algo.tis_cap or None,
+                      tis_level=algo.tis_level, tis_mode=algo.tis_mode, tis_low=algo.tis_low)
+
+
+def advantage_config(cfg: TrainConfig) -> AdvantageConfig:
+    """How rewards become advantages, auto settings resolved (`algorithms.auto_settings`)."""
+    algo = cfg.algo
+    auto = auto_settings(algo.advantage, algo.policy_loss, algo.ratio_level, algo.kl_placement)
+    in_reward = auto["kl_placement"] == "reward"
+    return AdvantageConfig(algo.advantage, cfg.rollout.n_samples,
+                           auto["std_norm"] if algo.std_norm is None else algo.std_norm,
+                           algo.kl_coef if in_reward else 0.0, algo.kl_estimator or auto["kl_estimator"],
+                           algo.overlong_buffer, algo.overlong_penalty, sample_budget(cfg.rollout))
 
 
 def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:
@@ -296,3 +373,27 @@ def sample_budget(rc: RolloutConfig) -> int:
     """Tokens after the prompt a sample may hold: a completion's max_new_tokens, or with --env, an
     episode's budget (its turns and observations). Also the constant length of seq-mean-token-sum-norm."""
     return (rc.episode_tokens or rc.max_turns * rc.max_new_tokens) if rc.env else rc.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Derived:
+    """The settings in the forms the step uses, worked out once before the first step (`derive`) and
+    handed down, so that nothing in the step calls back into config.py or env.py. A value that follows
+    from several flags, the tokenizer or the hardware (an "auto" default) is added here."""
+
+    loss: LossConfig
+    advantage: AdvantageConfig
+    sampling: SamplingParams  # the rollouts'
+    greedy: SamplingParams  # held-out evaluation: argmax, the same length limit
+    sample_budget: int
+    reward: Callable[[int, str, str, str], float] | None  # checked (rewards.load_reward); None: no --reward
+    episodes: EpisodeConfig | None  # with --env: the environment, its stop token id and the limits
+
+
+def derive(cfg: TrainConfig, tok) -> Derived:
+    """`Derived` for a validated config; `tok` turns an environment's stop text into its token id."""
+    rc, episodes = cfg.rollout, None
+    if rc.env:
+        episodes = EpisodeConfig(rc.env, load_env(rc.env), stop_token_id(rc.env, tok), rc.max_turns, sample_budget(rc))
+    return Derived(loss_config(cfg.algo), advantage_config(cfg), sampling_params(rc), sampling_params(rc, greedy=True),
+                   sample_budget(rc), load_reward(cfg.data.reward) if cfg.data.reward else None, episodes)
