@@ -113,8 +113,8 @@ def flash_varlen_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 
 @flash_varlen_attn.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+def _(q, k, v, cu_seqlens, max_seqlen):  # contiguous, as the kernel allocates them
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("minirl::flash_varlen_attn_backward", mutates_args=())
@@ -130,7 +130,7 @@ def flash_varlen_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Ten
 
 @flash_varlen_attn_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_setup_context(ctx, inputs, output):
