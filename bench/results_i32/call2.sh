@@ -5,6 +5,7 @@
 # kernel by document length. Results: files in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+ROOT=$PWD NEW=${NEW:-.carry/i32} BASE=${BASE:-.}  # this branch's tree and the baseline's (main before the merge)
 R=$OUT  # at most 8 files come back: each step writes its own, so a step cut short loses only itself
 cat /root/stash/cu13part.aa .carry/whl2/cu13part.ab > /root/stash/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
 md5sum /root/stash/nvidia_cutlass_dsl_libs_cu13-*.whl | tee "$R/env.txt"  # b45c1bac0786a433970dc75163c36011
@@ -14,7 +15,7 @@ python -c "from flash_attn.cute.interface import _flash_attn_fwd, _flash_attn_bw
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch; print('torch', torch.__version__)"; } | tee -a "$R/env.txt"
 S="--warmup 2 --steps 6"
-cd .carry/i32
+cd "$ROOT/$NEW"
 echo "=== GPU tests $(date +%T)"
 timeout 70 python -m pytest -m gpu -v -p no:cacheprovider tests/test_attention.py tests/test_model.py -k "flash" 2>&1 \
   | tee "$R/gpu_tests_flash.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed"
