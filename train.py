@@ -75,7 +75,7 @@ def main(argv=None):
 def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset, PromptDataset | None, Derived]:
     """Check and read everything a run needs before it starts: the settings, the layout against the
     model, the weights' files, the out dir, the tokenizer, the prompts, the reward and environment
-    (`config.derive`); prints notes and warnings once (rank 0). A problem is a ValueError or
+    (`config.derive`); rank 0 prints the notes and warnings. A problem is a ValueError or
     FileNotFoundError naming it."""
     validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -85,30 +85,25 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     note = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world)
     tok = Tokenizer.from_dir(cfg.data.model)
     ds = derive(cfg, tok)
-    chat = cfg.data.chat_template and tok.has_chat_template
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    notes = [note] if note else []
-    if cfg.data.chat_template and not tok.has_chat_template:
-        notes.append(f"note: {cfg.data.model} has no chat template; prompts are used as raw text")
-    data = PromptDataset(cfg.data.data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
-                         cfg.data.max_prompt_len, cfg.run.seed)
-    test = PromptDataset(cfg.data.test_data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
-                         cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
+    dc, notes = cfg.data, [note] if note else []
+    if dc.chat_template and not tok.has_chat_template:
+        notes.append(f"note: {dc.model} has no chat template; prompts are used as raw text")
+    data, test = (PromptDataset(path, tok, dc.prompt_field, dc.answer_field, dc.chat_template and tok.has_chat_template,
+                                dc.max_prompt_len, cfg.run.seed) if path else None for path in (dc.data, dc.test_data))
     longest = max(len(p.token_ids) for p in data.prompts) + ds.sample_budget - 1
     if longest > cfg.parallel.micro_batch_tokens:
         raise ValueError(f"--micro-batch-tokens {cfg.parallel.micro_batch_tokens} cannot hold the longest prompt "
                          f"with its completion ({longest} tokens); raise it or lower --max-new-tokens/--max-prompt-len")
     if data.missing_answers:
-        notes.append(f"warning: {data.missing_answers} of {cfg.data.data}'s rows have no {cfg.data.answer_field!r} "
+        notes.append(f"warning: {data.missing_answers} of {dc.data}'s rows have no {dc.answer_field!r} "
                      f"field; their rewards compare against an empty answer")
     if cfg.rollout.n_samples == 1 and cfg.algo.advantage == "grpo":
         notes.append("warning: --n-samples 1: every GRPO advantage is 0 (a group of one), so nothing is learned")
     if cfg.algo.ratio_level != "token" and ds.loss.agg == "token-mean":
         notes.append("warning: --loss-agg token-mean under GSPO (--ratio-level sequence*) counts each sequence once "
                      "per token, so long ones weigh more; GSPO's objective is seq-mean-token-mean (its auto default)")
-    if rank0:
-        for line in notes:
-            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+    for line in notes if int(os.environ.get("RANK", "0")) == 0 else []:
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
     return model_cfg, tok, data, test, ds
 
 

@@ -13,7 +13,7 @@ wasted. Three backends compute the same thing:
 `pick_backend` chooses the first that works on the device, unless an argument or the MINIRL_ATTN
 environment variable forces one. flash-attn-4 comes first because it was never slower: on an H200,
 forward+backward of 16k tokens took 1.14 ms vs varlen's 2.06 in 2k-token documents and 400 ms vs 750
-in one 131k-token document (bench/RESULTS.md, section 7).
+in one 131k-token document (bench/RESULTS.md).
 """
 
 import functools

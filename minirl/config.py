@@ -1,14 +1,10 @@
 """The training configuration: one tree of small dataclasses, overridable by a JSON file and CLI flags.
 
-Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
-`--help`, with the help text kept next to the field; train.py takes them all, rollout.py the ones it
-uses. Precedence: dataclass default < `--config FILE` < flags given on the command line. Without
---model the built-in task fills in model, data and its train_config.json. Config values are
-type-checked against the fields, and every problem with the file is a ValueError or FileNotFoundError
-naming it (entry points print it once).
-
-It also owns what follows from the settings: `validate`, and `derive`, which works out once, before
-the first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
+Every field is a flag of the same name (`--lr 1e-6`, `--no-numa`), grouped by section in `--help`,
+its help kept next to it; train.py takes them all, rollout.py the ones it uses. Precedence: dataclass
+default < `--config FILE` (without --model: the built-in task's) < flags. Values are type-checked; a
+bad file is one error naming it. `validate` checks the settings, `derive` works out once, before the
+first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
 """
 
 import argparse
@@ -16,7 +12,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from minirl.advantages import AdvantageConfig, check_advantage
 from minirl.algorithms import KL_ESTIMATORS, KL_PLACEMENTS, LossConfig, auto_settings
@@ -127,7 +123,7 @@ class ParallelConfig:
     checkpointing: str = opt("selective", "activation checkpointing in each decoder block: selective (keep matmul and "
                              "attention outputs, recompute the rest), full (recompute the block) or none")
     compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
-                        "H200, bench/RESULTS.md section 8); ignored on CPUs and under --trace-collectives")
+                        "H200, bench/RESULTS.md); ignored on CPUs and under --trace-collectives")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
@@ -158,9 +154,6 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _sections(cfg: TrainConfig):
@@ -263,13 +256,13 @@ def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
 
 def read_config_file(path: str) -> dict:
     """The JSON object in `path`; a missing file, bad JSON or a non-object is one error naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as fh:
-        try:
+    try:
+        with open(path) as fh:
             values = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
     return values
@@ -282,39 +275,35 @@ def read_config_file(path: str) -> dict:
 def validate(cfg: TrainConfig):
     """Batch sizes and choices that would otherwise fail mid-run: one clear ValueError at start-up.
     (`dist.check_parallel_or_exit` checks the parallel layout against the model.)"""
-    if not cfg.data.data:
-        raise ValueError("--data is required with --model")
-    n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.algo.ppo_epochs) < 1:
-        raise ValueError("--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1")
-    if n % cfg.algo.mini_batches:
-        raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
-                         f"--mini-batches {cfg.algo.mini_batches}")
-    if not 0 <= cfg.run.seed < 2**31:
-        raise ValueError(f"--seed must be in [0, 2**31), got {cfg.run.seed}")
-    if cfg.rollout.backend not in ("naive", "vllm"):
-        raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
-    if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("--backend vllm needs vLLM, which is not installed: pip install vllm")
-    if cfg.optim.schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
-    if not cfg.optim.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.optim.lr}")
-    if cfg.rollout.gen_batch_size < 1:
-        raise ValueError(f"--gen-batch-size must be >= 1, got {cfg.rollout.gen_batch_size}")
-    if cfg.run.keep_checkpoints < 0:
-        raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
-    if cfg.parallel.checkpointing not in CHECKPOINTING:
-        raise ValueError(f"unknown --checkpointing {cfg.parallel.checkpointing!r}: one of {', '.join(CHECKPOINTING)}")
-    if cfg.parallel.attn_backend not in ("", *BACKENDS):
-        raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
-    if cfg.rollout.max_turns < 1 or cfg.rollout.episode_tokens < 0:
-        raise ValueError("--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")
-    if cfg.rollout.env:
-        load_env(cfg.rollout.env)  # importable, and makes a well-formed env
-    check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
-    validate_algo(cfg.algo, cfg.rollout.n_samples, sample_budget(cfg.rollout))
-    sampling_params(cfg.rollout).check()
+    rc, algo, n = cfg.rollout, cfg.algo, cfg.run.prompts_per_step * cfg.rollout.n_samples
+    for bad, message in [
+        (not cfg.data.data, "--data is required with --model"),
+        (min(cfg.run.prompts_per_step, rc.n_samples, cfg.run.steps, algo.ppo_epochs) < 1,
+         "--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1"),
+        (algo.mini_batches < 1, f"--mini-batches must be >= 1, got {algo.mini_batches}"),
+        (n % max(1, algo.mini_batches),
+         f"prompts_per_step x n_samples = {n} samples do not split into --mini-batches {algo.mini_batches}"),
+        (not 0 <= cfg.run.seed < 2**31, f"--seed must be in [0, 2**31), got {cfg.run.seed}"),
+        (rc.backend not in ("naive", "vllm"), f"unknown --backend {rc.backend!r}: naive or vllm"),
+        (rc.backend == "vllm" and importlib.util.find_spec("vllm") is None,
+         "--backend vllm needs vLLM, which is not installed: pip install vllm"),
+        (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
+        (not cfg.optim.lr > 0, f"--lr must be > 0, got {cfg.optim.lr}"),
+        (rc.gen_batch_size < 1, f"--gen-batch-size must be >= 1, got {rc.gen_batch_size}"),
+        (cfg.run.keep_checkpoints < 0, f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}"),
+        (cfg.parallel.checkpointing not in CHECKPOINTING,
+         f"unknown --checkpointing {cfg.parallel.checkpointing!r}: one of {', '.join(CHECKPOINTING)}"),
+        (cfg.parallel.attn_backend not in ("", *BACKENDS),
+         f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}"),
+        (rc.max_turns < 1 or rc.episode_tokens < 0,
+         "--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")]:
+        if bad:
+            raise ValueError(message)
+    if rc.env:
+        load_env(rc.env)  # importable, and makes a well-formed env
+    check_advantage(algo.advantage, rc.n_samples)
+    validate_algo(algo, rc.n_samples, sample_budget(rc))
+    sampling_params(rc).check()
 
 
 def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):

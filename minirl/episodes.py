@@ -7,25 +7,13 @@ prompt followed by one flat list of token ids, and three parallel lists say what
     mask               1 1 1 1 1          0 0 0 0         1 1 1 ...
     logprobs           generator's        0.0 (none)      generator's
 
-- A policy turn is kept exactly as sampled: the ids the generator returned, never re-tokenised from
-  their text (decode(encode(text)) need not give the same ids, and the trainer must score the ids
-  the generator's log-probs belong to).
-- An observation is tokenised on its own and appended; its tokens get mask 0 (no loss, and left out
-  of every normaliser) and no generator log-prob.
-- The trainer then treats the whole trajectory as one sample (`packing.pack` reads the mask).
-
-Each turn, every live episode's context (prompt + trajectory so far) goes to the generator as a
-prompt: the generator prefills it again rather than continuing from a cache it kept. That needs no
-new generator code (vLLM's prefix cache skips most of the re-prefill anyway), and on the small
-contexts of the toy task it costs little (see README, "Multi-turn rollouts with tools"). Finished
-episodes drop out of the batch.
-
-Limits (`EpisodeConfig`): at most `max_turns` policy turns, and at most `budget` tokens after the prompt (turns and
-observations). An episode ends with finish_reason
-    done       the environment said so
-    max_turns  the last allowed turn was written and the environment had not ended it
-    length     a turn was cut by the budget, or an observation did not fit in it
-A turn cut by max_new_tokens (the per-turn limit) is handed to the environment like any other.
+A policy turn keeps exactly the ids the generator sampled, never re-tokenised from its text (the
+trainer must score the ids the log-probs belong to); an observation is tokenised on its own, with
+mask 0 (no loss, in no normaliser). The trainer packs the trajectory as one sample (`packing.pack`).
+Each turn the live episodes' contexts go to the generator again (a re-prefill: no new generator
+code, and vLLM's prefix cache skips most of it). An episode ends with finish_reason `done` (the
+environment said so), `max_turns`, or `length` (the token budget cut a turn or had no room for an
+observation); a turn cut by max_new_tokens goes to the environment like any other.
 """
 
 from collections.abc import Callable

@@ -246,7 +246,7 @@ def cached_attention(q, k, v, input_pos, k_cache, v_cache, mask) -> torch.Tensor
     """Write a step's keys/values into the cache, then attend: q [B, S, H, Hd] -> [B, S, H * Hd].
 
     Always runs eagerly, outside torch.compile's graph: compiled, the in-place cache writes and the
-    attention made a batch-256 decode step four times slower (bench/RESULTS.md, section 4).
+    attention made a batch-256 decode step four times slower (bench/RESULTS.md).
     """
     B, S, Hkv, Hd = k.shape
     idx = input_pos[:, None, :, None].expand(B, Hkv, S, Hd)  # [B, Hkv, S, Hd]

@@ -1,9 +1,9 @@
 """Packing a step's samples into micro-batches: which tokens go to which rank, in which forward.
 
-Each mini-batch is planned over the dp ranks (`plan_micro_batches`); the sp ranks of one dp group run
-the same micro-batches, each on its slice of the tokens (Ulysses). Every rank computes the same plan
-from the same lengths, with no communication, and every rank gets as many micro-batches (empty ones
-run as zero-weight dummies), so the collectives inside forward and backward always pair up.
+Each mini-batch is planned over the dp ranks (`plan_micro_batches`), identically on every rank with no
+communication; the sp ranks of a dp group run the same micro-batches, each on its slice of the tokens
+(Ulysses). Every rank gets as many micro-batches (empty ones run as zero-weight dummies), so the
+collectives inside forward and backward always pair up.
 """
 
 from dataclasses import dataclass
@@ -114,10 +114,7 @@ def completion_coords(mb: MicroBatch, prompt_lens: torch.Tensor, width: int) -> 
 
 def micro_logprobs(model, mb: MicroBatch, temperature: float, top_k: int = 0, top_p: float = 1.0):
     """(log-probs [t], entropy [t]) of the micro-batch's targets under the processed distribution.
-
-    Training passes the sampling temperature only: a bf16 generator can sample a token just outside
-    the trainer's fp32 top-k/top-p set, whose log-prob there would be -inf; the full support keeps
-    every ratio finite, and --tis-cap corrects the remaining gap. (rollout.py's check passes all three.)
-    """
+    Training passes the temperature only: a bf16 generator can sample a token just outside the fp32
+    trainer's top-k/top-p set (log-prob -inf there); --tis-cap corrects the remaining gap."""
     return model(mb.input_ids, mb.position_ids, mb.meta, targets=mb.targets, temperature=temperature,
                  top_k=top_k, top_p=top_p)

@@ -1,10 +1,9 @@
 """The rollout phase of a step: generate completions (or multi-turn episodes), score them, gather them.
 
-Every rank draws the same `prompts_per_step` prompts (same seeded order) and generates `n_samples`
-completions for its share (every world-th prompt; one share per vLLM tensor-parallel group), each
-from its own seed (`backend.sample_seed` of step, prompt and sample). The completions are then
-gathered so that every rank holds the whole step's samples in the same global order: advantages,
-mini-batches and the micro-batch plan are computed identically everywhere, with no further
+Every rank draws the same prompts and generates `n_samples` completions for its share (every
+world-th prompt; one share per vLLM tensor-parallel group), each from its own seed
+(`backend.sample_seed`). The gather gives every rank the whole step's samples in one global order,
+so advantages and the micro-batch plan are computed identically everywhere with no more
 communication. rollout.py runs `complete` on its own, batch by batch, with the same generator.
 """
 
@@ -63,11 +62,8 @@ def make_generator(cfg: TrainConfig, model_cfg: ModelConfig, tok, device: torch.
 
 
 def generator_replicas(d: Dist, rc: RolloutConfig) -> tuple[int, int, bool]:
-    """(this rank's replica, number of replicas, whether this rank reports its replica's results).
-
-    The naive generator is one replica per rank. A vLLM engine with tensor parallelism spans `tp`
-    consecutive ranks that must all be given the same prompts; the first of them reports.
-    """
+    """(this rank's replica, number of replicas, whether this rank reports its replica's results): a
+    naive generator per rank, or a vLLM engine over `tp` consecutive ranks (same prompts; the first reports)."""
     tp = rc.tp if rc.backend == "vllm" else 1
     return d.rank // tp, d.world // tp, d.rank % tp == 0
 

@@ -1,11 +1,9 @@
 """One RL step, top to bottom (`rl_step`): rollout -> packing -> old/ref log-probs -> advantages ->
 micro-batched policy updates -> weight sync -> a metrics row. train.py sets up and loops over steps.
 
-Every rank holds the whole step's samples (minirl/rollouts.py) and plans the same micro-batches
-(minirl/packing.py). Every rank's loss is its exact share of the mini-batch loss (weights normalised by
-mini-batch counts), and FSDP sums the gradients, so the update equals a single process's update on
-the whole mini-batch. No `.item()` or logging inside the micro-batch loop: metrics stay on the device
-and are reduced once per step, phase times come from events read once per step.
+Every rank's loss is its exact share of the mini-batch loss (weights normalised by mini-batch counts)
+and FSDP sums the gradients, so the update equals a single process's on the whole mini-batch. No
+`.item()` or logging inside the micro-batch loop: metrics and phase times are read once per step.
 """
 
 import time
