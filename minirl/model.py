@@ -292,7 +292,9 @@ class Block(nn.Module):
 
     The checkpoint lives inside the block's own forward, so when FSDP2 wraps the block the checkpointed
     region is inside the FSDP unit: recompute runs with parameters already unsharded and cast. A
-    compiled block traces the checkpoint with its policy and partitions its graph by it.
+    compiled block traces the checkpoint with its policy and partitions its graph by it; an eager one
+    (CPU, --no-compile) applies the policy op by op from Python, a cost that outweighs the saving when
+    the CPU path's per-document attention loop runs hundreds of tiny documents.
     """
 
     def __init__(self, cfg: ModelConfig):
