@@ -21,13 +21,13 @@ from minirl.attention import pick_backend
 from minirl.config import Derived, TrainConfig, derive, parse_config, validate
 from minirl.data import PromptDataset
 from minirl.dist import Dist, check_parallel_or_exit, distributed
-from minirl.fsdp import build_sharded, iter_full_params
+from minirl.fsdp import build_sharded
 from minirl.hf import check_weights, load_state_dict_from_dir, read_config
 from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
 from minirl.rollouts import evaluate, make_generator
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Policy, rl_step
+from minirl.trainer import Policy, rl_step, sync_weights
 
 
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
@@ -127,7 +127,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
         log(f"data: dropped {data.dropped} prompts longer than {cfg.data.max_prompt_len} tokens")
     log(f"world {d.world} = dp {d.dp_size} x sp {d.sp_size} on {d.device}; model {cfg.data.model}")
 
-    policy = build_policy(model_cfg, cfg, d)
+    policy = build_policy(model_cfg, cfg, ds, d)
     ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
     # A vLLM engine must shut down before the process group does (its shutdown tears groups down).
     with contextlib.closing(make_generator(cfg, model_cfg, tok, d.device)) as generator:
@@ -138,7 +138,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
                 start = state.step
                 data.load_state_dict(state.data_state)
                 log(f"resumed from step {start}")
-        generator.update_weights(iter_full_params(policy.model, generator.dtype))
+        sync_weights(policy, generator)
 
         metrics = report.MetricsLog(cfg.run.out_dir, start_step=start) if d.is_main else None
         if test is not None and start == 0:
@@ -196,22 +196,28 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
                     metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
             log(f"held-out accuracy after training: {acc:.1%}")
         if cfg.run.export:
-            checkpoint.export_hf(policy.model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
-            log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
+            final, adapter_dir = (os.path.join(cfg.run.out_dir, name) for name in ("final", "adapter"))
+            checkpoint.export_hf(policy.model, model_cfg, final, cfg.data.model, adapter_dir=adapter_dir,
+                                 base_model=os.path.abspath(cfg.data.model))  # the adapters too, with LoRA
+            log(f"exported {final}" + (f" and {adapter_dir}" if ds.adapters else ""))
         if d.is_main:
             report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
     return False
 
 
-def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
-    """The FSDP2-sharded policy, the frozen reference (only with a KL penalty), AdamW and its lr schedule:
-    linear warm-up, then constant or cosine decay to 10% of the peak lr."""
+def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, ds: Derived, d: Dist) -> Policy:
+    """The FSDP2-sharded policy, the frozen reference (only with a KL penalty; with LoRA the policy with its
+    adapters off), AdamW of the trainable parameters and its lr schedule: linear warm-up, then constant or
+    cosine decay to 10% of the peak lr."""
     weights = load_state_dict_from_dir(cfg.data.model)
-    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
-    ref_model = build_sharded(model_cfg, weights, d, cfg.parallel, train=False) if cfg.algo.kl_coef else None
+    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True, adapters=ds.adapters)
+    ref_model = None
+    if cfg.algo.kl_coef:
+        ref_model = model if ds.adapters else build_sharded(model_cfg, weights, d, cfg.parallel, train=False)
     del weights
     oc, updates = cfg.optim, cfg.run.steps * cfg.algo.mini_batches * cfg.algo.ppo_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=oc.lr,
+                                  weight_decay=oc.weight_decay)
 
     def lr_multiplier(update: int) -> float:
         if update < oc.warmup_steps:

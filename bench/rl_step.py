@@ -22,6 +22,7 @@ torch.profiler, whose top-15 operators by self GPU time (and by total GPU time) 
 next to the JSON (`rl_step_profile.txt`).
 
     python bench/rl_step.py                 # 64 prompts x 8 samples x 256 new tokens, ~1.5 min on an H100
+    python bench/rl_step.py --lora-rank 8   # LoRA adapters of rank 8 train, the base frozen (minirl/lora.py)
     python bench/rl_step.py --tiny          # CPU smoke run (gloo, fp32 generator, no CUDA graphs)
 """
 
@@ -36,7 +37,7 @@ import torch
 
 from bench.common import (device_info, median, model_config, out_path, peak_memory_gb, print_table, profile_table,
                           random_model, reset_peak_memory, write_json)
-from minirl import trainer
+from minirl import lora, trainer
 from minirl.attention import pick_backend
 from minirl.backend import SamplingParams
 from minirl.config import TrainConfig, derive
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile every decoder block of the policy")
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing in training")
     p.add_argument("--keep-generator", action="store_true", help="keep the generator copy resident in training")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (updates are scaled by alpha / r)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU, seconds")
@@ -132,7 +135,7 @@ def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist)
     mem["logprobs+train"] = peak_memory_gb(d.device)
     reset_peak_memory(d.device)
     with timer.phase("weight_sync"):
-        generator.update_weights(iter_full_params(policy.model, generator.dtype))
+        generator.update_weights(lora.merged(policy.model, iter_full_params(policy.model, generator.dtype)))
     mem["weight_sync"] = peak_memory_gb(d.device)
     times = {k.removeprefix("time/"): v for k, v in timer.summary().items()}
     generated = sum(len(s.completion_ids) for s in samples)
@@ -150,13 +153,15 @@ def build(args, d: Dist, dtype):
     """The FSDP2 policy (random weights), its AdamW and schedule, the generator holding a synced copy."""
     cfg, model_cfg = rl_config(args), model_config(args.shape)
     weights = random_model(model_cfg, d.device).state_dict()
-    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
+    adapters = lora.AdapterSpec(args.lora_rank, args.lora_alpha) if args.lora_rank else None
+    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True, adapters=adapters)
     del weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0)  # train.py's default: constant
     generator = Generator(model_cfg, eos_ids=[], pad_id=0, device=d.device, dtype=dtype,
                           max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
-    generator.update_weights(iter_full_params(model, dtype))
+    generator.update_weights(lora.merged(model, iter_full_params(model, dtype)))
     return cfg, trainer.Policy(model, optimizer, scheduler, attn_backend=pick_backend(d.device)), generator
 
 
@@ -210,7 +215,8 @@ def report(args, steps: list[dict], profile_note: str, device, json_path: str):
     phase_s["other"] = wall - sum(phase_s.values())
     gen_rate = steps[0]["generated_tokens"] / phase_s["rollout"]
     train_rate = steps[0]["trained_tokens"] / phase_s["train"]
-    workload = f"{args.shape} {args.prompts}x{args.samples}x{args.new_tokens}"
+    workload = f"{args.shape} {args.prompts}x{args.samples}x{args.new_tokens}" + (
+        f" LoRA r{args.lora_rank}" if args.lora_rank else "")
     summary = [{"what": f"RL step {workload}: wall = " + " + ".join(phase_s), "unit": "s",
                 "value": f"{wall:.2f} = " + " + ".join(f"{v:.2f}" for v in phase_s.values())},
                {"what": f"RL step {workload}: rollout generated tok/s | train tok/s", "unit": "",
@@ -224,7 +230,8 @@ def report(args, steps: list[dict], profile_note: str, device, json_path: str):
             for k, v in phase_s.items()]
     rows.append(["(wall)", wall, 100.0, None])
     print_table(f"RL step, {args.shape}, {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new "
-                f"tokens: rollout {gen_rate:.0f} generated tok/s, train {train_rate:.0f} tok/s",
+                f"tokens{f', LoRA rank {args.lora_rank}' if args.lora_rank else ''}: rollout {gen_rate:.0f} "
+                f"generated tok/s, train {train_rate:.0f} tok/s",
                 ["phase", "median s", "% of step", "peak GiB"], rows)
 
 

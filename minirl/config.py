@@ -20,6 +20,7 @@ from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 from minirl.env import load_env, stop_token_id
 from minirl.episodes import EpisodeConfig
+from minirl.lora import TARGETS, AdapterSpec
 from minirl.model import CHECKPOINTING
 from minirl.rewards import load_reward
 
@@ -134,6 +135,14 @@ class ParallelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on a frozen base model (0 = full fine-tuning); "
+                         "give it ~10x the full fine-tuning --lr (README: LoRA)")
+    lora_alpha: float = opt(32.0, "LoRA scale: the adapters' update B A is multiplied by alpha / rank")
+    lora_targets: str = opt(",".join(TARGETS), "comma-separated projections of every block that get adapters")
+
+
+@dataclass
 class RunConfig:
     steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
     prompts_per_step: int = opt(64, "prompts per step, over all ranks")
@@ -153,6 +162,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -301,6 +311,7 @@ def validate(cfg: TrainConfig):
             raise ValueError(message)
     if rc.env:
         load_env(rc.env)  # importable, and makes a well-formed env
+    adapter_spec(cfg)  # checks the --lora-* flags
     check_advantage(algo.advantage, rc.n_samples)
     validate_algo(algo, rc.n_samples, sample_budget(rc))
     sampling_params(rc).check()
@@ -345,6 +356,11 @@ def advantage_config(cfg: TrainConfig) -> AdvantageConfig:
                            algo.overlong_buffer, algo.overlong_penalty, sample_budget(cfg.rollout))
 
 
+def adapter_spec(cfg: TrainConfig) -> AdapterSpec | None:
+    """The LoRA adapters the policy trains (minirl/lora.py), checked; None for full fine-tuning."""
+    return AdapterSpec.from_flags(cfg.lora.lora_rank, cfg.lora.lora_alpha, cfg.lora.lora_targets, cfg.run.seed)
+
+
 def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:
     """How rollouts sample; `greedy` for held-out evaluation (argmax, same length limit)."""
     if greedy:
@@ -377,6 +393,7 @@ class Derived:
     sample_budget: int
     reward: Callable[[int, str, str, str], float] | None  # checked (rewards.load_reward); None: no --reward
     episodes: EpisodeConfig | None  # with --env: the environment, its stop token id and the limits
+    adapters: AdapterSpec | None  # with --lora-rank: the LoRA adapters the policy trains
 
 
 def derive(cfg: TrainConfig, tok) -> Derived:
@@ -385,4 +402,5 @@ def derive(cfg: TrainConfig, tok) -> Derived:
     if rc.env:
         episodes = EpisodeConfig(rc.env, load_env(rc.env), stop_token_id(rc.env, tok), rc.max_turns, sample_budget(rc))
     return Derived(loss_config(cfg.algo), advantage_config(cfg), sampling_params(rc), sampling_params(rc, greedy=True),
-                   sample_budget(rc), load_reward(cfg.data.reward) if cfg.data.reward else None, episodes)
+                   sample_budget(rc), load_reward(cfg.data.reward) if cfg.data.reward else None, episodes,
+                   adapter_spec(cfg))

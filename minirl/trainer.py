@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from minirl import lora
 from minirl.advantages import AdvantageConfig, advantages, zero_variance_groups
 from minirl.algorithms import Sequences, policy_loss, token_weights
 from minirl.backend import RolloutBackend
@@ -29,7 +30,8 @@ from minirl.rollouts import Sample, rollout_groups, rollout_stats
 @dataclass
 class Policy:
     """The trained model (FSDP2-sharded) with its optimizer and lr schedule, the attention kernel it runs
-    with (attention.pick_backend), and the frozen reference model when a KL penalty needs one."""
+    with (attention.pick_backend), and the frozen reference model when a KL penalty needs one (with LoRA:
+    the trained model itself, its adapters switched off)."""
 
     model: Transformer
     optimizer: torch.optim.Optimizer
@@ -68,7 +70,7 @@ def rl_step(policy: Policy, generator: RolloutBackend, data: PromptDataset, step
         sums = update(policy, samples, minis, batches, d, ds, cfg.optim.grad_clip, cfg.algo.ppo_epochs, progress,
                       interrupt)
     with timer.phase("weight_sync"):
-        generator.update_weights(iter_full_params(policy.model, generator.dtype))  # a collective
+        sync_weights(policy, generator)
 
     row = {"step": step + 1, **rollout_stats(samples, n), **draws, **shaping, **{k: v.item() for k, v in sums.items()},
            "lr": policy.scheduler.get_last_lr()[0], **timer.summary()}
@@ -151,7 +153,8 @@ def logprobs_before_update(policy: Policy, batches: list[list[MicroBatch]], need
         if need_old:
             mb.old_logprobs = micro_logprobs(policy.model, mb, temperature)[0]
         if policy.ref_model is not None:
-            mb.ref_logprobs = micro_logprobs(policy.ref_model, mb, temperature)[0]
+            with lora.adapters_off(policy.ref_model):  # LoRA: the base model (a no-op for a frozen copy)
+                mb.ref_logprobs = micro_logprobs(policy.ref_model, mb, temperature)[0]
 
 
 def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batches: list[list[MicroBatch]], d: Dist,
@@ -208,3 +211,8 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
     out["grad_norm"] = out["grad_norm"] / d.world  # replicated values, summed over ranks
     out["skipped_updates"] = out.get("skipped_updates", torch.zeros((), device=d.device)) / d.world
     return out
+
+
+def sync_weights(policy: Policy, generator: RolloutBackend):
+    """Stream the policy's full weights into the generator, LoRA adapters merged (a collective)."""
+    generator.update_weights(lora.merged(policy.model, iter_full_params(policy.model, generator.dtype)))
