@@ -57,9 +57,11 @@ class RolloutBackend(Protocol):
         """Every parameter, (our name, FULL tensor), exactly once (`checked_weights`)."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None, stop: Callable[[], bool] | None = None) -> list[Completion]:
+                 seeds: list[int] | None = None, stop: Callable[[], bool] | None = None,
+                 limits: list[int] | None = None) -> list[Completion]:
         """One Completion per prompt, in order; `progress` has tqdm's `update(n)`. A backend that works
-        in batches asks `stop()` between them and, once it is True, returns the Completions done so far."""
+        in batches asks `stop()` between them and, once it is True, returns the Completions done so far.
+        `limits[i]` is prompt i's own max_new_tokens (`check_limits`), e.g. what is left of an episode's budget."""
 
     def release(self) -> None:
         """Give memory back to training until the next `update_weights`."""
@@ -81,6 +83,15 @@ def check_request(prompts: list[list[int]], params: SamplingParams, vocab_size: 
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
     return list(seeds)
+
+
+def check_limits(limits: list[int] | None, n: int, max_new_tokens: int) -> list[int]:
+    """One token limit per prompt, each in [1, max_new_tokens]; none given: max_new_tokens for every prompt."""
+    if limits is None:
+        return [max_new_tokens] * n
+    if len(limits) != n or not all(1 <= x <= max_new_tokens for x in limits):
+        raise ValueError(f"limits: give one per prompt, each in [1, max_new_tokens = {max_new_tokens}]")
+    return list(limits)
 
 
 def checked_weights(named_tensors: Iterable[tuple[str, torch.Tensor]],

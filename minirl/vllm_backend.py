@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from minirl.backend import Completion, SamplingParams, check_request, checked_weights
+from minirl.backend import Completion, SamplingParams, check_limits, check_request, checked_weights
 from minirl.hf import expected_shapes, ours_to_hf, read_config
 
 INSTALL_HINT = ("--backend vllm needs vLLM in this environment: `pip install vllm` on a CUDA machine, "
@@ -126,20 +126,21 @@ class VLLMGenerator:
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None, stop=None) -> list[Completion]:
+                 seeds: list[int] | None = None, stop=None, limits: list[int] | None = None) -> list[Completion]:
         """One Completion per prompt, in order, as the naive generator returns (one engine call: `stop`
         is not asked, a stop signal takes effect after it). Each request samples
         from its own seed (`backend.check_request`), not from the batch it was scheduled in nor the
         process-wide RNG; each token comes with its log-prob under the processed distribution it was
         sampled from (temperature, top-k, top-p), comparable with the trainer's `process_logits`."""
         seeds = check_request(prompts, params, self.vocab_size, seeds)
+        limits = check_limits(limits, len(prompts), params.max_new_tokens)
         if not self.has_weights:
             raise RuntimeError("the vLLM engine holds no valid weights (released or a failed update): "
                                "call update_weights first")
         self._wake(["kv_cache"])
         requests = [self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [self._SamplingParams(
-            max_tokens=params.max_new_tokens,
+            max_tokens=limit,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
@@ -147,7 +148,7 @@ class VLLMGenerator:
             stop_token_ids=[*self.eos_ids, *params.stop_token_ids],  # vLLM keeps the stop id in the output
             logprobs=0,  # 0 extra candidates: only the sampled token's log-prob
             detokenize=False,
-        ) for seed in seeds]
+        ) for seed, limit in zip(seeds, limits)]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         completions = []
         for out in outputs:
