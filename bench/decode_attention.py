@@ -3,7 +3,7 @@
 A decode step's attention reads every filled cache slot of every row once, so at large batches it is
 the step's biggest cost and should run at copy bandwidth. This times one layer of Qwen3-0.6B's shape
 (16 query heads sharing 8 kv heads of 128; cache of 768 slots or twice the filled length, bf16) with
-`filled` slots per row in use (with --varied, row lengths drawn uniformly from 1..2 x filled, as in a
+`filled` slots per row in use (with --lengths varied, row lengths drawn uniformly from 1..2 x filled, as in a
 continuous batch: a kernel that reads the batch's longest row pays for it), each call replayed from a
 CUDA graph (as the generator runs it):
 
@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=csv_ints, default=[1, 16, 64, 256])
     p.add_argument("--filled", type=csv_ints, default=[300, 512, 700], help="cache slots in use per row")
-    p.add_argument("--varied", action="store_true", help="row lengths drawn from 1..2 x filled (mean ~filled)")
+    p.add_argument("--lengths", default="fixed", help="fixed (every row `filled`) and/or varied (each row's drawn "
+                                                       "from 1..2 x filled), comma-separated")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run, seconds")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/decode_attention.json or bench/results/)")
@@ -143,7 +144,8 @@ def main(argv=None):
     device = default_device()
     info = device_info(device)
     print(f"device: {info}", flush=True)
-    rows = [bench_case(B, f, args.varied, args.reps, device) for B in args.batches for f in args.filled]
+    rows = [bench_case(B, f, kind == "varied", args.reps, device)
+            for kind in args.lengths.split(",") for B in args.batches for f in args.filled]
     names = [k[:-3] for k in rows[0] if k.endswith("_us")]
     summary = [{"what": f"decode attention batch {r['batch']}, {r['filled']} slots{' (varied)' if r['varied'] else ''}: "
                         + " | ".join(names),
@@ -151,12 +153,11 @@ def main(argv=None):
                for r in rows if r["filled"] == 512]
     write_json(out_path("decode_attention", args.out), {"bench": "decode_attention", "args": vars(args),
                                                          "device": info, "results": rows, "summary": summary})
-    cols = ["batch", "filled"] + [f"{n} {u}" for n in names for u in ("us", "GB/s")]
-    print_table(f"decode attention, one layer: {HQ} q heads, {HKV} kv heads of {D}; "
-                + ("row lengths uniform in 1..2 x filled" if args.varied else "every row `filled` long"),
-                cols, [[r["batch"], r["filled"]] + [r[f"{n}_{u}"] for n in names for u in ("us", "gbs")]
-                       for r in rows])
-
+    cols = ["lengths", "batch", "filled", "SDPA reads"] + [f"{n} {u}" for n in names for u in ("us", "GB/s")]
+    print_table(f"decode attention, one layer: {HQ} q heads, {HKV} kv heads of {D}; GB/s of filled KV bytes (varied: "
+                "row lengths uniform in 1..2 x filled)", cols,
+                [["varied" if r["varied"] else "fixed", r["batch"], r["filled"], r["read_by_sdpa"]]
+                 + [r[f"{n}_{u}"] for n in names for u in ("us", "gbs")] for r in rows])
 
 if __name__ == "__main__":
     main()

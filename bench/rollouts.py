@@ -14,7 +14,7 @@ those lengths, so each request's length is imposed:
   requests in order in batches of --rows, each batch one generate call with max_new_tokens = its
   longest drawn length, no EOS: what a static batch costs when its rows end at those lengths (it
   decodes until its longest row ends).
-Reported after a warm-up call (compilation, once per process): wall seconds, useful tokens (the drawn
+Reported after a warm-up call of each setting (compilation, once per process): wall seconds, useful tokens (the drawn
 lengths, summed) per second, GPU microseconds per useful token (one GPU), and the decode floor of the
 useful work over the measured time: each useful token reads its KV cache (prompt + tokens before it)
 and each step reads the weights once, at least max(longest, useful tokens / rows) steps, at the
@@ -101,22 +101,19 @@ def main(argv=None):
             gen.generate(model, prompts[batch], gen.SamplingParams(max(lengths[batch]), temperature=1.0, seed=args.seed),
                          eos_ids=[], pad_id=0, max_batch_size=rows)
 
-    rows_list = [int(r) for r in args.rows.split(",")]
     results = []
     for mode in args.mode.split(","):
-        # Warm-up on the first rows with lengths 1, 3, 5, ...: they end one after another, so a continuous
-        # batch steps at every batch size it will meet (a CUDA graph and a compile each).
-        n = min(args.requests, max(rows_list) or args.requests)
-        warm = timed(lambda: run(mode, prompts[:n], [min(1 + 2 * i, args.max_new_tokens) for i in range(n)],
-                                 rows_list[0] or n))
-        print(f"{mode}: warm-up {warm:.1f} s", flush=True)
-        for rows in rows_list:
+        for rows in [int(r) for r in args.rows.split(",")]:
             if rows == 0 and mode == "static":
                 continue
+            # Warm-up on as many requests as rows, with lengths 1, 3, 5, ...: they end one after another,
+            # so a continuous batch steps at every batch size it will meet (a CUDA graph and a compile each).
+            n = rows or args.requests
+            warm = timed(lambda: run(mode, prompts[:n], [min(1 + 2 * i, args.max_new_tokens) for i in range(n)], rows))
             wall = timed(lambda: run(mode, prompts, lengths, rows))
             in_flight = rows or rows_by_memory(gen, model, args, dtype)
             floor = decode_floor_s(cfg, args.prompt_len, lengths, in_flight, weight_bytes, bandwidth)
-            row = {"mode": mode, "rows": rows, "rows_in_flight": in_flight, "wall_s": wall,
+            row = {"mode": mode, "rows": rows, "rows_in_flight": in_flight, "warm_up_s": warm, "wall_s": wall,
                    "useful_tokens_per_s": stats["total"] / wall, "gpu_us_per_useful_token": wall / stats["total"] * 1e6,
                    "decode_floor_s": floor, "roofline_frac": floor / wall}
             print(row, flush=True)
