@@ -106,12 +106,12 @@ def main(argv=None):
         for rows in [int(r) for r in args.rows.split(",")]:
             if rows == 0 and mode == "static":
                 continue
-            # Warm-up on as many requests as rows, with lengths 1, 3, 5, ...: they end one after another,
-            # so a continuous batch steps at every batch size it will meet (a CUDA graph and a compile each).
-            n = rows or args.requests
-            warm = timed(lambda: run(mode, prompts[:n], [min(1 + 2 * i, args.max_new_tokens) for i in range(n)], rows))
+            # Warm-up on as many requests as rows in flight, with lengths 1, 2, 3, ...: they end one after
+            # another, so a continuous batch steps at every batch size it will meet (a graph and a compile each).
+            in_flight = min(args.requests, rows or rows_by_memory(gen, model, args, dtype))
+            warm = timed(lambda: run(mode, prompts[:in_flight], [min(1 + i, args.max_new_tokens) for i in range(in_flight)],
+                                     rows))
             wall = timed(lambda: run(mode, prompts, lengths, rows))
-            in_flight = rows or rows_by_memory(gen, model, args, dtype)
             floor = decode_floor_s(cfg, args.prompt_len, lengths, in_flight, weight_bytes, bandwidth)
             row = {"mode": mode, "rows": rows, "rows_in_flight": in_flight, "warm_up_s": warm, "wall_s": wall,
                    "useful_tokens_per_s": stats["total"] / wall, "gpu_us_per_useful_token": wall / stats["total"] * 1e6,
