@@ -274,8 +274,10 @@ def admit(model: Transformer, prompts: list[list[int]], limits: list[int], rngs:
     rows.limit[sl] = torch.tensor(limits, device=device)
     rows.stopped[sl] = False
     if params.temperature > 0:  # each row draws the numbers of its own tokens only
+        uniforms = torch.zeros(k, rows.uniforms.shape[1], dtype=torch.float64)  # [k, T + 1]
         for j, (rng, n) in enumerate(zip(rngs, limits)):
-            rows.uniforms[start + j, :n] = draw_uniforms([rng], n)[0]
+            uniforms[j, :n] = draw_uniforms([rng], n)[0]
+        rows.uniforms[sl] = uniforms.to(device)
 
 
 def make_step(model: Transformer, rows: Rows, cache: KVCache, params, stops, block_step, pool):
