@@ -127,7 +127,8 @@ def bench_case(B: int, filled: int, varied: bool, reps: int, device) -> dict:
                 lambda causal=causal: flash_varlen(q, flat_k, flat_v, cu_q, cu_q * slots, slots, used32, causal))
 
     ref = calls["fold"]().reshape(B, HQ, D).float()
-    row = {"batch": B, "filled": filled, "varied": varied, "mean_filled": used.double().mean().item(), "read_by_sdpa": n}
+    row = {"batch": B, "filled": filled, "varied": varied, "mean_filled": used.double().mean().item(),
+           "read_by_sdpa": n}
     kv_bytes = 2 * int(used.sum()) * HKV * D * k.element_size()
     for name, fn in calls.items():
         err = (fn().reshape(B, HQ, D).float() - ref).abs().max().item()
@@ -147,8 +148,8 @@ def main(argv=None):
     rows = [bench_case(B, f, kind == "varied", args.reps, device)
             for kind in args.lengths.split(",") for B in args.batches for f in args.filled]
     names = [k[:-3] for k in rows[0] if k.endswith("_us")]
-    summary = [{"what": f"decode attention batch {r['batch']}, {r['filled']} slots{' (varied)' if r['varied'] else ''}: "
-                        + " | ".join(names),
+    summary = [{"what": f"decode attention batch {r['batch']}, {r['filled']} slots"
+                        f"{' (varied)' if r['varied'] else ''}: " + " | ".join(names),
                 "value": " | ".join(f"{r[n + '_us']:.1f}" for n in names), "unit": "us"}
                for r in rows if r["filled"] == 512]
     write_json(out_path("decode_attention", args.out), {"bench": "decode_attention", "args": vars(args),

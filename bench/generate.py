@@ -2,7 +2,8 @@
 
 Rollouts dominate an RL step, and minirl generates with its own static-KV-cache loop
 (`minirl.generate.generate`, continuous batching). This measures how fast that loop decodes at a fixed
-length (eager, and the whole step as one CUDA graph; bench/rollouts.py measures long-tailed lengths), for random-weight bf16 models (q/k/v and gate/up fused, as the trainer's Generator
+length (eager, and the whole step as one CUDA graph; bench/rollouts.py measures long-tailed lengths),
+for random-weight bf16 models (q/k/v and gate/up fused, as the trainer's Generator
 holds them) of two shapes (Qwen3-0.6B, and a Qwen2.5-1.5B-like one), at several batch sizes, with --prompt-len
 prompt tokens and --new-tokens sampled tokens per row (temperature 1, no EOS: every row decodes all
 its tokens, so the work is fixed):

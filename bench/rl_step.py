@@ -226,7 +226,8 @@ def medians(steps: list[dict]) -> dict:
     phase_s["other"] = wall - sum(phase_s.values())
     return {"steps": steps, "median_phase_s": phase_s, "median_wall_s": wall,
             "rollout_tokens_per_s": steps[0]["generated_tokens"] / phase_s["rollout"],
-            "train_tokens_per_s": steps[0]["trained_tokens"] / phase_s["train"], "peak_mem_gb": steps[-1]["peak_mem_gb"]}
+            "train_tokens_per_s": steps[0]["trained_tokens"] / phase_s["train"],
+            "peak_mem_gb": steps[-1]["peak_mem_gb"]}
 
 
 def report(args, results: dict, profile_note: str, device, json_path: str):

@@ -98,8 +98,8 @@ def main(argv=None):
             return
         for start in range(0, len(prompts), rows):  # static: one call per batch, until its longest row ends
             batch = slice(start, start + rows)
-            gen.generate(model, prompts[batch], gen.SamplingParams(max(lengths[batch]), temperature=1.0, seed=args.seed),
-                         eos_ids=[], pad_id=0, max_batch_size=rows)
+            longest = gen.SamplingParams(max(lengths[batch]), temperature=1.0, seed=args.seed)
+            gen.generate(model, prompts[batch], longest, eos_ids=[], pad_id=0, max_batch_size=rows)
 
     results = []
     for mode in args.mode.split(","):
@@ -109,8 +109,8 @@ def main(argv=None):
             # Warm-up on as many requests as rows in flight, with lengths 1, 2, 3, ...: they end one after
             # another, so a continuous batch steps at every batch size it will meet (a graph and a compile each).
             in_flight = min(args.requests, rows or rows_by_memory(gen, model, args, dtype))
-            warm = timed(lambda: run(mode, prompts[:in_flight], [min(1 + i, args.max_new_tokens) for i in range(in_flight)],
-                                     rows))
+            spread = [min(1 + i, args.max_new_tokens) for i in range(in_flight)]
+            warm = timed(lambda: run(mode, prompts[:in_flight], spread, rows))
             wall = timed(lambda: run(mode, prompts, lengths, rows))
             floor = decode_floor_s(cfg, args.prompt_len, lengths, in_flight, weight_bytes, bandwidth)
             row = {"mode": mode, "rows": rows, "rows_in_flight": in_flight, "warm_up_s": warm, "wall_s": wall,
@@ -133,9 +133,10 @@ def rows_by_memory(gen, model, args, dtype) -> int:
     """The rows a continuous call with max_batch_size 0 holds, as generate sizes them."""
     if model.embed_tokens.weight.device.type != "cuda":
         return min(args.requests, gen.CPU_BATCH_SIZE)
-    width = -(-(args.prompt_len + args.max_new_tokens) // gen.FLEX_BLOCK) * gen.FLEX_BLOCK
-    free = gen.free_memory(model.embed_tokens.weight.device)
-    return min(args.requests, gen.rows_for_memory(model.cfg, width, args.max_new_tokens, free, dtype.itemsize))
+    from minirl.kvcache import FLEX_BLOCK, free_memory, rows_for_memory  # this checkout's (continuous) minirl
+    width = -(-(args.prompt_len + args.max_new_tokens) // FLEX_BLOCK) * FLEX_BLOCK
+    free = free_memory(model.embed_tokens.weight.device)
+    return min(args.requests, rows_for_memory(model.cfg, width, args.max_new_tokens, free, dtype.itemsize))
 
 
 def report(args, info, bandwidth, stats, results, common):
@@ -155,7 +156,8 @@ def report(args, info, bandwidth, stats, results, common):
         "bench": "rollouts", "args": vars(args), "device": info, "copy_bandwidth_gbs": bandwidth,
         "lengths": stats, "results": results, "summary": summary})
     common.print_table(
-        f"{workload} (mean {stats['mean']:.0f}, p50 {stats['p50']:.0f}, p90 {stats['p90']:.0f}, p99 {stats['p99']:.0f}, "
+        f"{workload} (mean {stats['mean']:.0f}, p50 {stats['p50']:.0f}, p90 {stats['p90']:.0f}, "
+        f"p99 {stats['p99']:.0f}, "
         f"capped {100 * stats['capped_frac']:.1f} %); {info['name']}, roofline at {bandwidth:.0f} GB/s",
         ["mode", "rows", "wall s", "useful tok/s", "us/useful tok", "roofline", "vs static"],
         [[r["mode"], r["rows_in_flight"], r["wall_s"], r["useful_tokens_per_s"], r["gpu_us_per_useful_token"],

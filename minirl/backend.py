@@ -58,10 +58,14 @@ class RolloutBackend(Protocol):
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
                  seeds: list[int] | None = None, stop: Callable[[], bool] | None = None,
-                 limits: list[int] | None = None) -> list[Completion]:
+                 limits: list[int] | None = None, follow_up: Callable | None = None,
+                 max_context: int | None = None) -> list[Completion]:
         """One Completion per prompt, in order; `progress` has tqdm's `update(n)`. A backend that works
         in batches asks `stop()` between them and, once it is True, returns the Completions done so far.
-        `limits[i]` is prompt i's own max_new_tokens (`check_limits`), e.g. what is left of an episode's budget."""
+        `limits[i]` is prompt i's own max_new_tokens (`check_limits`), e.g. what is left of an episode's
+        budget. `follow_up(i, completion)`, called as request i finishes (the prompts given, then the
+        requests it added, counted in order), may return one more request (prompt, seed, limit): a
+        multi-turn episode's next turn. Every request's prompt + limit fits in `max_context` tokens."""
 
     def release(self) -> None:
         """Give memory back to training until the next `update_weights`."""

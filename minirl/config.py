@@ -57,7 +57,8 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(512, "completion length limit")
-    gen_batch_size: int = opt(64, "rows per generation batch (more prompts are processed in chunks)")
+    gen_batch_size: int = opt(0, "rows the naive generator decodes at once, refilled as rows finish (0 = as many as "
+                              "90%% of the free GPU memory holds, 64 on CPUs)")
     tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)")
     vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training")
     keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
@@ -266,8 +267,8 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
     if not cfg.optim.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.optim.lr}")
-    if cfg.rollout.gen_batch_size < 1:
-        raise ValueError(f"--gen-batch-size must be >= 1, got {cfg.rollout.gen_batch_size}")
+    if cfg.rollout.gen_batch_size < 0:
+        raise ValueError(f"--gen-batch-size must be >= 0 (0 = sized by memory), got {cfg.rollout.gen_batch_size}")
     if cfg.run.keep_checkpoints < 0:
         raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
     if cfg.parallel.attn_backend not in ("", *BACKENDS):

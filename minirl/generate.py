@@ -1,32 +1,29 @@
 """Batched generation with a static KV cache and continuous batching (the "naive" rollout backend),
 and the inference copy of the policy that the trainer streams its weights into.
 
-The cache has B rows ("slots"); requests (prompts) wait in a queue and take a slot when one is free.
-One generate call repeats three moves until every request is done:
-- admit: waiting requests take the free slots, which are always the last ones (see `compact`).
-  Their prompts, right-padded to the longest, run through the model together (prefill) and fill
-  those rows of the cache. Padding writes junk above a short prompt, which is harmless: a query at
-  position p reads slots 0..p of its row only, and slot p is written by the step that reads it.
-- decode: one token per row per step, each row at its own position and its own step index t (its
-  t-th token is drawn with its t-th uniform number), until it samples a stop id or reaches its own
-  limit. The step (model, sampling, bookkeeping) reads and writes only fixed tensors, so on a GPU it
-  is captured once per batch size as a CUDA graph and replayed. The host looks every SYNC_EVERY
-  steps; a row that finished in between steps on, uncounted.
+The cache has B rows ("slots"); requests wait in a queue and take a slot when one is free. A call
+repeats three moves until every request is done:
+- admit: waiting requests take the free slots (always the last ones, see `compact`); their prompts,
+  right-padded, run through the model together (prefill) into those rows of the cache. Padding writes
+  junk above a short prompt, which is harmless: a query at position p reads slots 0..p of its row
+  only, and slot p is written by the step that reads it.
+- decode: one token per row per step, each row at its own position and step index t (its t-th token
+  is drawn with its t-th uniform number), until it samples a stop id or reaches its own limit. The
+  step reads and writes only fixed tensors, so on a GPU it is captured as a CUDA graph (one per batch
+  size) and replayed. The host looks every SYNC_EVERY steps; a row finished in between steps on, uncounted.
 - retire: finished rows are copied out and their slots freed; `compact` moves the rows in use onto
-  the first slots. The step runs on the smallest batch of B, B/2, B/4, ... that holds them: when
-  nothing waits, the tail of a call runs at small-batch cost.
-A completion depends on its prompt, seed and limit only, not on its slot or its neighbours, so the
-static batch (every prompt admitted at once, nothing refilled) gives the same completions.
+  the first slots, and the step runs on the smallest batch of B, ..., 32, 16, 8 that holds them: once
+  nothing waits, the tail runs at small-batch cost.
+A completion depends on its prompt, seed and limit only, not on its slot or neighbours: the static
+batch (every prompt admitted at once, nothing refilled) gives the same completions.
 
-Attention reads each row's own filled slots: on a GPU FlexAttention skips the blocks above a row's
-position (`model.decode_blocks`); on a CPU SDPA masks them. Each layer's norms, RoPE and activation
-run as torch.compile'd kernels on a GPU, as do the sampler's passes over the vocabulary; the inference
-copy fuses its q/k/v and gate/up projections (minirl/fused.py).
+Attention reads each row's own filled slots (FlexAttention on a GPU, kvcache.py). On a GPU each
+layer's norms, RoPE and activation run as torch.compile'd kernels, as do the sampler's passes over the
+vocabulary; the inference copy fuses its q/k/v and gate/up projections (fused.py).
 
 Every sampled token comes with its log-prob under the distribution it was drawn from, the one
 `process_logits` defines (temperature, top-k, top-p). The trainer scores with the same function, so
-the two log-probs differ only by numerics (bf16 vs fp32, kernels), which is what importance sampling
-has to correct.
+the two log-probs differ only by numerics (bf16 vs fp32, kernels), which importance sampling corrects.
 """
 
 import functools
@@ -40,13 +37,12 @@ import torch
 from minirl.backend import Completion, SamplingParams, check_limits, check_request, checked_weights
 from minirl.fused import fuse_projections
 from minirl.logprobs import compiled, process_logits
-from minirl.kvcache import FLEX_BLOCK, KVCache
+from minirl.kvcache import FLEX_BLOCK, KVCache, free_memory, rows_for_memory
 from minirl.model import Block, ModelConfig, Transformer
 
 SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
 MIN_BATCH = 8  # the smallest batch a shrinking tail steps at: a smaller step costs about the same
 CPU_BATCH_SIZE = 64  # rows on a CPU when no batch size is given
-MEMORY_FRACTION = 0.9  # of the free GPU memory, for the cache and decode buffers of a batch sized by memory
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -157,25 +153,6 @@ def cuda_graph(fn, reset, pool):
     return graph.replay
 
 
-def rows_for_memory(cfg: ModelConfig, width: int, max_new_tokens: int, free_bytes: int, dtype_bytes: int = 2) -> int:
-    """How many rows fit in MEMORY_FRACTION of `free_bytes`: each needs its KV cache (k and v of every
-    layer, `width` slots) and its share of a decode step's buffers: over the vocabulary the head's
-    logits in the model's dtype, and fp32 probabilities, their cumulative sum and one more fp32
-    temporary; per token its uniform number (float64), token (int64) and log-prob (fp32).
-
-    E.g. Qwen3-0.6B in bf16 (28 layers, 8 KV heads of 128) is 112 KiB a slot: a 128-token prompt and
-    2,048 new tokens take 240 MiB a row, so 60 GiB free hold 230 rows."""
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * width * dtype_bytes
-    step = cfg.vocab_size * (dtype_bytes + 3 * 4) + (max_new_tokens + 1) * (8 + 8 + 4)
-    return max(1, int(MEMORY_FRACTION * free_bytes) // (kv + step))
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes a new allocation can take: free on the device, plus what torch's allocator holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
 def batch_sizes(B: int) -> list[int]:
     """The batches a call steps at: the powers of two from MIN_BATCH up to B, and B (a CUDA graph and a
     FlexAttention compile each; calls of another B share the powers of two)."""
@@ -189,18 +166,21 @@ def batch_sizes(B: int) -> list[int]:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int],
              pad_id: int, max_batch_size: int = 0, cuda_graphs: bool = True, prefill_tokens: int = 8192,
-             progress=None, seeds: list[int] | None = None, stop=None,
-             limits: list[int] | None = None) -> list[Completion]:
+             progress=None, seeds: list[int] | None = None, stop=None, limits: list[int] | None = None,
+             follow_up=None, max_context: int | None = None) -> list[Completion]:
     """Complete every prompt (a list of token ids); returns one Completion per prompt, in order.
 
     At most `max_batch_size` rows decode at once; 0 sizes the batch by memory on a GPU
     (`rows_for_memory`: MEMORY_FRACTION of the free memory, e.g. 230 rows of Qwen3-0.6B with 2k
-    tokens in 60 GiB) and takes CPU_BATCH_SIZE on a CPU. Every row holds the cache of the longest
-    prompt + max_new_tokens. Prefill runs at most `prefill_tokens` rows x positions per forward, which
-    bounds its activations. `progress` is anything with tqdm's `update(n)`; it counts finished
-    completions. `stop`, a function of no arguments, is asked whenever the host looks at the rows;
-    once it returns True the call returns the completions finished before the first unfinished one
-    (fewer Completions). `limits[i]` is prompt i's own max_new_tokens (at most params.max_new_tokens).
+    tokens in 60 GiB) and takes CPU_BATCH_SIZE on a CPU. Every row holds a cache of `max_context`
+    slots (default: the longest prompt + max_new_tokens). Prefill runs at most `prefill_tokens` rows x
+    positions per forward, which bounds its activations. `progress` is anything with tqdm's
+    `update(n)`; it counts finished completions. `stop`, a function of no arguments, is asked whenever
+    the host looks at the rows; once it returns True the call returns the completions finished before
+    the first unfinished one (fewer Completions). `limits[i]` is prompt i's own max_new_tokens.
+    `follow_up(i, completion)` is called as each request finishes (i counts the prompts given, then
+    the requests it added) and may return one more request, (prompt, seed, limit), which joins the
+    queue: a multi-turn episode's next turn (its prompt + limit must fit in max_context).
     Each prompt samples from its own random stream: `seeds[i]` if given (one per prompt), else
     `sample_seed(params.seed, 0, i, 0)` (see backend.py). A completion thus depends on its prompt,
     seed and limit only, not on max_batch_size or its neighbours. Reruns are exact on CPU.
@@ -214,10 +194,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     # A row feeds positions up to len - 1 + limit (the last one once finished); a multiple of FLEX_BLOCK
     # slots, as FlexAttention's block mask wants.
-    width = -(-(max(len(p) for p in prompts) + T) // FLEX_BLOCK) * FLEX_BLOCK
+    max_context = max_context or max(len(p) for p in prompts) + T
+    width = -(-max_context // FLEX_BLOCK) * FLEX_BLOCK
     B = max_batch_size or (rows_for_memory(model.cfg, width, T, free_memory(device), dtype.itemsize)
                            if device.type == "cuda" else CPU_BATCH_SIZE)
-    B = min(B, len(prompts))
+    B = min(B, len(prompts))  # a follow-up takes the slot of the request it follows
     cache, rows = KVCache.empty(model.cfg, B, width, dtype, device), Rows.empty(B, T, device)
     stops = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)  # [V]
     stops[[i for i in (*eos_ids, *params.stop_token_ids) if 0 <= i < model.cfg.vocab_size]] = True
@@ -225,12 +206,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     # RoPE, activation and residual adds (model.cached_attention stays eager); dynamic shapes, so one
     # compile serves every batch size and cache length.
     block_step = compiled(Block.forward_step) if device.type == "cuda" else Block.forward_step  # one layer
-    rngs = [random.Random(seed) for seed in seeds]
+    prompts, rngs = list(prompts), [random.Random(seed) for seed in seeds]
     pool = torch.cuda.graph_pool_handle() if cuda_graphs and device.type == "cuda" else None
 
     held: list[int | None] = [None] * B  # the request each slot holds (None: free)
     out: list[Completion | None] = [None] * len(prompts)
-    waiting, steps, sizes = deque(range(len(prompts))), {}, batch_sizes(B)  # steps: batch size -> its step
+    waiting, steps, sizes, given = deque(range(len(prompts))), {}, batch_sizes(B), len(prompts)
     while waiting or any(r is not None for r in held):
         if stop is not None and stop():
             break
@@ -247,8 +228,21 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             steps[b]()
         finished = retire(rows, held, out)
         if progress is not None and finished:
-            progress.update(finished)
-    done = next((i for i, c in enumerate(out) if c is None), len(out))
+            progress.update(len(finished))
+        for i in finished if follow_up is not None else ():
+            if (request := follow_up(i, out[i])) is None:
+                continue
+            prompt, seed, limit = request
+            check_request([prompt], params, model.cfg.vocab_size, [seed])
+            if not 1 <= limit <= T or len(prompt) + limit > max_context:
+                raise ValueError(f"a follow-up of {len(prompt)} + {limit} tokens does not fit: max_new_tokens {T}, "
+                                 f"max_context {max_context}")
+            waiting.append(len(prompts))
+            prompts.append(prompt)
+            rngs.append(random.Random(seed))
+            limits.append(limit)
+            out.append(None)
+    done = next((i for i, c in enumerate(out[:given]) if c is None), given)
     return out[:done]
 
 
@@ -309,8 +303,8 @@ def compact(rows: Rows, cache: KVCache, held: list[int | None]) -> int:
     return n
 
 
-def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> int:
-    """Copy the finished rows out as Completions and free their slots; returns how many finished."""
+def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> list[int]:
+    """Copy the finished rows out as Completions and free their slots; returns the requests finished."""
     n = max((s + 1 for s, r in enumerate(held) if r is not None), default=0)
     t, limit, stopped = torch.stack([rows.t[:n], rows.limit[:n], rows.stopped[:n].long()]).tolist()  # a host sync
     finished = [s for s in range(n) if held[s] is not None and (stopped[s] or t[s] >= limit[s])]
@@ -319,8 +313,10 @@ def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> 
         tokens, logprobs = rows.tokens[idx].tolist(), rows.logprobs[idx].tolist()
         for j, s in enumerate(finished):
             out[held[s]] = Completion(tokens[j][:t[s]], logprobs[j][:t[s]], "stop" if stopped[s] else "length")
-            held[s] = None
-    return len(finished)
+    done = sorted(held[s] for s in finished)
+    for s in finished:
+        held[s] = None
+    return done
 
 
 class Generator:
@@ -375,8 +371,10 @@ class Generator:
         self.model = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None, stop=None, limits: list[int] | None = None) -> list[Completion]:
+                 seeds: list[int] | None = None, stop=None, limits: list[int] | None = None, follow_up=None,
+                 max_context: int | None = None) -> list[Completion]:
         if self.model is None:
             raise RuntimeError("the generator holds no weights: call update_weights first")
         return generate(self.model, prompts, params, self.eos_ids, self.pad_id, self.max_batch_size,
-                        self.cuda_graphs, progress=progress, seeds=seeds, stop=stop, limits=limits)
+                        self.cuda_graphs, progress=progress, seeds=seeds, stop=stop, limits=limits,
+                        follow_up=follow_up, max_context=max_context)

@@ -5,6 +5,7 @@ captured as a CUDA graph. A step attends either through SDPA with an additive ma
 the cache (prefill, and every step on a CPU), or, for a one-token step on a GPU, through FlexAttention
 with a block mask built from each row's own position: each row then reads its own filled slots, not
 the batch's longest, which is what a continuous batch of rows of very different lengths needs.
+`rows_for_memory` says how many rows of generation fit in the memory free on a GPU.
 """
 
 import functools
@@ -35,6 +36,29 @@ class KVCache:
         return KVCache(self.k[:, start:end], self.v[:, start:end])
 
 
+MEMORY_FRACTION = 0.9  # of the free GPU memory, for the cache and decode buffers of a batch sized by memory
+
+
+def rows_for_memory(cfg, width: int, max_new_tokens: int, free_bytes: int, dtype_bytes: int = 2) -> int:
+    """How many rows of generation (model.ModelConfig `cfg`) fit in MEMORY_FRACTION of `free_bytes`:
+    each needs its KV cache (k and v of every layer, `width` slots) and its share of a decode step's
+    buffers: over the vocabulary the head's logits in the model's dtype, and fp32 probabilities, their
+    cumulative sum and one more fp32 temporary; per token its uniform number (float64), token (int64)
+    and log-prob (fp32).
+
+    E.g. Qwen3-0.6B in bf16 (28 layers, 8 KV heads of 128) is 112 KiB a slot: a 128-token prompt and
+    2,048 new tokens take 240 MiB a row, so 60 GiB free hold 230 rows."""
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * width * dtype_bytes
+    step = cfg.vocab_size * (dtype_bytes + 3 * 4) + (max_new_tokens + 1) * (8 + 8 + 4)
+    return max(1, int(MEMORY_FRACTION * free_bytes) // (kv + step))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a new allocation can take: free on the device, plus what torch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def decode_mask(input_pos: torch.Tensor, max_len: int, dtype) -> torch.Tensor:
     """Additive attention mask of a cached step, built once for all layers: [B, 1, S, max_len].
 
@@ -58,7 +82,7 @@ def decode_blocks(input_pos: torch.Tensor, max_len: int) -> tuple[torch.Tensor, 
     The kernel skips the other blocks: a row costs its own length, not the batch's longest.
     """
     if max_len % FLEX_BLOCK:
-        raise ValueError(f"a cache read by FlexAttention needs a width that is a multiple of {FLEX_BLOCK}, got {max_len}")
+        raise ValueError(f"FlexAttention reads a cache whose width is a multiple of {FLEX_BLOCK}, not {max_len}")
     B, n = input_pos.shape[0], max_len // FLEX_BLOCK
     num = (input_pos[:, -1] // FLEX_BLOCK + 1).to(torch.int32).view(B, 1, 1)
     order = torch.arange(n, dtype=torch.int32, device=input_pos.device).expand(B, 1, 1, n).contiguous()

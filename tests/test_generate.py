@@ -13,9 +13,9 @@ from minirl.attention import AttnMeta, cu_seqlens_from_positions
 from minirl.backend import sample_seed
 from minirl.fused import fuse_projections
 from minirl.generate import (Completion, Generator, Rows, SamplingParams, batch_sizes, compact, draw_uniforms,
-                             generate, rows_for_memory, sample)
+                             generate, sample)
 from minirl.hf import load_model
-from minirl.kvcache import KVCache
+from minirl.kvcache import KVCache, rows_for_memory
 from minirl.logprobs import process_logits
 from minirl.model import ModelConfig
 
@@ -403,7 +403,8 @@ def test_continuous_batching_on_cuda_matches_static(model):
         n = next((i for i, (x, y) in enumerate(zip(c.token_ids, s.token_ids)) if x != y), min(len(c.token_ids),
                                                                                               len(s.token_ids)))
         torch.testing.assert_close(torch.tensor(c.logprobs[:n]), torch.tensor(s.logprobs[:n]), rtol=0, atol=0.05)
-    diffs = torch.cat([torch.tensor(c.logprobs) - r for c, r in zip(cont, trainer_logprobs(model, prompts, cont, params))])
+    ref = trainer_logprobs(model, prompts, cont, params)
+    diffs = torch.cat([torch.tensor(c.logprobs) - r for c, r in zip(cont, ref)])
     assert diffs.abs().mean() < 0.02 and diffs.abs().max() < 0.2
 
 
