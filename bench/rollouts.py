@@ -11,9 +11,9 @@ those lengths, so each request's length is imposed:
 - continuous (this checkout's generator): one generate call, `limits` = the drawn lengths, --rows rows
   in flight (0: sized by memory, the default of the trainer's generator);
 - static (any generator: --tree DIR imports minirl from DIR/minirl, e.g. a copy of main's): the
-  requests in order in batches of --rows, each batch one generate call with max_new_tokens = its
-  longest drawn length, no EOS: what a static batch costs when its rows end at those lengths (it
-  decodes until its longest row ends).
+  requests in order in batches of the first --rows value, each batch one generate call with
+  max_new_tokens = its longest drawn length, no EOS: what a static batch costs when its rows end at
+  those lengths (it decodes until its longest row ends).
 Reported after a warm-up call of each setting (compilation, once per process): wall seconds, useful tokens (the drawn
 lengths, summed) per second, GPU microseconds per useful token (one GPU), and the decode floor of the
 useful work over the measured time: each useful token reads its KV cache (prompt + tokens before it)
@@ -103,9 +103,7 @@ def main(argv=None):
 
     results = []
     for mode in args.mode.split(","):
-        for rows in [int(r) for r in args.rows.split(",")]:
-            if rows == 0 and mode == "static":
-                continue
+        for rows in [int(r) for r in args.rows.split(",")][:1 if mode == "static" else None]:
             # Warm-up on as many requests as rows in flight, with lengths 1, 2, 3, ...: they end one after
             # another, so a continuous batch steps at every batch size it will meet (a graph and a compile each).
             in_flight = min(args.requests, rows or rows_by_memory(gen, model, args, dtype))

@@ -191,6 +191,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     T, limits = params.max_new_tokens, check_limits(limits, len(prompts), params.max_new_tokens)
     if max_batch_size < 0:
         raise ValueError(f"max_batch_size must be >= 0 (0 = sized by memory), got {max_batch_size}")
+    if not prompts:
+        return []
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     # A row feeds positions up to len - 1 + limit (the last one once finished); a multiple of FLEX_BLOCK
     # slots, as FlexAttention's block mask wants.
