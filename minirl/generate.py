@@ -214,6 +214,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     held: list[int | None] = [None] * B  # the request each slot holds (None: free)
     out: list[Completion | None] = [None] * len(prompts)
     waiting, steps, sizes, given = deque(range(len(prompts))), {}, batch_sizes(B), len(prompts)
+    left = 0  # the most tokens a row in use may still sample (known at each look)
     while waiting or any(r is not None for r in held):
         if stop is not None and stop():
             break
@@ -223,12 +224,13 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             admit(model, [prompts[i] for i in new], [limits[i] for i in new], [rngs[i] for i in new], n,
                   rows, cache, params, pad_id, prefill_tokens, block_step)
             held[n:n + len(new)] = new
+            left = max(left, *(limits[i] for i in new))
         b = min(s for s in sizes if s >= n + len(new))
         if b not in steps:
             steps[b] = make_step(model, rows.first(b), cache.rows(0, b), params, stops, block_step, pool)
-        for _ in range(SYNC_EVERY):
+        for _ in range(min(SYNC_EVERY, left)):
             steps[b]()
-        finished = retire(rows, held, out)
+        finished, left = retire(rows, held, out)
         if progress is not None and finished:
             progress.update(len(finished))
         for i in finished if follow_up is not None else ():
@@ -305,8 +307,9 @@ def compact(rows: Rows, cache: KVCache, held: list[int | None]) -> int:
     return n
 
 
-def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> list[int]:
-    """Copy the finished rows out as Completions and free their slots; returns the requests finished."""
+def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> tuple[list[int], int]:
+    """Copy the finished rows out as Completions and free their slots; returns the requests finished and
+    the most tokens a row still in use may sample."""
     n = max((s + 1 for s, r in enumerate(held) if r is not None), default=0)
     t, limit, stopped = torch.stack([rows.t[:n], rows.limit[:n], rows.stopped[:n].long()]).tolist()  # a host sync
     finished = [s for s in range(n) if held[s] is not None and (stopped[s] or t[s] >= limit[s])]
@@ -318,7 +321,7 @@ def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> 
     done = sorted(held[s] for s in finished)
     for s in finished:
         held[s] = None
-    return done
+    return done, max((limit[s] - t[s] for s in range(n) if held[s] is not None), default=0)
 
 
 class Generator:
