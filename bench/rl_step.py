@@ -6,8 +6,8 @@ log-probs; only with --mini-batches > 1, since one optimizer step takes them fro
 `trainer.old_logprobs_needed`), train (packed
 forward+backward per micro-batch, clip, AdamW) and weight sync (the updated FSDP2 policy streamed
 into the generator's bf16 copy). This script runs exactly those phases with minirl's own pieces:
-`fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`set_advantages`,
-`pack_mini_batch`, `logprobs_before_update`, `update`, the weight sync). Only the rollout is composed
+`fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`pack_mini_batch`,
+`set_advantages`, `logprobs_before_update`, `update`, the weight sync). Only the rollout is composed
 here from `Generator.generate`, because `rollouts.rollout` also needs a tokenizer and text rewards.
 
 Workload (synthetic): random-weight Qwen3-0.6B shape, --prompts random-token prompts of random length
@@ -28,6 +28,7 @@ next to the JSON (`rl_step_profile.txt`).
 
     python bench/rl_step.py                 # 64 prompts x 8 samples x 256 new tokens, ~1.5 min on an H100
     python bench/rl_step.py --lengths lognormal,mean --new-tokens 2048 --no-profile   # the tail's cost
+    python bench/rl_step.py --lora-rank 8   # LoRA adapters of rank 8 train, the base frozen (minirl/lora.py)
     python bench/rl_step.py --tiny          # CPU smoke run (gloo, fp32 generator, no CUDA graphs)
 """
 
@@ -42,7 +43,7 @@ import torch
 
 from bench.common import (device_info, length_stats, lognormal_lengths, median, model_config, out_path, peak_memory_gb,
                           print_table, profile_table, random_model, reset_peak_memory, write_json)
-from minirl import trainer
+from minirl import lora, trainer
 from minirl.attention import pick_backend
 from minirl.backend import SamplingParams
 from minirl.config import TrainConfig, derive
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="eager decoder blocks (train.py compiles them on GPUs)")
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing in training")
     p.add_argument("--keep-generator", action="store_true", help="keep the generator copy resident in training")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (updates are scaled by alpha / r)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU, seconds")
@@ -137,11 +140,11 @@ def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist,
         samples = rollout(generator, prompts, cfg, step, lengths, max_new_tokens or max(lengths))
     mem = {"rollout": peak_memory_gb(d.device)}
     generator.release()
-    trainer.set_advantages(samples, cfg.rollout.n_samples, cfg.algo.std_norm, cfg.algo.advantage)
     reset_peak_memory(d.device)
     minis = split_mini_batches(len(samples), cfg.algo.mini_batches)
     batches = [pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, 0, policy.attn_backend)
                for mb in minis]
+    trainer.set_advantages(samples, batches, ds.advantage)
     with timer.phase("logprobs"):
         need_old = trainer.old_logprobs_needed(len(minis), cfg.algo.ppo_epochs)
         trainer.logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress=False)
@@ -151,7 +154,7 @@ def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist,
     mem["logprobs+train"] = peak_memory_gb(d.device)
     reset_peak_memory(d.device)
     with timer.phase("weight_sync"):
-        generator.update_weights(iter_full_params(policy.model, generator.dtype))
+        generator.update_weights(lora.merged(policy.model, iter_full_params(policy.model, generator.dtype)))
     mem["weight_sync"] = peak_memory_gb(d.device)
     times = {k.removeprefix("time/"): v for k, v in timer.summary().items()}
     generated = sum(len(s.completion_ids) for s in samples)
@@ -169,13 +172,15 @@ def build(args, d: Dist, dtype):
     """The FSDP2 policy (random weights), its AdamW and schedule, the generator holding a synced copy."""
     cfg, model_cfg = rl_config(args), model_config(args.shape)
     weights = random_model(model_cfg, d.device).state_dict()
-    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
+    adapters = lora.AdapterSpec(args.lora_rank, args.lora_alpha) if args.lora_rank else None
+    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True, adapters=adapters)
     del weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1.0)  # train.py's default: constant
     generator = Generator(model_cfg, eos_ids=[], pad_id=0, device=d.device, dtype=dtype,
                           max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
-    generator.update_weights(iter_full_params(model, dtype))
+    generator.update_weights(lora.merged(model, iter_full_params(model, dtype)))
     return cfg, trainer.Policy(model, optimizer, scheduler, attn_backend=pick_backend(d.device)), generator
 
 
@@ -233,7 +238,8 @@ def medians(steps: list[dict]) -> dict:
 def report(args, results: dict, profile_note: str, device, json_path: str):
     """JSON, then one phase table per length choice (and the step time of each over the mean-length
     step's, if one ran, else over the first's)."""
-    workload = f"{args.shape} {args.prompts}x{args.samples}, "
+    lora_note = f" LoRA r{args.lora_rank}" if args.lora_rank else ""
+    workload = f"{args.shape} {args.prompts}x{args.samples}{lora_note}, "
     ref = results.get("mean", next(iter(results.values())))["median_wall_s"]
     summary = []
     for name, r in results.items():
@@ -253,7 +259,7 @@ def report(args, results: dict, profile_note: str, device, json_path: str):
                 for k, v in r["median_phase_s"].items()]
         rows.append(["(wall)", wall, 100.0, None])
         stats = r["lengths"]
-        print_table(f"RL step, {args.shape}, {args.prompts} prompts x {args.samples} samples, {name} lengths (mean "
+        print_table(f"RL step, {workload}{name} lengths (mean "
                     f"{stats['mean']:.0f}, p50 {stats['p50']:.0f}, p99 {stats['p99']:.0f}, max {args.new_tokens}): "
                     f"rollout {r['rollout_tokens_per_s']:.0f} generated tok/s, train {r['train_tokens_per_s']:.0f} "
                     f"tok/s; step {wall / ref:.2f}x the reference's",

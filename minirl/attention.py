@@ -14,7 +14,7 @@ wasted. Three backends compute the same thing:
 environment variable forces one. flash-attn-4 comes first because it was never slower: on an H200,
 forward+backward of 16k tokens took 1.14 ms vs varlen's 2.06 in 2k-token documents and 400 ms vs 750
 in one 131k-token document; a 0.6B training step was level with 2k-token documents and 1.43x faster
-with 16k-token ones (bench/RESULTS.md, section 7).
+with 16k-token ones (bench/RESULTS.md).
 """
 
 import functools

@@ -1,12 +1,10 @@
 """What both rollout backends share: the request, the answer, the interface and the checks.
 
 The naive `generate.Generator` and the optional `vllm_backend.VLLMGenerator` both satisfy
-`RolloutBackend`, so the trainer and rollout.py are written once against it, and check their input
-with the same functions, so a bad prompt or weight sync reads the same on either.
-
-Seeds: completion k of a prompt at a step samples from its own stream, `sample_seed(seed, step,
-prompt, k)`. It depends on its prompt and seed only, not on batching or on how prompts are spread
-over ranks: a run does not depend on the parallel layout.
+`RolloutBackend` and check their input with the same functions, so the trainer and rollout.py are
+written once against it, and a bad prompt or weight sync reads the same on either. Completion k of a
+prompt at a step samples from its own stream, `sample_seed(seed, step, prompt, k)`: not from the
+batching or the spread over ranks, so a run does not depend on the parallel layout.
 """
 
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +24,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # end a row like EOS does (kept in the output): a multi-turn turn's end
 
     def check(self):
+        """A ValueError naming the first setting out of range."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -7,27 +7,16 @@ prompt followed by one flat list of token ids, and three parallel lists say what
     mask               1 1 1 1 1          0 0 0 0         1 1 1 ...
     logprobs           generator's        0.0 (none)      generator's
 
-- A policy turn is kept exactly as sampled: the ids the generator returned, never re-tokenised from
-  their text (decode(encode(text)) need not give the same ids, and the trainer must score the ids
-  the generator's log-probs belong to).
-- An observation is tokenised on its own and appended; its tokens get mask 0 (no loss, and left out
-  of every normaliser) and no generator log-prob.
-- The trainer then treats the whole trajectory as one sample (`packing.pack` reads the mask).
-
-All first turns go to the generator in one call; as each turn finishes, the environment reads it
-and the episode's next turn (its context: prompt + trajectory so far) joins the generator's queue as
-a new request (`follow_up`), while the other episodes' turns go on decoding. The generator prefills
-the context again rather than continuing from a cache it kept (vLLM's prefix cache skips most of the
-re-prefill); on the small contexts of the toy task that costs little (see README, "Multi-turn
-rollouts with tools"). Turn t of an episode samples from its own seed, so the trajectories do not
-depend on how turns were batched.
-
-Limits (`EpisodeConfig`): at most `max_turns` policy turns, and at most `budget` tokens after the prompt (turns and
-observations). An episode ends with finish_reason
-    done       the environment said so
-    max_turns  the last allowed turn was written and the environment had not ended it
-    length     a turn was cut by the budget, or an observation did not fit in it
-A turn cut by max_new_tokens (the per-turn limit) is handed to the environment like any other.
+A policy turn keeps exactly the ids the generator sampled, never re-tokenised from its text (the
+trainer must score the ids the log-probs belong to); an observation is tokenised on its own, with
+mask 0 (no loss, in no normaliser). The trainer packs the trajectory as one sample (`packing.pack`).
+All first turns go to the generator in one call; as a turn finishes, the environment reads it and the
+episode's next turn (prompt + trajectory so far, prefilled again; vLLM's prefix cache skips most of
+that) joins the generator's queue as a new request (`follow_up`) while other episodes decode. Turn t
+samples from the episode's own seed: the trajectories do not depend on the batching. An episode ends
+with finish_reason `done` (the environment said so), `max_turns`, or `length` (the token budget cut a
+turn or had no room for an observation); a turn cut by max_new_tokens goes to the environment like any
+other.
 """
 
 from collections.abc import Callable

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from minirl import lora
 from minirl.config import compiled_blocks
 from minirl.dist import Dist
 from minirl.model import ModelConfig, Transformer
@@ -56,11 +57,16 @@ def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu
     return model
 
 
-def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool) -> Transformer:
+def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool,
+                  adapters: lora.AdapterSpec | None = None) -> Transformer:
     """A sharded model on this rank's device, filled from a full (CPU) state dict; `pcfg` is the
-    run's ParallelConfig (compile, cpu_offload, checkpointing)."""
+    run's ParallelConfig (compile, cpu_offload, checkpointing). With `adapters`, LoRA adapters on a
+    frozen base: only they train (minirl/lora.py)."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    if adapters is not None:
+        lora.add_adapters(model, adapters)
+        state_dict = {**state_dict, **lora.initial_adapters(model, adapters.seed)}
     if compiled_blocks(pcfg, d.device.type):
         for block in model.layers:  # fuses norms, RoPE, SwiGLU; the FSDP hooks stay outside the graph
             block.compile()
@@ -71,6 +77,8 @@ def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
     model.train(train)
     model.requires_grad_(train)
+    if adapters is not None:
+        lora.freeze_base(model)
     return model
 
 

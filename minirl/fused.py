@@ -1,8 +1,8 @@
 """The inference copy's fused projections: one matmul for q/k/v and one for gate/up in every layer.
 
 A decode step's matmuls are small and bound by launches and tile overheads rather than bytes: seven a
-layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs (bench/RESULTS.md,
-section 4). The fused parameters are views that autograd and FSDP know nothing of: inference only.
+layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs (bench/RESULTS.md).
+The fused parameters are views that autograd and FSDP know nothing of: inference only.
 """
 
 import torch

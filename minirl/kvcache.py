@@ -120,7 +120,7 @@ def cached_attention(q, k, v, input_pos, k_cache, v_cache, mask) -> torch.Tensor
     (SDPA reads them all), or, for a one-token step on a GPU, decode_blocks' block mask (FlexAttention
     reads each row's own slots).
     Always runs eagerly, outside torch.compile's graph: compiled, the in-place cache writes and the
-    attention made a batch-256 decode step four times slower (bench/RESULTS.md, section 4).
+    attention made a batch-256 decode step four times slower (bench/RESULTS.md).
     """
     B, S, Hkv, Hd = k.shape
     idx = input_pos[:, None, :, None].expand(B, Hkv, S, Hd)  # [B, Hkv, S, Hd]

@@ -48,28 +48,18 @@ def _head_to_seq(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
     return [r.transpose(0, 1).reshape(T // sp, sp * h, D) for r, h in zip(recv.split(heads, dim=2), heads)]
 
 
-class SeqToHead(torch.autograd.Function):
-    """The all-to-all as an autograd op: it only moves numbers, so its backward is the reverse move."""
+class AllToAll(torch.autograd.Function):
+    """The all-to-all as an autograd op, `to_heads` or back: it only moves numbers, so its backward is
+    the reverse move."""
 
     @staticmethod
-    def forward(ctx, group, *xs):
-        ctx.group = group
-        return tuple(_seq_to_head(list(xs), group))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return None, *_head_to_seq(list(grads), ctx.group)
-
-
-class HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, *xs):
-        ctx.group = group
-        return tuple(_head_to_seq(list(xs), group))
+    def forward(ctx, group, to_heads: bool, *xs):
+        ctx.group, ctx.to_heads = group, to_heads
+        return tuple((_seq_to_head if to_heads else _head_to_seq)(list(xs), group))
 
     @staticmethod
     def backward(ctx, *grads):
-        return None, *_seq_to_head(list(grads), ctx.group)
+        return None, None, *(_head_to_seq if ctx.to_heads else _seq_to_head)(list(grads), ctx.group)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
@@ -85,9 +75,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta)
         # query heads j*H/sp .. (j+1)*H/sp - 1 use.
         k = k.repeat_interleave(sp // Hkv, dim=1)  # [t, sp, D]
         v = v.repeat_interleave(sp // Hkv, dim=1)
-    q, k, v = SeqToHead.apply(group, q, k, v)  # [T, H/sp, D], [T, max(Hkv/sp, 1), D]
+    q, k, v = AllToAll.apply(group, True, q, k, v)  # [T, H/sp, D], [T, max(Hkv/sp, 1), D]
     o = varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, meta.backend)  # [T, H/sp, D]
-    (o,) = HeadToSeq.apply(group, o)
+    (o,) = AllToAll.apply(group, False, o)
     return o  # [t, H, D]
 
 

@@ -1,8 +1,6 @@
 """Rollouts with vLLM, colocated in the trainer's own torchrun processes (`--backend vllm`).
 
-The same interface as the naive `generate.Generator` (`backend.RolloutBackend`: update_weights,
-generate, release, close), with vLLM doing the sampling:
-
+The same interface as the naive `generate.Generator` (`backend.RolloutBackend`), vLLM sampling:
 - One engine per process, built with `distributed_executor_backend="external_launcher"`: vLLM does not
   start workers or an engine process of its own, it runs inside this process and joins the process
   group torchrun (and the trainer) already set up. Consecutive blocks of `tp` ranks form one tensor-
@@ -15,7 +13,6 @@ generate, release, close), with vLLM doing the sampling:
   repacks, which is why a plain `load_weights` on the model is not enough there).
 - With sleep mode (GPU only), `release` frees the weights and the KV cache while the trainer runs;
   `update_weights` reallocates the weights, and the next `generate` the KV cache.
-
 vLLM is imported here and nowhere else, so the rest of minirl runs without it.
 """
 
@@ -152,16 +149,11 @@ class VLLMGenerator:
 
     def _complete(self, requests: list[tuple[list[int], int, int]], params: SamplingParams) -> list[Completion]:
         """One engine call: a Completion for each (prompt, seed, limit)."""
-        sampling = [self._SamplingParams(
-            max_tokens=limit,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=seed % 2**63,
-            stop_token_ids=[*self.eos_ids, *params.stop_token_ids],  # vLLM keeps the stop id in the output
-            logprobs=0,  # 0 extra candidates: only the sampled token's log-prob
-            detokenize=False,
-        ) for _, seed, limit in requests]
+        # logprobs=0: no extra candidates, only the sampled token's log-prob; vLLM keeps the stop id in the output.
+        sampling = [self._SamplingParams(max_tokens=limit, temperature=params.temperature, top_p=params.top_p,
+                                         top_k=params.top_k, seed=seed % 2**63, logprobs=0,
+                                         stop_token_ids=[*self.eos_ids, *params.stop_token_ids], detokenize=False)
+                    for _, seed, limit in requests]
         outputs = self.llm.generate([self._TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], sampling,
                                     use_tqdm=False)
         completions = []
@@ -194,10 +186,8 @@ class VLLMGenerator:
         self.has_weights = True
 
     def release(self):
-        """Free the engine's weights and KV cache for training (sleep level 2); no-op without sleep mode.
-
-        Level 2 discards the weights rather than offloading them: the trainer sends new ones anyway.
-        """
+        """Free the engine's weights and KV cache for training (sleep level 2: the weights are discarded, not
+        offloaded, since the trainer sends new ones anyway); no-op without sleep mode."""
         if not self.sleep_mode or self.asleep:
             return
         self.llm.sleep(level=2)

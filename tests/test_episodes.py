@@ -183,8 +183,6 @@ def test_observation_tokens_have_no_weight_and_no_gradient(task, parts, agg):
     samples, _ = rollout(task, parts, max_turns=2)
     assert all(s.finish_reason == "max_turns" and s.mask[-1] == 0.0 for s in samples)
     d = types.SimpleNamespace(sp_rank=0, sp_size=1, sp_group=None, device=torch.device("cpu"))
-    for i, s in enumerate(samples):
-        s.advantage = float(i) - 2.5
 
     def loss_and_grads(last_token: int, mask_observations: bool):
         for s in samples:
@@ -194,6 +192,7 @@ def test_observation_tokens_have_no_weight_and_no_gradient(task, parts, agg):
             for s in samples:
                 s.mask = None
         mb = pack(samples, list(range(len(samples))), tok.pad_id, d, "sdpa")
+        mb.advantages = mb.seq_ids.float() - 2.5  # sample i: i - 2.5
         lens = torch.tensor([float(s.n_policy) for s in samples])
         for s, m in zip(samples, saved):
             s.mask = m

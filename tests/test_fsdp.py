@@ -49,3 +49,12 @@ def test_cuda_nccl():
     for name, rel in sorted(reports[0]["data"].items()):
         print(f"{name}: relative error {rel:.2e}")
     assert failures(reports, "") == []
+
+
+@pytest.mark.parametrize("layout", ["dp2-sp1", "dp1-sp2"])
+@pytest.mark.parametrize("quantity", ["loss", "grads", "frozen", "grad_norm", "clipped", "updated"])
+def test_lora_matches_single_process(layout, quantity):
+    """With LoRA adapters (minirl/lora.py) the frozen base gets no gradient, and the adapters' loss,
+    gradients and update equal the single-process ones: FSDP2 shards frozen and trainable parameters
+    of one unit together."""
+    assert failures(run_worker("parallel_worker.py", 2), f"equiv/lora-{layout}-ckpt1/{quantity}") == []
