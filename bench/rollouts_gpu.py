@@ -12,7 +12,7 @@ part's headline figures comes last.
 
 The static baseline runs this checkout's generator one batch at a time unless --baseline DIR names a
 checkout of the generator before continuous batching (DIR/minirl), e.g. main before issue 27:
-    mkdir -p .carry/baseline && git -C /work/main archive 534d017 minirl | tar -x -C .carry/baseline
+    mkdir -p .carry/baseline && git -C /work/main archive 6a3f00d minirl | tar -x -C .carry/baseline
 (it then runs in a process of its own: two versions of minirl cannot share one).
 
     python bench/rollouts_gpu.py [--baseline .carry/baseline] [--budget 250]
