@@ -56,7 +56,8 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(512, "completion length limit")
-    gen_batch_size: int = opt(64, "rows per generation batch (more prompts are processed in chunks)")
+    gen_batch_size: int = opt(0, "rows the naive generator decodes at once, refilled as rows finish (0 = as many as "
+                              "90%% of the free GPU memory holds, 64 on CPUs)")
     tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)")
     vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training")
     keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
@@ -299,7 +300,7 @@ def validate(cfg: TrainConfig):
          "--backend vllm needs vLLM, which is not installed: pip install vllm"),
         (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
         (not cfg.optim.lr > 0, f"--lr must be > 0, got {cfg.optim.lr}"),
-        (rc.gen_batch_size < 1, f"--gen-batch-size must be >= 1, got {rc.gen_batch_size}"),
+        (rc.gen_batch_size < 0, f"--gen-batch-size must be >= 0 (0 = sized by memory), got {rc.gen_batch_size}"),
         (cfg.run.keep_checkpoints < 0, f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}"),
         (cfg.parallel.checkpointing not in CHECKPOINTING,
          f"unknown --checkpointing {cfg.parallel.checkpointing!r}: one of {', '.join(CHECKPOINTING)}"),
