@@ -94,7 +94,8 @@ def rl_config(args) -> TrainConfig:
     cfg.rollout.n_samples, cfg.rollout.max_new_tokens = args.samples, args.new_tokens
     cfg.rollout.gen_batch_size, cfg.rollout.keep_generator = args.gen_batch, args.keep_generator
     cfg.parallel.micro_batch_tokens = args.micro_batch_tokens
-    cfg.parallel.compile, cfg.parallel.checkpointing = not args.no_compile, not args.no_checkpointing
+    cfg.parallel.compile = not args.no_compile
+    cfg.parallel.checkpointing = "none" if args.no_checkpointing else cfg.parallel.checkpointing
     cfg.algo.mini_batches, cfg.run.prompts_per_step = args.mini_batches, args.prompts
     cfg.algo.tis_cap = args.tis_cap
     return cfg

@@ -21,6 +21,7 @@ from minirl.backend import SamplingParams
 from minirl.env import load_env, stop_token_id
 from minirl.episodes import EpisodeConfig
 from minirl.lora import TARGETS, AdapterSpec
+from minirl.model import CHECKPOINTING
 from minirl.rewards import load_reward
 
 # The built-in tasks: a small model, its data and its settings ship in the repo.
@@ -121,9 +122,8 @@ class OptimConfig:
 class ParallelConfig:
     sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)")
     micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank")
-    checkpointing: bool = opt(True, "activation checkpointing inside each decoder block")
-    compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
-                        "H200, bench/RESULTS.md); ignored on CPUs and under --trace-collectives")
+    checkpointing: str = opt("selective", "recompute in backward: selective (not matmuls, attention), full or none")
+    compile: bool = opt(True, "torch.compile each decoder block on GPUs; ignored on CPUs and under --trace-collectives")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
@@ -214,7 +214,7 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
     `--help` shows them: where the built-in task's train_config.json sets a field, a bare run uses
     that value, so help names it first."""
     bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
     for name, section in _sections(cfg):
         group = p.add_argument_group(name)
@@ -228,6 +228,7 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
                                help=f.metadata["help"] + f" (default: {shown})", **kind)
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none", help=argparse.SUPPRESS)
     return p
 
 
@@ -295,6 +296,7 @@ def validate(cfg: TrainConfig):
         (not cfg.optim.lr > 0, f"--lr must be > 0, got {cfg.optim.lr}"),
         (rc.gen_batch_size < 0, f"--gen-batch-size must be >= 0 (0 = sized by memory), got {rc.gen_batch_size}"),
         (cfg.run.keep_checkpoints < 0, f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}"),
+        (cfg.parallel.checkpointing not in CHECKPOINTING, f"--checkpointing: one of {', '.join(CHECKPOINTING)}"),
         (cfg.parallel.attn_backend not in ("", *BACKENDS),
          f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}"),
         (rc.max_turns < 1 or rc.episode_tokens < 0,

@@ -12,19 +12,21 @@ Two ways to run it:
   (`fill_cache` for prefill: the same without the logits).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from minirl.attention import AttnMeta, varlen_attention
+from minirl.attention import AttnMeta, kernel_ops, varlen_attention
 from minirl.kvcache import KVCache, cached_attention, decode_blocks, decode_mask
 from minirl.logprobs import token_logprobs
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+CHECKPOINTING = ("selective", "full", "none")  # what a decoder block keeps for backward (Block)
 
 
 @dataclass
@@ -223,11 +225,32 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@functools.cache
+def _kept_ops() -> list:
+    return [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, *kernel_ops()]
+
+
+def keep_matmuls_and_attention():
+    """Selective checkpointing's contexts: the outputs of matmuls (nn.Linear is mm, or addmm with a bias)
+    and of the attention kernels are saved; every other op in the block is recomputed in backward."""
+    return create_selective_checkpoint_contexts(_kept_ops())
+
+
 class Block(nn.Module):
-    """One decoder layer. With `checkpoint=True` it recomputes its activations in backward.
+    """One decoder layer, with activation checkpointing by `self.checkpointing` (one of CHECKPOINTING):
+
+    - "none":      backward reads every activation forward saved (the most memory);
+    - "full":      forward keeps only the block's input and backward runs the block again (the least
+                   memory, a second forward of every matmul and of attention);
+    - "selective": forward keeps the outputs of the matmuls and of attention, backward recomputes only
+                   what lies between them (norms, RoPE, SwiGLU, residual adds): memory-bound work that
+                   costs a few % of the step, so the step runs near "none"'s speed in less memory.
 
     The checkpoint lives inside the block's own forward, so when FSDP2 wraps the block the checkpointed
-    region is inside the FSDP unit: recompute runs with parameters already unsharded and cast.
+    region is inside the FSDP unit: recompute runs with parameters already unsharded and cast. A
+    compiled block traces the checkpoint with its policy and partitions its graph by it; an eager one
+    (CPU, --no-compile) applies the policy op by op from Python, a cost that outweighs the saving when
+    the CPU path's per-document attention loop runs hundreds of tiny documents.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -236,16 +259,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.checkpoint = False
+        self.checkpointing = "none"
 
     def _forward(self, x, cos, sin, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, cos, sin, meta: AttnMeta):
-        if self.checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False)
-        return self._forward(x, cos, sin, meta)
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, meta)
+        keep = {"context_fn": keep_matmuls_and_attention} if self.checkpointing == "selective" else {}
+        return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False, **keep)
 
     def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
         x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache, mask)
@@ -314,10 +338,12 @@ class Transformer(nn.Module):
             h = block_step(layer, h, cos, sin, input_pos, cache.k[i], cache.v[i], mask)
         return h
 
-    def set_checkpointing(self, enabled: bool):
-        """Activation checkpointing on every decoder block (recompute in backward)."""
+    def set_checkpointing(self, policy: str):
+        """Activation checkpointing of every decoder block: "selective", "full" or "none" (see Block)."""
+        if policy not in CHECKPOINTING:
+            raise ValueError(f"unknown checkpointing {policy!r}: one of {', '.join(CHECKPOINTING)}")
         for layer in self.layers:
-            layer.checkpoint = enabled
+            layer.checkpointing = policy
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None):
