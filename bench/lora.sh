@@ -59,6 +59,7 @@ if ts:
 for name in ("rl_step_lora8.json", "rl_step_full.json"):
     rl = load(name)
     if rl:
+        rl = next(iter(rl["results"].values()))  # one length mode: fixed
         phases = " ".join(f"{k} {v:.2f}" for k, v in rl["median_phase_s"].items())
         mem = rl["steps"][-1]["peak_mem_gb"]
         print(f"RL step {name.removesuffix('.json')}: {rl['median_wall_s']:.2f} s ({phases}); peak GiB "
