@@ -6,10 +6,11 @@
 The flags are train.py's of the same names (same defaults, same --config files); the output file,
 --dtype, --kv-cache-gib and the log-prob check are rollout.py's own. Without --model it runs the
 built-in task's model on its prompts. Each output line is one completion, in prompt order (and sample
-order within a prompt). Lines are written and flushed batch by batch, so an interrupted run (Ctrl-C,
-or SIGTERM as torchrun and schedulers send it) keeps everything finished so far; under torchrun each
-rank writes OUT.rank<r> and rank 0 merges them into OUT at the end (an interrupted run leaves only the
-OUT.rank<r> parts: an OUT of an earlier run is removed at the start, and OUT appears only complete).
+order within a prompt). Lines are written and flushed chunk by chunk (4 x --gen-batch-size rows, or
+1,024), so an interrupted run (Ctrl-C, or SIGTERM as torchrun and schedulers send it) keeps everything
+finished so far; under torchrun each rank writes OUT.rank<r> and rank 0 merges them into OUT at the end
+(an interrupted run leaves only the OUT.rank<r> parts: an OUT of an earlier run is removed at the
+start, and OUT appears only complete).
 
 --check-logprobs recomputes the completions' log-probs with the trainer's packed forward (in
 --check-dtype, with the same temperature/top-k/top-p) and reports how far the generator's are. The
@@ -254,7 +255,7 @@ def load_inputs(cfg: TrainConfig, out: str, d: Dist) -> tuple[Tokenizer, list[tu
 
 
 def run(cfg: TrainConfig, own: dict, d: Dist):
-    """Generate this rank's rows batch by batch, appending each batch's lines to its file; then agree on
+    """Generate this rank's rows chunk by chunk, appending each chunk's lines to its file; then agree on
     an error (a reward or environment failing on one rank), merge the parts and print a summary."""
     try:  # every input problem surfaces here, before any model is loaded, as one line (rank 0's)
         tok, rows, n_prompts, ds, path = load_inputs(cfg, own["out"], d)
@@ -276,13 +277,14 @@ def run(cfg: TrainConfig, own: dict, d: Dist):
         print(f"rollout: {n_prompts} prompts x {rc.n_samples} samples on {d.world} rank(s), {rc.backend} backend, "
               f"{generator.dtype} on {d.device}")
 
-    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the batches written so far stay
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the chunks written so far stay
     written, gen_seconds, error = 0, 0.0, ""
     bar = tqdm(total=len(rows), unit="completion", disable=not d.is_main, desc="rank 0" if d.world > 1 else None)
     try:
         with open(path, "w", encoding="utf-8") as f:
-            for start in range(0, len(rows), rc.gen_batch_size):
-                batch = rows[start:start + rc.gen_batch_size]
+            chunk = 4 * rc.gen_batch_size or 1024  # several batches: finished rows' slots take the chunk's next rows
+            for start in range(0, len(rows), chunk):
+                batch = rows[start:start + chunk]
                 # The trainer's seed scheme (step 0): a row's samples depend on (seed, prompt, sample) only.
                 seeds = [sample_seed(cfg.run.seed, 0, p.index, k) for p, k in batch]
                 t0 = time.perf_counter()

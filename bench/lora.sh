@@ -27,7 +27,7 @@ part() {  # part NAME SECONDS COMMAND...: run one part with $TINY appended, its 
 
 : > "$OUT/parts.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: CPU run"
-part train_step_lora 90 python bench/train_step.py --shape qwen3-4b --tokens 16384 --lora-rank 8,64,0 \
+part train_step_lora 90 python bench/train_step.py --shape qwen3-4b --tokens 16384 --lora-rank 8,64,0 --ckpt full --no-compile \
   --warmup 1 --steps 3 --out "$OUT/train_step_lora.json"
 part rl_step_lora8 80 python bench/rl_step.py --lora-rank 8 --gen-batch 512 --steps 1 --no-profile \
   --out "$OUT/rl_step_lora8.json"
@@ -59,6 +59,7 @@ if ts:
 for name in ("rl_step_lora8.json", "rl_step_full.json"):
     rl = load(name)
     if rl:
+        rl = next(iter(rl["results"].values()))  # one length mode: fixed
         phases = " ".join(f"{k} {v:.2f}" for k, v in rl["median_phase_s"].items())
         mem = rl["steps"][-1]["peak_mem_gb"]
         print(f"RL step {name.removesuffix('.json')}: {rl['median_wall_s']:.2f} s ({phases}); peak GiB "

@@ -1,10 +1,10 @@
 """The training configuration: one tree of small dataclasses, overridable by a JSON file and CLI flags.
 
-Every field is a flag of the same name (`--lr 1e-6`, `--no-numa`), grouped by section in `--help`,
-its help kept next to it; train.py takes them all, rollout.py the ones it uses. Precedence: dataclass
-default < `--config FILE` (without --model: the built-in task's) < flags. Values are type-checked; a
-bad file is one error naming it. `validate` checks the settings, `derive` works out once, before the
-first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
+Every field is a flag of the same name (`--lr 1e-6`, `--no-numa`) in its section of `--help`, its help,
+range and whether --resume may change it next to it (`opt`); train.py takes all, rollout.py its own.
+Precedence: dataclass default < the built-in task's train_config.json (no --model) < `--config FILE` <
+flags. Values are type-checked, a bad file is one error naming it. `validate` checks the settings, `derive`
+works out once the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
 """
 
 import argparse
@@ -22,6 +22,7 @@ from minirl.env import load_env, stop_token_id
 from minirl.episodes import EpisodeConfig
 from minirl.hf import read_json
 from minirl.lora import TARGETS, AdapterSpec
+from minirl.model import CHECKPOINTING
 from minirl.rewards import load_reward
 
 # The built-in tasks: a small model, its data and its settings ship in the repo.
@@ -31,7 +32,6 @@ TASKS = {"default": DEFAULT_TASK,  # 2-digit addition (scripts/make_default_mode
 
 
 def opt(default, help: str, range: str = "", resume: bool = False):
-    """A setting: its default, its help, a number's `range` and whether --resume may change it (outdir.py)."""
     return field(default=default, metadata={"help": help, "range": range, "resume": resume})
 
 
@@ -64,7 +64,8 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", "(0, 1]")
     top_k: int = opt(0, "top-k sampling (0 = off)", "[0, inf)")
     max_new_tokens: int = opt(512, "completion length limit", "[1, inf)")
-    gen_batch_size: int = opt(64, "rows per generation batch (more are generated in chunks)", "[1, inf)", resume=True)
+    gen_batch_size: int = opt(0, "rows the naive generator decodes at once, refilled as rows finish (0 = as many as "
+                              "90%% of the free GPU memory holds, 64 on CPUs)", "[0, inf)", resume=True)
     tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)", "[1, inf)", resume=True)
     vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights and KV cache)", "(0, 1]", resume=True)
     keep_generator: bool = opt(False, "keep the generator's weight copy resident during training", resume=True)
@@ -108,8 +109,7 @@ class AlgoConfig:
     loss_agg: str = opt("", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (empty = auto: "
                         "token-mean; GSPO seq-mean-token-mean)")
     ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
-    tis_cap: float = opt(0.0, "importance sampling against the generator's log-probs: the weight's cap (0 = off)",
-                         "[0, inf)")
+    tis_cap: float = opt(0.0, "importance sampling against the generator's log-probs: weight cap (0 = off)", "[0, inf)")
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
     tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
     tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask", "[0, inf)")
@@ -130,9 +130,9 @@ class OptimConfig:
 class ParallelConfig:
     sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)", "[1, inf)", resume=True)
     micro_batch_tokens: int = opt(16384, "tokens in one micro-batch of a data-parallel rank", "[1, inf)", resume=True)
-    checkpointing: bool = opt(True, "activation checkpointing inside each decoder block", resume=True)
-    compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
-                        "H200, bench/RESULTS.md); ignored on CPUs and under --trace-collectives", resume=True)
+    checkpointing: str = opt("selective", "recompute in backward: selective (not matmuls, attention), full or none",
+                             resume=True)
+    compile: bool = opt(True, "torch.compile each decoder block (GPUs; not under --trace-collectives)", resume=True)
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state", resume=True)
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)", resume=True)
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)", "[1, inf)", resume=True)
@@ -224,7 +224,7 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
     default as `--help` shows them: where the built-in task's train_config.json sets a field, a bare run
     uses that value, so help names it first."""
     bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
     for name, section in _sections(cfg):
         group = p.add_argument_group(name)
@@ -240,6 +240,7 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
                                help=f.metadata["help"] + f" ({'; '.join([*notes, f'default: {shown}'])})", **kind)
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none", help=argparse.SUPPRESS)
     return p
 
 
@@ -256,8 +257,7 @@ def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
     bare `train.py` runs the default task, and `train.py --task tools` the other.
     """
     cfg = cfg or TrainConfig()
-    config_file = args.pop("config", "")
-    values = read_config_file(config_file) if config_file else {}
+    values = read_config_file(config_file) if (config_file := args.pop("config", "")) else {}
     flat = {**values, **{k: v for part in values.values() if isinstance(part, dict) for k, v in part.items()}}
     if (task := TASKS.get(name := args.get("task", flat.get("task", "default")))) is None:
         raise ValueError(f"unknown --task {name!r}: one of {', '.join(TASKS)}")
@@ -300,6 +300,7 @@ def validate(cfg: TrainConfig):
         (rc.backend == "vllm" and importlib.util.find_spec("vllm") is None,
          "--backend vllm needs vLLM, which is not installed: pip install vllm"),
         (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
+        (cfg.parallel.checkpointing not in CHECKPOINTING, f"--checkpointing: one of {', '.join(CHECKPOINTING)}"),
         (cfg.parallel.attn_backend not in ("", *BACKENDS),
          f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")]:
         if bad:

@@ -32,13 +32,14 @@ from minirl.model import ModelConfig, Transformer
 
 
 def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu_offload: bool,
-                checkpointing: bool) -> Transformer:
+                checkpointing: str) -> Transformer:
     """Shard `model` in place over the 1-D `mesh` of all ranks (`Dist.fsdp_mesh`); returns it.
 
     mixed_precision: compute in bf16 (parameters are gathered in bf16), reduce gradients in fp32,
     keep fp32 master weights. cpu_offload: keep the sharded parameters, gradients and optimizer
-    state in CPU memory; the optimizer step then runs on CPU. checkpointing: every block recomputes
-    its activations in backward; the checkpoint sits inside the block, i.e. inside its FSDP unit.
+    state in CPU memory; the optimizer step then runs on CPU. checkpointing: "selective", "full" or
+    "none", what every block recomputes in backward (model.Block); the checkpoint sits inside the
+    block, i.e. inside its FSDP unit.
     """
     if mesh.ndim != 1:
         raise ValueError(f"shard over a 1-D mesh of all ranks (Dist.fsdp_mesh), got a {mesh.ndim}-D mesh")
@@ -71,7 +72,7 @@ def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool
         for block in model.layers:  # fuses norms, RoPE, SwiGLU; the FSDP hooks stay outside the graph
             block.compile()
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=pcfg.cpu_offload,
-                checkpointing=pcfg.checkpointing and train)
+                checkpointing=pcfg.checkpointing if train else "none")
     model.to_empty(device="cpu" if pcfg.cpu_offload else d.device)
     # Every rank passes the full tensors; each keeps only its own shard.
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))

@@ -82,7 +82,7 @@ def test_count_one_gather_per_layer_in_forward_and_recompute(results, mode):
     for ledger in ledgers:
         assert [position_gathers(ledger, p) for p in repro.PHASES] == [want, want, 0]
         recompute = [e for e in ledger if e.get("phase") == "recompute"]
-        assert {e["op"] for e in recompute} == ({"alltoall_base_", "_allgather_base_"} if want else {"alltoall_base_"})
+        assert {e["op"] for e in recompute} == ({"all_to_all_single", "_allgather_base_"} if want else {"all_to_all_single"})
 
 
 def test_count_naive_and_pregather_compute_the_same_loss(results):
@@ -96,7 +96,7 @@ def test_tail_skew_rank0_recomputes_a_gather_that_rank1_skips(results):
     r = results["tail_skew", "naive"]
     rank0, rank1 = r.divergence.entries[0], r.divergence.entries[1]
     assert (rank0["phase"], rank0["op"], rank0["dtype"]) == ("recompute", "_allgather_base_", "int64")
-    assert (rank1["phase"], rank1["op"]) == ("backward", "alltoall_base_")
+    assert (rank1["phase"], rank1["op"]) == ("backward", "all_to_all_single")  # Ulysses: the functional all-to-all
     # gloo pairs the two by order and both wait for the other's bytes: a hang (see repro.HANG_SYMPTOMS)
     assert r.how in repro.HANG_SYMPTOMS, log_of(r)
     # Recompute of the last layer: attention's gather on both ranks, the tail's on rank 0 only.

@@ -166,7 +166,7 @@ def run(report: Report, d: mdist.Dist, shared: str, phase: str, adapters: bool =
     if adapters:
         lora.add_adapters(model, lora.AdapterSpec(rank=4, alpha=8.0, seed=seed))
         lora.freeze_base(model)
-    model = shard_model(model, d.fsdp_mesh, False, False, True)
+    model = shard_model(model, d.fsdp_mesh, False, False, "full")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))
     ckpt_dir = os.path.join(shared, "lora_ckpt" if adapters else "ckpt")

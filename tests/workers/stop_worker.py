@@ -118,7 +118,7 @@ def run_case(report: Report, d, policy: Policy, batches, minis, samples, name: s
 
 def check_stop(report: Report, d):
     cfg = tiny_config()
-    model = shard_model(make_model(cfg, 0), d.fsdp_mesh, False, False, False)
+    model = shard_model(make_model(cfg, 0), d.fsdp_mesh, False, False, "none")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     policy = Policy(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)))
     samples = samples_of(cfg.vocab_size)
