@@ -76,7 +76,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
         if arg.split("=")[0] in RENAMED:
             p.error(f"{arg.split('=')[0]} is now {RENAMED[arg.split('=')[0]]}, as in train.py")
     args = vars(p.parse_args(argv))
-    mine = {k: args.pop(k) for k in ("out", "dtype", "kv_cache_gib", "check_logprobs", "check_dtype")}
+    # The parser leaves out a flag not given (build_parser's SUPPRESS default): None, as for --kv-cache-gib.
+    mine = {k: args.pop(k, None) for k in ("out", "dtype", "kv_cache_gib", "check_logprobs", "check_dtype")}
     try:
         cfg = config_from_args(args, base)
         cfg.rollout.keep_generator = True
