@@ -16,20 +16,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from minirl import checkpoint, ledger, report
-from minirl.backend import RolloutBackend
-from minirl.config import TrainConfig, parse_config, sample_budget, validate
+from minirl import checkpoint, report
+from minirl.attention import pick_backend
+from minirl.config import Derived, TrainConfig, derive, parse_config, validate
 from minirl.data import PromptDataset
 from minirl.dist import Dist, check_parallel_or_exit, distributed
-from minirl.env import stop_token_id
 from minirl.fsdp import build_sharded, iter_full_params
-from minirl.generate import Generator
 from minirl.hf import check_weights, load_state_dict_from_dir, read_config
 from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
-from minirl.rewards import load_reward
+from minirl.rollouts import evaluate, make_generator
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Policy, evaluate, rl_step
+from minirl.trainer import Policy, rl_step
 
 
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
@@ -40,10 +38,12 @@ QUIET_RANK_WAIT_S = 10
 
 
 def main(argv=None):
+    """Parse and check everything (one `error:` line and exit 2 on bad input, before any process group),
+    then train inside the process group; a stop signal exits 0 after saving, an agreed error exits 1."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:  # everything that can be wrong with the inputs fails here, before any process group or weights
         cfg = parse_config(argv, description=__doc__.splitlines()[0])
-        model_cfg, tok, data, test, reward_fn = load_inputs(cfg)
+        model_cfg, tok, data, test, ds = load_inputs(cfg)
     except (ValueError, FileNotFoundError) as e:
         if not rank0:
             # Rank 0 reads the same inputs and speaks for all; when it fails, torchrun ends this rank. Leaving
@@ -54,11 +54,12 @@ def main(argv=None):
         sys.exit(2)
     ledger_dir = os.path.join(cfg.run.out_dir, "ledger")
     if cfg.parallel.trace_collectives:
+        from minirl import ledger  # a debugging tool: imported only when asked for
         ledger.flight_recorder_env(ledger_dir)  # read when the process group is created
     with (distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cpu_collectives=cfg.parallel.cpu_offload) as d,
           trace_collectives(cfg, d, ledger_dir) as traced):
         try:
-            stopped = run(cfg, d, model_cfg, tok, data, test, reward_fn, traced)
+            stopped = run(cfg, d, model_cfg, tok, data, test, ds, traced)
         except (ValueError, OSError) as e:
             # Raised on every rank together (a reward error, non-finite steps, a failed checkpoint save or
             # load: each agreed through a collective), so rank 0 speaks for all.
@@ -71,15 +72,19 @@ def main(argv=None):
         os._exit(0)
 
 
-def load_inputs(cfg: TrainConfig):
+def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset, PromptDataset | None, Derived]:
+    """Check and read everything a run needs before it starts: the settings, the layout against the
+    model, the weights' files, the out dir, the tokenizer, the prompts, the reward and environment
+    (`config.derive`); prints notes and warnings once (rank 0). A problem is a ValueError or
+    FileNotFoundError naming it."""
     validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = read_config(cfg.data.model)
     check_parallel_or_exit(world, cfg.parallel.sp, model_cfg)
     check_weights(cfg.data.model)
     note = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world)
-    reward_fn = load_reward(cfg.data.reward)
     tok = Tokenizer.from_dir(cfg.data.model)
+    ds = derive(cfg, tok)
     chat = cfg.data.chat_template and tok.has_chat_template
     rank0 = int(os.environ.get("RANK", "0")) == 0
     notes = [note] if note else []
@@ -89,10 +94,7 @@ def load_inputs(cfg: TrainConfig):
                          cfg.data.max_prompt_len, cfg.run.seed)
     test = PromptDataset(cfg.data.test_data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
                          cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
-    if cfg.rollout.env:
-        stop_token_id(cfg.rollout.env, tok)  # the env's stop text is one token of this tokenizer
-    after_prompt = sample_budget(cfg.rollout)
-    longest = max(len(p.token_ids) for p in data.prompts) + after_prompt - 1
+    longest = max(len(p.token_ids) for p in data.prompts) + ds.sample_budget - 1
     if longest > cfg.parallel.micro_batch_tokens:
         raise ValueError(f"--micro-batch-tokens {cfg.parallel.micro_batch_tokens} cannot hold the longest prompt "
                          f"with its completion ({longest} tokens); raise it or lower --max-new-tokens/--max-prompt-len")
@@ -104,18 +106,19 @@ def load_inputs(cfg: TrainConfig):
     if rank0:
         for line in notes:
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
-    return model_cfg, tok, data, test, reward_fn
+    return model_cfg, tok, data, test, ds
 
 
 def trace_collectives(cfg: TrainConfig, d: Dist, ledger_dir: str):
     """--trace-collectives: every collective of every rank in ledger_dir; stacks before the timeout."""
     if not cfg.parallel.trace_collectives:
         return contextlib.nullcontext()
+    from minirl import ledger
     return ledger.Ledger(ledger_dir, d.rank, labels={"sp": d.sp_group, "fsdp": d.fsdp_mesh.get_group()},
                          stall_s=0.75 * cfg.parallel.timeout_s)
 
 
-def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced=None) -> bool:
+def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, traced=None) -> bool:
     """Train; returns True when a stop signal ended the run early (after saving a checkpoint)."""
     if cfg.parallel.numa and d.device.type == "cuda":
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -129,7 +132,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
     policy = build_policy(model_cfg, cfg, d)
     ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
     # A vLLM engine must shut down before the process group does (its shutdown tears groups down).
-    with contextlib.closing(make_generator(cfg, model_cfg, tok, d)) as generator:
+    with contextlib.closing(make_generator(cfg, model_cfg, tok, d.device)) as generator:
         start = 0
         if cfg.run.resume:
             state = checkpoint.load_latest(ckpt_dir, policy.model, policy.optimizer, policy.scheduler)
@@ -141,12 +144,12 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
 
         metrics = report.MetricsLog(cfg.run.out_dir, start_step=start) if d.is_main else None
         if test is not None and start == 0:
-            acc0 = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)
+            acc0 = evaluate(generator, test.prompts, d, cfg.rollout, ds, tok)
             log(f"held-out accuracy before training: {acc0:.1%}")
             if d.is_main:
                 metrics.write({"step": 0, "test_accuracy": acc0})
 
-        stop, acc = report.StopFlag(d.device), None
+        interrupt, acc = report.Interrupt(d.device), None
         saved = start  # the newest checkpoint on disk (0: none needed, nothing has changed yet)
         step_bar = tqdm(range(start, cfg.run.steps), desc="steps", disable=not d.is_main,
                         initial=start, total=cfg.run.steps)
@@ -154,8 +157,8 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
         for step in step_bar:
             drawn = data.state_dict()  # the data order before this step's prompts: --resume redoes the step
             try:
-                row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, reward_fn,
-                              tok, progress=d.is_main, stop=stop)
+                row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, ds, tok,
+                              progress=d.is_main, interrupt=interrupt)
             except report.Interrupted:  # on every rank together, before the step changed the model
                 policy.optimizer.zero_grad(set_to_none=True)  # the micro-batches' gradients so far
                 if step > saved:
@@ -169,7 +172,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
                 traced.check_step(step + 1)
             acc = None
             if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-                acc = row["test_accuracy"] = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)
+                acc = row["test_accuracy"] = evaluate(generator, test.prompts, d, cfg.rollout, ds, tok)
             if d.is_main:
                 metrics.write(row)
                 step_bar.write(report.summary_line(row))
@@ -180,7 +183,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
                                  f"loss/gradient norm ({MAX_SKIPPED_STEPS} steps in a row); check the rewards, "
                                  f"lower --lr, or resume from the last checkpoint")
             last = step + 1 == cfg.run.steps
-            stopping = stop.any_rank()  # a signal that came after the step could no longer be abandoned
+            stopping = interrupt.any_rank()  # a signal that came after the step could no longer be abandoned
             if stopping or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 checkpoint.save(ckpt_dir, step + 1, policy.model, policy.optimizer, policy.scheduler,
                                 data.state_dict(), keep=cfg.run.keep_checkpoints)
@@ -191,7 +194,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, reward_fn, traced
 
         if test is not None:
             if acc is None:  # not already evaluated at the last step
-                acc = evaluate(generator, test.prompts, d, cfg.rollout, reward_fn, tok)
+                acc = evaluate(generator, test.prompts, d, cfg.rollout, ds, tok)
                 if d.is_main:
                     metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
             log(f"held-out accuracy after training: {acc:.1%}")
@@ -210,7 +213,7 @@ def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
     model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
     ref_model = build_sharded(model_cfg, weights, d, cfg.parallel, train=False) if cfg.algo.kl_coef else None
     del weights
-    oc, updates = cfg.optim, cfg.run.steps * cfg.run.mini_batches * cfg.run.ppo_epochs
+    oc, updates = cfg.optim, cfg.run.steps * cfg.algo.mini_batches * cfg.algo.ppo_epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
 
     def lr_multiplier(update: int) -> float:
@@ -221,19 +224,8 @@ def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
         progress = (update - oc.warmup_steps) / max(1, updates - oc.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return Policy(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier), ref_model)
-
-
-def make_generator(cfg: TrainConfig, model_cfg: ModelConfig, tok, d: Dist) -> RolloutBackend:
-    """The rollout backend, sampling in bf16 on GPUs and fp32 on CPUs (weights: see `run`)."""
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    if cfg.rollout.backend == "vllm":
-        from minirl.vllm_backend import VLLMGenerator  # optional extra, imported only when asked for
-        return VLLMGenerator(cfg.data.model, tok.eos_ids, tp=cfg.rollout.tp, seed=cfg.run.seed, dtype=dtype,
-                             gpu_memory_utilization=cfg.rollout.vllm_memory,
-                             kv_cache_bytes=None if d.device.type == "cuda" else 2 << 30)
-    return Generator(model_cfg, tok.eos_ids, tok.pad_id, device=d.device, dtype=dtype,
-                     max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
+    return Policy(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier), ref_model,
+                  pick_backend(d.device, cfg.parallel.attn_backend or None))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ log-probs; only with --mini-batches > 1, since one optimizer step takes them fro
 `trainer.old_logprobs_needed`), train (packed
 forward+backward per micro-batch, clip, AdamW) and weight sync (the updated FSDP2 policy streamed
 into the generator's bf16 copy). This script runs exactly those phases with minirl's own pieces:
-`fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`score_samples`,
+`fsdp.build_sharded`, `generate.Generator`, and the phases of `trainer.rl_step` (`set_advantages`,
 `pack_mini_batch`, `logprobs_before_update`, `update`, the weight sync). Only the rollout is composed
-here from `Generator.generate`, because `trainer.rollout` also needs a tokenizer and text rewards.
+here from `Generator.generate`, because `rollouts.rollout` also needs a tokenizer and text rewards.
 
 Workload (synthetic, fixed): random-weight Qwen3-0.6B shape, --prompts random-token prompts of
 random length around --prompt-len, --samples completions each, --new-tokens per completion with no
@@ -39,12 +39,14 @@ from bench.common import (device_info, median, model_config, out_path, peak_memo
 from minirl import trainer
 from minirl.attention import pick_backend
 from minirl.backend import SamplingParams
-from minirl.config import TrainConfig, loss_config
+from minirl.config import TrainConfig, derive
 from minirl.data import Prompt
 from minirl.dist import Dist, distributed
 from minirl.fsdp import build_sharded, iter_full_params
 from minirl.generate import Generator
+from minirl.packing import pack_mini_batch, split_mini_batches
 from minirl.report import PhaseTimer
+from minirl.rollouts import Sample
 
 
 def parse_args(argv=None):
@@ -80,7 +82,7 @@ def rl_config(args) -> TrainConfig:
     cfg.rollout.gen_batch_size, cfg.rollout.keep_generator = args.gen_batch, args.keep_generator
     cfg.parallel.micro_batch_tokens = args.micro_batch_tokens
     cfg.parallel.compile, cfg.parallel.checkpointing = args.compile, not args.no_checkpointing
-    cfg.run.mini_batches, cfg.run.prompts_per_step = args.mini_batches, args.prompts
+    cfg.algo.mini_batches, cfg.run.prompts_per_step = args.mini_batches, args.prompts
     cfg.algo.tis_cap = args.tis_cap
     return cfg
 
@@ -96,44 +98,40 @@ def even_token_reward(token_ids: list[int]) -> float:
     return sum(t % 2 == 0 for t in token_ids) / max(1, len(token_ids))
 
 
-def rollout(generator: Generator, prompts: list[Prompt], cfg: TrainConfig, seed: int) -> list[trainer.Sample]:
+def rollout(generator: Generator, prompts: list[Prompt], cfg: TrainConfig, seed: int) -> list[Sample]:
     """n completions per prompt, in the trainer's order (a prompt's group together), rewarded."""
     rc = cfg.rollout
     rows = [p for p in prompts for _ in range(rc.n_samples)]
     params = SamplingParams(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
                             top_k=rc.top_k, seed=seed)
     outs = generator.generate([p.token_ids for p in rows], params)
-    return [trainer.Sample(p, o.token_ids, o.logprobs, o.finish_reason, even_token_reward(o.token_ids))
+    return [Sample(p, o.token_ids, o.logprobs, o.finish_reason, even_token_reward(o.token_ids))
             for p, o in zip(rows, outs)]
 
 
 def rl_step(step: int, policy: trainer.Policy, generator, prompts, cfg, d: Dist) -> dict:
     """One step as trainer.rl_step runs it; returns phase times (s), peak memory (GiB) and token counts."""
-    timer = PhaseTimer(d.device)
+    timer, ds = PhaseTimer(d.device), derive(cfg, None)
     reset_peak_memory(d.device)
-    timer.start("rollout")
-    samples = rollout(generator, prompts, cfg, seed=step)
-    timer.stop("rollout")
+    with timer.phase("rollout"):
+        samples = rollout(generator, prompts, cfg, seed=step)
     mem = {"rollout": peak_memory_gb(d.device)}
     generator.release()
-    trainer.score_samples(samples, cfg.rollout.n_samples, cfg.algo.std_norm, cfg.algo.advantage)
+    trainer.set_advantages(samples, cfg.rollout.n_samples, cfg.algo.std_norm, cfg.algo.advantage)
     reset_peak_memory(d.device)
-    backend, lcfg = pick_backend(d.device), loss_config(cfg.algo)
-    minis = trainer.split_mini_batches(len(samples), cfg.run.mini_batches)
-    batches = [trainer.pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, 0, backend) for mb in minis]
-    timer.start("logprobs")
-    need_old = trainer.old_logprobs_needed(len(minis), cfg.run.ppo_epochs)
-    old, ref = trainer.logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress=False)
-    timer.stop("logprobs")
-    timer.start("train")
-    trainer.update(policy, samples, minis, batches, old, ref, d, lcfg, cfg.rollout, cfg.optim.grad_clip,
-                   cfg.run.ppo_epochs, progress=False)
-    timer.stop("train")
+    minis = split_mini_batches(len(samples), cfg.algo.mini_batches)
+    batches = [pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, 0, policy.attn_backend)
+               for mb in minis]
+    with timer.phase("logprobs"):
+        need_old = trainer.old_logprobs_needed(len(minis), cfg.algo.ppo_epochs)
+        trainer.logprobs_before_update(policy, batches, need_old, cfg.rollout.temperature, progress=False)
+    with timer.phase("train"):
+        trainer.update(policy, samples, minis, batches, d, ds, cfg.optim.grad_clip, cfg.algo.ppo_epochs,
+                       progress=False)
     mem["logprobs+train"] = peak_memory_gb(d.device)
     reset_peak_memory(d.device)
-    timer.start("weight_sync")
-    generator.update_weights(iter_full_params(policy.model, generator.dtype))
-    timer.stop("weight_sync")
+    with timer.phase("weight_sync"):
+        generator.update_weights(iter_full_params(policy.model, generator.dtype))
     mem["weight_sync"] = peak_memory_gb(d.device)
     times = {k.removeprefix("time/"): v for k, v in timer.summary().items()}
     generated = sum(len(s.completion_ids) for s in samples)
@@ -158,7 +156,7 @@ def build(args, d: Dist, dtype):
     generator = Generator(model_cfg, eos_ids=[], pad_id=0, device=d.device, dtype=dtype,
                           max_batch_size=cfg.rollout.gen_batch_size, keep_resident=cfg.rollout.keep_generator)
     generator.update_weights(iter_full_params(model, dtype))
-    return cfg, trainer.Policy(model, optimizer, scheduler), generator
+    return cfg, trainer.Policy(model, optimizer, scheduler, attn_backend=pick_backend(d.device)), generator
 
 
 def run(args, d: Dist):

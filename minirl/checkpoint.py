@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from minirl import hf
+from minirl.dist import agree
 from minirl.fsdp import iter_full_params
 from minirl.model import ModelConfig
 from minirl.report import METRICS_FILE
@@ -71,18 +72,6 @@ def _set_rng_state(state: dict) -> None:
 def _warn(msg: str) -> None:
     if dist.get_rank() == 0:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def _agree(error: str) -> str:
-    """The first rank's error from the phase just done ("" when every rank succeeded), on every rank.
-
-    A collective: all ranks go on, or stop, together. A failure on one rank alone (its disk, its file)
-    would otherwise leave the others waiting in the next collective until the timeout.
-    """
-    errors = [""] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    r, first = next(((r, e) for r, e in enumerate(errors) if e), (0, ""))
-    return f"rank {r}: {first}" if r else first
 
 
 def _why(e: BaseException) -> str:
@@ -232,7 +221,7 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict
     previous = _read_latest(ckpt_dir)
     intact = (f"the previous checkpoint {os.path.join(ckpt_dir, previous)} is intact" if previous
               else "there is no earlier checkpoint")
-    bad = _agree(", ".join(_non_finite(model)[:3]))
+    bad = agree(", ".join(_non_finite(model)[:3]))
     if bad:
         raise ValueError(f"refusing to save {final}: non-finite values in {bad}; {intact}")
 
@@ -243,7 +232,7 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict
                 work()
             except (OSError, CheckpointException) as e:  # DCP wraps a rank's OSError in CheckpointException
                 error = _why(e)
-        failed = _agree(error)
+        failed = agree(error)
         if failed:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -291,7 +280,7 @@ def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:
     for why in passed_over:
         _warn(why)
     for path in paths:
-        why = _agree(problem(path, dist.get_world_size()) or "")
+        why = agree(problem(path, dist.get_world_size()) or "")
         if not why:
             error = ""
             try:
@@ -302,7 +291,7 @@ def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:
                 rank_state = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=True)
             except (Exception, CheckpointException) as e:  # whatever it is, an older checkpoint may load
                 error = f"{path} does not load ({_why(e)})"
-            why = _agree(error)
+            why = agree(error)
         if not why:
             scheduler.load_state_dict(rank_state["scheduler"])
             _set_rng_state(rank_state["rng"])

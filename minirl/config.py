@@ -1,25 +1,29 @@
 """The training configuration: one tree of small dataclasses, overridable by a JSON file and CLI flags.
 
 Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
-`--help`, with the help text kept next to the field. Precedence: dataclass default < `--config FILE`
-< flags given on the command line. Without --model the built-in default task fills in model and data.
-Config values are type-checked against the fields, and every problem with the file is a ValueError or
-FileNotFoundError naming it (entry points print it once).
+`--help`, with the help text kept next to the field; train.py takes them all, rollout.py the ones it
+uses. Precedence: dataclass default < `--config FILE` < flags given on the command line. Without
+--model the built-in task fills in model, data and its train_config.json. Config values are
+type-checked against the fields, and every problem with the file is a ValueError or FileNotFoundError
+naming it (entry points print it once).
 
-It also owns what follows from the settings: `validate`, and the forms the code uses them in
-(`loss_config`, `sampling_params`). Nothing changes the config after `parse_config` returns it.
+It also owns what follows from the settings: `validate`, and `derive`, which works out once, before
+the first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
 """
 
 import argparse
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 from minirl.algorithms import LossConfig, check_advantage
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
-from minirl.env import load_env
+from minirl.env import load_env, stop_token_id
+from minirl.episodes import EpisodeConfig
+from minirl.rewards import load_reward
 
 # The built-in tasks: a small model, its data and its settings ship in the repo.
 DEFAULT_TASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_task")
@@ -80,6 +84,8 @@ class AlgoConfig:
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
     tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
     tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask")
+    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
+    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
 
 
 @dataclass
@@ -102,16 +108,15 @@ class ParallelConfig:
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
     numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)")
-    trace_collectives: bool = opt(False, "record every collective in out_dir/ledger, check each step that the ranks "
-                                  "issued the same ones, report where they parted on a hang (minirl/ledger.py)")
+    trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
+                                  "check each step that the ranks issued the same ones, report where they parted "
+                                  "on a hang (minirl/ledger.py)")
 
 
 @dataclass
 class RunConfig:
     steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
     prompts_per_step: int = opt(64, "prompts per step, over all ranks")
-    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
-    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
     seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)")
@@ -173,33 +178,45 @@ def _typed(value, expected: type, what: str):
     raise ValueError(f"{what} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def build_parser(cfg: TrainConfig, description: str) -> argparse.ArgumentParser:
+def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, ...]] | None = None,
+                 ) -> argparse.ArgumentParser:
+    """A flag per field of `cfg` (of the sections and fields in `only`, when given), its defaults as
+    `--help` shows them: where the built-in task's train_config.json sets a field, a bare run uses
+    that value, so help names it first."""
+    bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
     for name, section in _sections(cfg):
         group = p.add_argument_group(name)
         for f in fields(section):
+            if only is not None and f.name not in only.get(name, ()):
+                continue
             default = getattr(section, f.name)
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(default, bool):
-                group.add_argument(flag, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
-                                   help=f.metadata["help"] + f" (default: {default})")
-            else:
-                group.add_argument(flag, default=argparse.SUPPRESS, type=type(default), dest=f.name,
-                                   help=f.metadata["help"] + f" (default: {default!r})")
+            shown = f"{default!r}" if f.name not in bare else (
+                f"{bare[f.name]!r} from the built-in task's train_config.json, {default!r} with --model")
+            kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else dict(type=type(default))
+            group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
+                               help=f.metadata["help"] + f" (default: {shown})", **kind)
     return p
 
 
 def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """Defaults, then --config FILE, then flags. With neither --config nor --model, the built-in task's
-    (--task) train_config.json stands in for --config, and its model and data fill in what is left
-    empty: that is how a bare `train.py` runs the default task, and `train.py --task tools` the other."""
-    cfg = TrainConfig()
-    args = vars(build_parser(cfg, description).parse_args(argv))
+    """train.py's command line: every field a flag (`config_from_args`)."""
+    return config_from_args(vars(build_parser(TrainConfig(), description).parse_args(argv)))
+
+
+def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
+    """`cfg` (default: the dataclass defaults), then --config FILE, then the flags given in `args`.
+
+    With neither --config nor --model, the built-in task's (--task) train_config.json stands in for
+    --config, and its model and data fill in what is left empty: that is how a bare `train.py` runs
+    the default task, and `train.py --task tools` the other.
+    """
+    cfg = cfg or TrainConfig()
     if args.get("task", "default") not in TASKS:
         raise ValueError(f"unknown --task {args['task']!r}: one of {', '.join(TASKS)}")
     task = TASKS[args.get("task", "default")]
-    config_file = args.pop("config") or ("" if "model" in args else os.path.join(task, "train_config.json"))
+    config_file = args.pop("config", "") or ("" if "model" in args else os.path.join(task, "train_config.json"))
     if config_file:
         apply_overrides(cfg, read_config_file(config_file), config_file)
     apply_overrides(cfg, args, "command line")
@@ -234,11 +251,13 @@ def validate(cfg: TrainConfig):
     if not cfg.data.data:
         raise ValueError("--data is required with --model")
     n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.run.ppo_epochs) < 1:
+    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.algo.ppo_epochs) < 1:
         raise ValueError("--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1")
-    if n % cfg.run.mini_batches:
+    if n % cfg.algo.mini_batches:
         raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
-                         f"--mini-batches {cfg.run.mini_batches}")
+                         f"--mini-batches {cfg.algo.mini_batches}")
+    if not 0 <= cfg.run.seed < 2**31:
+        raise ValueError(f"--seed must be in [0, 2**31), got {cfg.run.seed}")
     if cfg.rollout.backend not in ("naive", "vllm"):
         raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
     if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -288,3 +307,26 @@ def sample_budget(rc: RolloutConfig) -> int:
     """Tokens after the prompt a sample may hold: a completion's max_new_tokens, or with --env, an
     episode's budget (its turns and observations). Also the constant length of seq-mean-token-sum-norm."""
     return (rc.episode_tokens or rc.max_turns * rc.max_new_tokens) if rc.env else rc.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Derived:
+    """The settings in the forms the step uses, worked out once before the first step (`derive`) and
+    handed down, so that nothing in the step calls back into config.py or env.py. A value that follows
+    from several flags, the tokenizer or the hardware (an "auto" default) is added here."""
+
+    loss: LossConfig
+    sampling: SamplingParams  # the rollouts'
+    greedy: SamplingParams  # held-out evaluation: argmax, the same length limit
+    sample_budget: int
+    reward: Callable[[int, str, str, str], float] | None  # checked (rewards.load_reward); None: no --reward
+    episodes: EpisodeConfig | None  # with --env: the environment, its stop token id and the limits
+
+
+def derive(cfg: TrainConfig, tok) -> Derived:
+    """`Derived` for a validated config; `tok` turns an environment's stop text into its token id."""
+    rc, episodes = cfg.rollout, None
+    if rc.env:
+        episodes = EpisodeConfig(rc.env, load_env(rc.env), stop_token_id(rc.env, tok), rc.max_turns, sample_budget(rc))
+    return Derived(loss_config(cfg.algo), sampling_params(rc), sampling_params(rc, greedy=True), sample_budget(rc),
+                   load_reward(cfg.data.reward) if cfg.data.reward else None, episodes)

@@ -1,11 +1,5 @@
-"""Prompt datasets, and packing rollouts into balanced micro-batches.
-
-Two jobs live here because both decide *which tokens go where*:
-- `PromptDataset` reads prompts, tokenizes them once, drops over-long ones, and hands out batches in
-  a seeded order whose position (epoch, index) is saved in checkpoints for an exact resume.
-- `plan_micro_batches` splits a mini-batch of sequences over data-parallel ranks and into packed
-  micro-batches under a token budget, giving every rank the SAME number of micro-batches so the
-  collectives inside forward/backward always pair up across ranks.
+"""Prompt datasets: `PromptDataset` reads prompts, tokenizes them once, drops over-long ones, and hands
+out batches in a seeded order whose position (epoch, index) is saved in checkpoints for an exact resume.
 """
 
 import json
@@ -54,13 +48,13 @@ class PromptDataset:
     """Tokenized prompts served in a seeded, epoch-wise shuffled order. Same order on every rank.
 
     Every row needs a prompt: a string, or a list of chat messages when `chat`. A row without an
-    answer gets "" (its rewards are then 0): a file where every row lacks `answer_field` is an error
-    (a misspelt field would train a whole run at reward 0), and `missing_answers` counts the rows that
-    lack it, for the caller to warn about once.
+    answer gets "" (its rewards are then 0): with `need_answers`, a file where every row lacks
+    `answer_field` is an error (a misspelt field would train a whole run at reward 0), and
+    `missing_answers` counts the rows that lack it, for the caller to warn about once.
     """
 
     def __init__(self, path, tokenizer: Tokenizer, prompt_field="prompt", answer_field="answer",
-                 chat=True, max_prompt_len=1024, seed=0):
+                 chat=True, max_prompt_len=1024, seed=0, need_answers=True):
         rows = read_records(path)
         self.prompts, self.dropped, self.missing_answers = [], 0, 0
         for i, row in enumerate(rows):
@@ -70,13 +64,15 @@ class PromptDataset:
                 ids = tokenizer.encode_prompt(row[prompt_field], chat=chat)
             except (TypeError, ValueError) as e:  # not a string or a list of messages
                 raise ValueError(f"{path}: row {i + 1}, field {prompt_field!r}: {e}") from None
+            if not ids:
+                raise ValueError(f"{path}: row {i + 1}: the prompt is empty (no tokens to generate from)")
             answer = row.get(answer_field)
             self.missing_answers += answer is None
             if len(ids) > max_prompt_len:
                 self.dropped += 1
                 continue
             self.prompts.append(Prompt(i, row[prompt_field], ids, "" if answer is None else str(answer)))
-        if rows and self.missing_answers == len(rows):
+        if need_answers and rows and self.missing_answers == len(rows):
             raise ValueError(f"{path}: no row has the answer field {answer_field!r} (fields of row 1: "
                              f"{sorted(rows[0])}); set --answer-field")
         if not self.prompts:
@@ -105,37 +101,3 @@ class PromptDataset:
     def load_state_dict(self, state: dict):
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._shuffle(self.epoch)
-
-
-def plan_micro_batches(lengths: list[int], dp_size: int, token_budget: int) -> list[list[list[int]]]:
-    """Assign sequences (by index) to dp ranks and pack each rank's share into micro-batches.
-
-    Returns plan[rank][micro_batch] = list of sequence indices. Deterministic, so every rank computes
-    the same plan from the same lengths with no communication. Sequences go to ranks longest first,
-    each to the rank with the fewest tokens so far (balances compute); each rank then packs first-fit
-    decreasing under `token_budget`. Ranks with fewer micro-batches get empty ones appended: the
-    trainer runs an empty micro-batch as a zero-weight dummy so forward/backward collectives still match.
-    """
-    if max(lengths, default=0) > token_budget:
-        raise ValueError(f"a sequence of {max(lengths)} tokens exceeds micro_batch_tokens={token_budget}; "
-                         f"raise --micro-batch-tokens or lower --max-new-tokens/--max-prompt-len")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    shares, loads = [[] for _ in range(dp_size)], [0] * dp_size
-    for i in order:
-        r = min(range(dp_size), key=lambda k: (loads[k], k))
-        shares[r].append(i)
-        loads[r] += lengths[i]
-    plan = []
-    for share in shares:  # already longest first
-        bins, room = [], []
-        for i in share:
-            fit = next((b for b in range(len(bins)) if room[b] >= lengths[i]), None)
-            if fit is None:
-                bins.append([])
-                room.append(token_budget)
-                fit = len(bins) - 1
-            bins[fit].append(i)
-            room[fit] -= lengths[i]
-        plan.append(bins)
-    n_micro = max(1, max(len(b) for b in plan))
-    return [bins + [[] for _ in range(n_micro - len(bins))] for bins in plan]

@@ -11,7 +11,8 @@ the grid only decides who shares data.
 A bad layout is reported before anything expensive happens: entry points call
 `check_parallel_or_exit` with the model's config.json, before init and before any weights load.
 
-`python -m minirl.dist --sp N --model DIR [--world W]` runs that check alone.
+`agree` is how the ranks go on or stop together after work that can fail on one rank alone.
+`python -m minirl.dist --sp N --model DIR [--world W]` runs the layout check alone.
 """
 
 import argparse
@@ -28,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from minirl.hf import read_config
 from minirl.model import ModelConfig
 
 
@@ -171,7 +171,22 @@ def distributed(sp: int = 1, timeout_s: float = 600.0, cpu_collectives: bool = F
         shutdown()
 
 
+def agree(error: str) -> str:
+    """The first failing rank's error ("rank r: ..." unless rank 0), or "" when every rank succeeded.
+
+    A collective that every rank joins after work that can fail on one rank alone (a reward on its
+    completions, its disk): all ranks then raise or go on together, instead of the healthy ones
+    waiting in their next collective until the timeout.
+    """
+    errors = [""] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    r, first = next(((r, e) for r, e in enumerate(errors) if e), (0, ""))
+    return f"rank {r}: {first}" if r else first
+
+
 def main(argv: list[str] | None = None) -> None:
+    from minirl.hf import read_config  # only for this command
+
     p = argparse.ArgumentParser(description="Check a parallel layout against a model before launching.")
     p.add_argument("--model", required=True, help="model directory with a config.json")
     p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree")

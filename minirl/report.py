@@ -1,7 +1,7 @@
 """What a run reports: phase times, metrics (jsonl, TensorBoard), the per-step line, the reward
-curve, and the SIGTERM/Ctrl-C flag that turns a kill into a checkpoint.
+curve, and the SIGTERM/Ctrl-C flag (`Interrupt`) that turns a kill into a checkpoint.
 
-Times and metrics are read once per step; inside the micro-batch loop runs only `StopFlag.check`.
+Times and metrics are read once per step; inside the micro-batch loop runs only `Interrupt.check`.
 """
 
 import json
@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -23,10 +24,10 @@ class PhaseTimer:
         self.cuda = device.type == "cuda"
         self.marks: dict[str, list] = {}
 
-    def start(self, name: str):
+    @contextmanager
+    def phase(self, name: str):
         self.marks[name] = [self._now()]
-
-    def stop(self, name: str):
+        yield
         self.marks[name].append(self._now())
 
     def _now(self):
@@ -48,26 +49,30 @@ class Interrupted(Exception):
     model, optimizer, scheduler or data order (train.py saves the last finished step and exits)."""
 
 
-class StopFlag:
+class Interrupt:
     """SIGTERM/SIGINT set a flag; the step checks it where every rank is in lockstep and ends early.
 
-    The handler only sets `raised`: the ranks must agree on where they stop, or one rank would enter a
-    collective that the others never join. `check` is that agreement, a one-float all_reduce(MAX) that
-    the trainer runs once per micro-batch. On GPUs it goes through a gloo group on a CPU tensor, so
-    reading the result does not wait for the GPU's queued work.
+    The handler only sets the flag (`requested()` reads this rank's): the ranks must agree on where
+    they stop, or one rank would enter a collective that the others never join. `check` is that
+    agreement, a one-float all_reduce(MAX) that the trainer runs once per micro-batch. On GPUs it goes
+    through a gloo group on a CPU tensor, so reading the result does not wait for the GPU's queued work.
     """
 
     def __init__(self, device: torch.device):
-        self.raised = False
+        self._requested = False
         self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # a collective
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.raised = True
+        self._requested = True
+
+    def requested(self) -> bool:
+        """Whether this rank got a signal (no collective): what a generator asks between batches."""
+        return self._requested
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([float(self.raised)])
+        flag = torch.tensor([float(self._requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 

@@ -125,16 +125,3 @@ def shard_micro_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, sp_ra
     pos = local_slice(full_pos, sp_rank, sp_size)  # [t]
     meta = AttnMeta(*cu_seqlens_from_positions(full_pos), backend=backend, sp_group=sp_group if sp_size > 1 else None)
     return ids, pos, meta, pad
-
-
-def gather_tokens(x_local: torch.Tensor, group, pad: int = 0) -> torch.Tensor:
-    """Per-token values of the whole micro-batch from every rank's slice: [t, ...] -> [T, ...].
-
-    Drops the last `pad` entries (the padding `shard_micro_batch` added). For scoring and
-    logging only; it is not differentiable: train on each rank's own tokens (see fsdp.py).
-    """
-    sp = dist.get_world_size(group)
-    x_local = x_local.detach().contiguous()
-    out = x_local.new_empty((sp * x_local.shape[0], *x_local.shape[1:]))  # [T, ...]
-    dist.all_gather_into_tensor(out, x_local, group=group)
-    return out[:out.shape[0] - pad]

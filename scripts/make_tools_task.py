@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minirl.attention import AttnMeta, cu_seqlens_from_positions  # noqa: E402
 from minirl.backend import SamplingParams  # noqa: E402
-from minirl.episodes import Episode, run_episodes  # noqa: E402
+from minirl.episodes import Episode, EpisodeConfig, run_episodes  # noqa: E402
 from minirl.generate import Generator  # noqa: E402
 from minirl.hf import read_config, save_model  # noqa: E402
 from minirl.model import Transformer, init_weights  # noqa: E402
@@ -104,10 +104,9 @@ def evaluate(model: Transformer, tok: Tokenizer, problems: list, temperature: fl
     gen = Generator(model.cfg, tok.eos_ids, tok.pad_id, dtype=torch.float32, max_batch_size=512)
     gen.update_weights(model.named_parameters())
     episodes = [Episode(i, tok.encode(f"{x}+{y}="), SEED * 1000 + i, Calculator()) for i, (x, y) in enumerate(problems)]
-    error = run_episodes(gen, episodes, [f"{x}+{y}=" for x, y in problems], [str(x + y) for x, y in problems], ENV,
-                         tok, SamplingParams(MAX_NEW_TOKENS, temperature), tok.encode("]")[0], MAX_TURNS,
-                         MAX_TURNS * MAX_NEW_TOKENS)
-    assert not error, error
+    ec = EpisodeConfig(ENV, Calculator, tok.encode("]")[0], MAX_TURNS, MAX_TURNS * MAX_NEW_TOKENS)
+    run_episodes(gen, episodes, [f"{x}+{y}=" for x, y in problems], [str(x + y) for x, y in problems], ec, tok,
+                 SamplingParams(MAX_NEW_TOKENS, temperature))
     return (sum(e.reward for e in episodes) / len(episodes),
             sum(0.0 in e.mask for e in episodes) / len(episodes))
 

@@ -67,7 +67,18 @@ from minirl.fsdp import shard_model  # noqa: E402
 from minirl.ledger import (Divergence, Ledger, first_divergence, flight_recorder_env, group_labels,  # noqa: E402
                            read_ledgers)
 from minirl.model import MLP, Attention, Block, ModelConfig, Transformer, init_weights  # noqa: E402
-from minirl.ulysses import gather_tokens, local_slice, shard_micro_batch  # noqa: E402
+from minirl.ulysses import local_slice, shard_micro_batch  # noqa: E402
+
+def gather_tokens(x_local: torch.Tensor, group, pad: int = 0) -> torch.Tensor:
+    """Per-token values of the whole micro-batch from every rank's slice: [t, ...] -> [T, ...], without
+    the last `pad` entries (the padding `shard_micro_batch` added). The peers' way to get document
+    boundaries inside attention: an all-gather that activation recompute issues again."""
+    sp = dist.get_world_size(group)
+    x_local = x_local.detach().contiguous()
+    out = x_local.new_empty((sp * x_local.shape[0], *x_local.shape[1:]))  # [T, ...]
+    dist.all_gather_into_tensor(out, x_local, group=group)
+    return out[:out.shape[0] - pad]
+
 
 SCENARIOS = ("count", "tail_skew", "fsdp_moe")
 MODES = ("naive", "pregather")

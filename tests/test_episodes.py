@@ -18,12 +18,13 @@ import torch
 
 from minirl.algorithms import LossConfig, policy_loss, token_weights
 from minirl.backend import SamplingParams, sample_seed
-from minirl.config import RolloutConfig
+from minirl.config import TrainConfig, derive
 from minirl.data import Prompt
 from minirl.generate import Generator
 from minirl.hf import load_model, read_config
+from minirl.packing import micro_logprobs, pack
+from minirl.rollouts import Sample, complete
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Sample, complete, micro_logprobs, pack
 
 from helpers_dist import REPO, torchrun
 from helpers_models import save_hf_model
@@ -89,12 +90,20 @@ def parts(task):
 
 
 def rollout(task, parts, env="Echo", **rc):
+    """(samples, "") from `rollouts.complete`, or ([], the error) when it raises one."""
     root = task[0]
     tok, _, gen, prompts = parts
-    rc = RolloutConfig(env=f"{root}/envs.py:{env}", **{"max_new_tokens": 5, "max_turns": 4, "episode_tokens": 40, **rc})
+    cfg = TrainConfig()
+    for k, v in {"env": f"{root}/envs.py:{env}", "max_new_tokens": 5, "max_turns": 4, "episode_tokens": 40,
+                 **rc}.items():
+        setattr(cfg.rollout, k, v)
+    cfg.data.reward = ""
     seeds = [sample_seed(0, 0, p.index, 0) for p in prompts]
-    params = SamplingParams(rc.max_new_tokens, temperature=1.0)
-    return complete(gen, prompts, seeds, params, rc, None, tok)
+    params = SamplingParams(cfg.rollout.max_new_tokens, temperature=1.0)
+    try:
+        return complete(gen, prompts, seeds, params, derive(cfg, tok), tok), ""
+    except ValueError as e:
+        return [], str(e)
 
 
 def spans(s: Sample):
@@ -204,8 +213,8 @@ def test_limits_end_an_episode_and_say_which(task, parts):
     ("Raises", "step raised ZeroDivisionError: tool crashed"),
     ("NotText", "observation 42 \\(int\\) is not a string or None"),
 ])
-def test_env_error_is_returned_not_raised(task, parts, env, message):
-    """The caller raises it on every rank together (trainer.raise_first), so it must come back."""
+def test_env_error_names_the_env_and_the_prompt(task, parts, env, message):
+    """A ValueError that the caller agrees on over the ranks (`dist.agree`) and raises on every rank."""
     samples, error = rollout(task, parts, env=env)
     assert samples == []
     assert error.startswith(f"env '{task[0]}/envs.py:{env}' on prompt 0: ") and message.replace("\\", "") in error
@@ -230,8 +239,8 @@ def check(proc):
 # The module's launches, independent of each other, so they are started together (start-up is mostly
 # serial, and a one-rank run leaves a core idle): train.py (ranks, extra flags) and rollout.py (env, flags).
 RUNS = {"w1": (1, []), "dp2": (2, []), "sp2": (2, ["--sp", "2"]), "env_error": (1, ["--env", "{root}/envs.py:Raises"])}
-ROLLOUTS = {"rollout_echo": ("Echo", ["--check-logprobs", "--batch-size", "5"]),
-            "rollout_raises": ("RaisesOnPrompt3", ["--batch-size", "2"])}
+ROLLOUTS = {"rollout_echo": ("Echo", ["--check-logprobs", "--gen-batch-size", "5"]),
+            "rollout_raises": ("RaisesOnPrompt3", ["--gen-batch-size", "2"])}
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +289,7 @@ def run_rollout_py(task, out, env_name, *extra):
     root, model, data = task
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, os.path.join(REPO, "rollout.py"), "--model", model, "--data", data,
-                           "--out", str(out), "--n", "2", "--max-new-tokens", "5", "--episode-tokens", "40",
+                           "--out", str(out), "--n-samples", "2", "--max-new-tokens", "5", "--episode-tokens", "40",
                            "--no-chat-template", "--env", f"{root}/envs.py:{env_name}", *extra],
                           env=env, capture_output=True, text=True, timeout=300)
 

@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 
 BAD_DATA = {  # test_bad_data_is_one_clear_error: file content -> the error it must give
     '{"prompt": "a"}\n\n{"prompt": "b"\n': r"data\.jsonl:3: malformed JSON",
-    '{"prompt": "a"}\n{"question": "b"}\n': r"record 2 has no field 'prompt'",
+    '{"prompt": "a"}\n{"question": "b"}\n': r"row 2 has no field 'prompt'",
 }
 
 
@@ -73,11 +73,11 @@ def started(setup):
     most of each run's time and is serial, so running them side by side uses both cores."""
     model_dir, data, _, tmp = setup
     runs = {
-        "greedy": dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "greedy.jsonl"), "--n", "2",
+        "greedy": dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "greedy.jsonl"), "--n-samples", "2",
                              "--temperature", "0", "--max-new-tokens", "6", "--reward", "exact", "--check-logprobs",
-                             "--batch-size", "3")),
+                             "--gen-batch-size", "3")),
         "sampled": dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "sampled" / "sampled.jsonl"),
-                              "--num-samples", "3", "--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "8",
+                              "--n-samples", "3", "--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "8",
                               "--check-logprobs", "--seed", "5"), torchrun=2),
         "missing": dict(args=("--model", "/does/not/exist", "--data", data, "--out", str(tmp / "missing.jsonl")),
                         torchrun=2),
@@ -94,7 +94,7 @@ def started(setup):
         'def f(prompt, completion, answer):\n    return float("nan") if answer == "7" else 1.0\n')
     (tmp / "nan.jsonl").write_text('{"stale": true}\n')
     runs["nan"] = dict(args=("--model", model_dir, "--data", data, "--out", str(tmp / "nan.jsonl"), "--max-new-tokens",
-                             "4", "--reward", f"{tmp / 'nan_reward.py'}:f", "--batch-size", "1"), torchrun=2)
+                             "4", "--reward", f"{tmp / 'nan_reward.py'}:f", "--gen-batch-size", "1"), torchrun=2)
     (tmp / "sampled").mkdir()  # its own folder: the test checks that no .rank part is left in it
     with ThreadPoolExecutor(4) as pool:
         yield {name: pool.submit(run, *r["args"], torchrun=r.get("torchrun", 0)) for name, r in runs.items()}
@@ -212,7 +212,7 @@ def test_sigterm_on_two_ranks_leaves_the_parts_and_no_out(setup):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
            os.path.join(REPO, "rollout.py"), "--model", model_dir, "--data", str(many), "--out", str(out),
-           "--num-samples", "2", "--max-new-tokens", "8", "--batch-size", "1"]
+           "--n-samples", "2", "--max-new-tokens", "8", "--gen-batch-size", "1"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part0 = tmp / "stopped.jsonl.rank0"

@@ -1,4 +1,4 @@
-"""A stop signal in the middle of a step longer than torchrun's grace (train.py, report.StopFlag,
+"""A stop signal in the middle of a step longer than torchrun's grace (train.py, report.Interrupt,
 trainer.rl_step): the step is abandoned on every rank, the last finished step is saved, the job exits
 before torchrun's grace runs out, and `--resume` repeats a straight run's metrics exactly.
 

@@ -21,8 +21,10 @@ from helpers_dist import REPO, free_port, torchrun
 
 import train
 from minirl import trainer
-from minirl.config import TrainConfig, loss_config
+from minirl.config import TrainConfig, derive
 from minirl.data import Prompt
+from minirl.packing import pack_mini_batch, split_mini_batches
+from minirl.rollouts import Sample
 from minirl.dist import build_dist
 from minirl.model import ModelConfig, Transformer, init_weights
 
@@ -182,13 +184,13 @@ def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(one_
     init_weights(model)
     model.double()
     g = torch.Generator().manual_seed(1)
-    samples = [trainer.Sample(Prompt(i // 2, "", torch.randint(0, 50, (5,), generator=g).tolist(), ""),
+    samples = [Sample(Prompt(i // 2, "", torch.randint(0, 50, (5,), generator=g).tolist(), ""),
                               torch.randint(0, 50, (7,), generator=g).tolist(),
                               (-4 * torch.rand(7, generator=g, dtype=torch.float64)).tolist(), "length",
                               reward=float(i % 3)) for i in range(8)]
-    trainer.score_samples(samples, 2, True, "grpo")
-    minis = trainer.split_mini_batches(len(samples), 1)
-    batches = [trainer.pack_mini_batch(samples, mb, one_rank, 40, 0, "sdpa") for mb in minis]
+    trainer.set_advantages(samples, 2, True, "grpo")
+    minis = split_mini_batches(len(samples), 1)
+    batches = [pack_mini_batch(samples, mb, one_rank, 40, 0, "sdpa") for mb in minis]
     for mbs in batches:  # the packed floats follow the model (float64)
         for mb in mbs:
             mb.advantages, mb.gen_logprobs, mb.mask = (x.double() for x in (mb.advantages, mb.gen_logprobs, mb.mask))
@@ -198,10 +200,12 @@ def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(one_
         m = copy.deepcopy(model)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
         policy = trainer.Policy(m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-        old, ref = trainer.logprobs_before_update(policy, batches, with_pass, 1.0, progress=False)
+        for mb in batches[0]:
+            mb.old_logprobs = None
+        trainer.logprobs_before_update(policy, batches, with_pass, 1.0, progress=False)
+        old = [mb.old_logprobs for mb in batches[0] if mb.old_logprobs is not None]
         assert bool(old) == with_pass
-        sums = trainer.update(policy, samples, minis, batches, old, ref, one_rank, loss_config(cfg.algo),
-                              cfg.rollout, 1.0, 1, progress=False)
+        sums = trainer.update(policy, samples, minis, batches, one_rank, derive(cfg, None), 1.0, 1, progress=False)
         return {k: v.item() for k, v in sums.items()}, torch.cat([p.detach().flatten() for p in m.parameters()])
 
     (with_pass, weights_a), (skipped, weights_b) = one_update(True), one_update(False)

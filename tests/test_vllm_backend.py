@@ -101,7 +101,7 @@ def test_multi_turn_rollout_with_vllm(tmp_path):
     data, out = tmp_path / "d.jsonl", tmp_path / "episodes.jsonl"
     with open(os.path.join(task, "test.jsonl")) as f:
         data.write_text("".join(f.readlines()[:16]))
-    cmd = [sys.executable, "rollout.py", "--model", task, "--data", str(data), "--out", str(out), "--n", "8",
+    cmd = [sys.executable, "rollout.py", "--model", task, "--data", str(data), "--out", str(out), "--n-samples", "8",
            "--max-new-tokens", "10", "--max-turns", "3", "--no-chat-template", "--backend", "vllm",
            "--env", "minirl.tools_task.calculator:Calculator", "--check-logprobs"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},

@@ -10,6 +10,7 @@ collectives involved.
 """
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,10 @@ from minirl import dist as mdist
 from minirl.attention import varlen_attention
 from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
 from minirl.ledger import Ledger
-from minirl.ulysses import SeqToHead, attention, gather_tokens, local_slice, shard_micro_batch
+from minirl.ulysses import SeqToHead, attention, local_slice, shard_micro_batch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts"))
+from repro_recompute_hang import gather_tokens  # noqa: E402  (the reproducer's all-gather of the peers' way)
 
 SEED, LR, TOL = 0, 0.5, 1e-5
 

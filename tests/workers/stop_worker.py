@@ -2,8 +2,8 @@
 before the step's first optimizer step, and the model, optimizer and lr schedule are as they were.
 
 `torchrun --nproc-per-node 2 stop_worker.py --out DIR` (dp2, FSDP2 over both ranks). A real SIGTERM
-(`signal.raise_signal`) reaches report.StopFlag's handler on rank 1 only; the ranks can only agree
-through `StopFlag.check`, the all_reduce that `update` runs before each micro-batch of the first
+(`signal.raise_signal`) reaches report.Interrupt's handler on rank 1 only; the ranks can only agree
+through `Interrupt.check`, the all_reduce that `update` runs before each micro-batch of the first
 mini-batch. Two cases, each after one full update (so the optimizer holds state to compare):
 - before: rank 1 is signalled before `update` is called: both ranks stop before micro-batch 0, having
   run no forward and no backward, so every gradient is still None (zero_grad(set_to_none) of the update before);
@@ -20,12 +20,13 @@ from common import Report, make_model, parse_args, tiny_config
 from torch.distributed.tensor import DTensor
 
 from minirl import dist as mdist
-from minirl.algorithms import LossConfig
-from minirl.config import RolloutConfig
+from minirl.config import TrainConfig, derive
 from minirl.data import Prompt
 from minirl.fsdp import shard_model
-from minirl.report import Interrupted, StopFlag
-from minirl.trainer import Policy, Sample, pack_mini_batch, split_mini_batches, update
+from minirl.packing import pack_mini_batch, split_mini_batches
+from minirl.report import Interrupt, Interrupted
+from minirl.rollouts import Sample
+from minirl.trainer import Policy, update
 
 N_SAMPLES, TOKEN_BUDGET = 8, 24  # 8 samples of 9-13 tokens: 2 micro-batches of 1-2 samples on each dp rank
 
@@ -40,6 +41,13 @@ def samples_of(vocab: int) -> list[Sample]:
         s.advantage = float(i % 4) - 1.5
         out.append(s)
     return out
+
+
+def settings():
+    """The default loss (token-mean, no KL) and a 16-token sample budget."""
+    cfg = TrainConfig()
+    cfg.rollout.max_new_tokens = 16
+    return derive(cfg, None)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +74,7 @@ def run_case(report: Report, d, policy: Policy, batches, minis, samples, name: s
              at_forward: int | None):
     """One interrupted update: SIGTERM to `signal_rank` before the update (at_forward None) or inside
     its forward number `at_forward` (1-based, through a forward pre-hook)."""
-    stop = StopFlag(d.device)  # installs the SIGTERM handler, as train.py does
+    interrupt = Interrupt(d.device)  # installs the SIGTERM handler, as train.py does
     forwards = [0]
 
     def count(module, inputs):
@@ -80,12 +88,12 @@ def run_case(report: Report, d, policy: Policy, batches, minis, samples, name: s
     hook = policy.model.register_forward_pre_hook(count)
     if d.rank == signal_rank and at_forward is None:
         signal.raise_signal(signal.SIGTERM)
-    report.check(f"stop/{name}/flag_only_on_signalled_rank", stop.raised == (d.rank == signal_rank and at_forward is None),
-                 f"raised={stop.raised} before the update")
+    report.check(f"stop/{name}/flag_only_on_signalled_rank",
+                 interrupt.requested() == (d.rank == signal_rank and at_forward is None),
+                 f"requested={interrupt.requested()} before the update")
     interrupted = False
     try:
-        update(policy, samples, minis, batches, {}, {}, d, LossConfig(), RolloutConfig(max_new_tokens=16), 1.0, 1,
-               False, stop)
+        update(policy, samples, minis, batches, d, settings(), 1.0, 1, False, interrupt)
     except Interrupted:
         interrupted = True
     hook.remove()
@@ -116,8 +124,8 @@ def check_stop(report: Report, d):
     count = torch.tensor([float(len(batches[0]))])
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     report.check("stop/two_micro_batches", count.item() >= 2, f"{count.item()} micro-batches on some rank")
-    update(policy, samples, minis, batches, {}, {}, d, LossConfig(), RolloutConfig(max_new_tokens=16), 1.0, 1,
-           False)  # one full update, no stop: the optimizer now has state and the schedule moved
+    update(policy, samples, minis, batches, d, settings(), 1.0, 1, False)  # one full update, no signal: the
+    # optimizer now has state and the schedule moved
     run_case(report, d, policy, batches, minis, samples, "before", signal_rank=1, at_forward=None)
     run_case(report, d, policy, batches, minis, samples, "during", signal_rank=0, at_forward=1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
