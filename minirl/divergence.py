@@ -12,9 +12,20 @@ import os
 from dataclasses import dataclass, field
 
 
+def kind(op: str) -> str:
+    """The collective an op name stands for, whoever issued it: c10d's `alltoall_base_` (eager code),
+    the functional `all_to_all_single` (compiled code) and the flight recorder's `all_to_all` are
+    all "alltoall"; `_allgather_base_` and `all_gather_into_tensor` are "allgather"."""
+    name = op.strip("_")
+    for part in ("_base", "_into_tensor", "_tensor", "_single"):
+        name = name.replace(part, "")
+    return name.replace("_", "")
+
+
 def signature(entry: dict) -> list:
-    """What must match across ranks: op, shapes, dtype. (The phase may legitimately differ.)"""
-    return [entry["op"], entry["shapes"], entry["dtype"]]
+    """What must match across ranks: the collective, what this rank sends (its shape) and the dtype.
+    (The phase may legitimately differ, and so may the op's name: see `kind`.)"""
+    return [kind(entry["op"]), entry.get("sent", entry["shapes"]), entry["dtype"]]
 
 
 def read_ledgers(ledger_dir: str) -> list[list[dict]]:

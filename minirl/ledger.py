@@ -72,11 +72,17 @@ FLUSH_S = 0.5  # flight_recorder source: how often the watcher copies new entrie
 
 
 class _Dispatch(TorchDispatchMode):
-    """Sees every op of the program and hands the collectives to the ledger."""
+    """Sees every op of the program and hands the collectives to the ledger. torch.compile compiles
+    with the mode off and runs the compiled code with it on (`ignore_compile_internals`): the mode
+    then sees what that code dispatches, its collectives included, but not the ops fused into kernels."""
 
     def __init__(self, ledger: "Ledger"):
         super().__init__()
         self.ledger = ledger
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -144,11 +150,16 @@ class Ledger:
             phase = "forward"
         else:
             phase = "recompute" if getattr(self.depth, "n", 0) > 0 else "backward"
-        tensors = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else [a])
-                   if isinstance(x, torch.Tensor)]
+        named = list(zip((a.name for a in func._schema.arguments), (*args, *[kwargs.get(a.name) for a in
+                                                                              func._schema.arguments[len(args):]])))
+        tensors = [x for _, a in named for x in _flat(a)]
+        # What this rank sends: the argument named input* (c10d: (output, input); functional: (input)),
+        # else the first tensor (allreduce_'s tensors): eager and compiled calls compare alike.
+        sent = next((x for name, a in named if name.startswith("input") for x in _flat(a)), tensors[0] if tensors
+                    else None)
         self.add(dict(n=self.n, t=self.seconds(), phase=phase, op=func._opname, group=group,
-                      shapes=[list(x.shape) for x in tensors],
-                      dtype=str(tensors[0].dtype).removeprefix("torch.") if tensors else "-", site=call_site()))
+                      shapes=[list(x.shape) for x in tensors], sent=list(sent.shape) if sent is not None else [],
+                      dtype=str(sent.dtype).removeprefix("torch.") if sent is not None else "-", site=call_site()))
 
     def sync(self):
         """flight_recorder source: copy the collectives recorded since the last call into the file."""
@@ -160,10 +171,13 @@ class Ledger:
             for e in new:
                 self.seen = e["record_id"]
                 name, desc = e["process_group"]
+                if not name:  # a group torch made for itself (TORCH_DISTRIBUTED_DEBUG=DETAIL's checks)
+                    continue
                 if name not in self.ranks:
                     self.describe(name, dist.distributed_c10d._resolve_process_group(name), desc)
                 self.add(dict(n=self.n, t=round((e["time_created_ns"] - self.start_ns) / 1e9, 3), phase="-",
                               op=e["profiling_name"].split(":")[-1], group=name, shapes=e["input_sizes"],
+                              sent=e["input_sizes"][0] if e["input_sizes"] else [],
                               dtype=e["input_dtypes"][0] if e["input_dtypes"] else "-"))
 
     def add(self, entry: dict):
@@ -312,6 +326,13 @@ class Ledger:
         self.write(check=step, t=self.seconds(), ok=False)
         divergence = first_divergence(ledgers, {g: members[g] for g in bad})
         raise RuntimeError(f"step {step}: ranks issued different collectives (minirl.ledger check): {divergence}")
+
+
+def _flat(value) -> list[torch.Tensor]:
+    """The tensors in an op argument: a tensor, or (nested) lists of them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [x for v in value for x in _flat(v)] if isinstance(value, (list, tuple)) else []
 
 
 def flight_recorder_on() -> bool:
