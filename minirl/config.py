@@ -103,14 +103,14 @@ class ParallelConfig:
     micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank")
     checkpointing: bool = opt(True, "activation checkpointing inside each decoder block")
     compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
-                        "H200, bench/RESULTS.md section 8); ignored on CPUs and under --trace-collectives")
+                        "H200, bench/RESULTS.md section 8); ignored on CPUs")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
     numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)")
     trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
                                   "check each step that the ranks issued the same ones, report where they parted "
-                                  "on a hang (minirl/ledger.py)")
+                                  "on a hang (minirl/ledger.py; compiled blocks stay compiled)")
 
 
 @dataclass
@@ -298,9 +298,9 @@ def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingPar
 
 
 def compiled_blocks(pc: ParallelConfig, device_type: str) -> bool:
-    """Whether the decoder blocks are torch.compile'd: on GPUs unless --no-compile, and never under
-    --trace-collectives, whose ledger must see each collective as the eager code issues it."""
-    return pc.compile and device_type == "cuda" and not pc.trace_collectives
+    """Whether the decoder blocks are torch.compile'd: on GPUs unless --no-compile. (--trace-collectives'
+    ledger sees the collectives of compiled code too: minirl/ledger.py.)"""
+    return pc.compile and device_type == "cuda"
 
 
 def sample_budget(rc: RolloutConfig) -> int:

@@ -359,12 +359,15 @@ def start(ledger_dir: str, labels: dict | None = None, stall_s: float | None = N
 def call_site() -> str:
     """`file.py:line function` of the innermost caller outside torch, plus the innermost frame of
     torch.distributed below it when there is one (FSDP's hooks during `loss.backward()`), c10d's
-    own wrappers skipped."""
+    own wrappers skipped. A collective of compiled code names the user code that ran it, "via
+    compiled code" (torch.compile's generated files and FX graphs are not where a reader looks)."""
     frame, inner = sys._getframe(2), None
     while frame is not None:
         path = frame.f_code.co_filename
         here = f"{frame.f_lineno} {frame.f_code.co_name}"
-        if not path.endswith(_WRAPPERS):
+        if inner is None and ("torchinductor" in path or path.startswith("<eval_with_key>")):
+            inner = "compiled code"
+        elif not path.endswith(_WRAPPERS):
             if not path.startswith(_TORCH_DIR):
                 return f"{os.path.basename(path)}:{here}" + (f" via {inner}" if inner else "")
             if inner is None and path.startswith(os.path.join(_TORCH_DIR, "distributed")):  # e.g. FSDP's hooks

@@ -183,7 +183,7 @@ def micro_batch(scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, pos
 
 
-def run(args, d: mdist.Dist, ledger: Ledger):
+def run(args, d: mdist.Dist, ledger: Ledger, state=None):
     """One forward + backward of the scenario's model on this rank's slice, every collective recorded."""
     naive = args.mode == "naive"
     model = build_model(args.scenario, run_idle=args.all_experts, gather_in_layer=naive)

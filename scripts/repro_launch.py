@@ -98,8 +98,8 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
     shutil.rmtree(ledger_dir, ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", SCRIPT, "--scenario", case.scenario,
-           "--mode", case.mode, *case.flags, *extra, "--timeout", str(timeout), "--out-dir", out_dir] + ["--detail"] * detail
+           f"--master-port={free_port()}", SCRIPT, "--scenario", case.scenario, "--mode", case.mode, *case.flags,
+           *extra, "--timeout", str(timeout), "--out-dir", out_dir] + ["--detail"] * detail
     log_path = os.path.join(out_dir, "torchrun.log")
     deadline, up, tearing_down = time.monotonic() + STARTUP_S, None, False
     with open(log_path, "w") as log:
@@ -153,6 +153,7 @@ def print_table(results: list[Result]):
 class Scenario:
     """What the entry script needs to run one scenario on a rank."""
 
-    run: object  # run(args, d, ledger): its forward and backward on this rank, every collective recorded
+    run: object  # run(args, d, ledger, state): its forward and backward on this rank, every collective recorded
     modes: tuple[str, ...]  # the naive mode first
     sp_all: bool = True  # every rank one SP group (else data parallel only)
+    prepare: object = None  # prepare(args, d) -> state: start-up work (compiling) before the ledger begins

@@ -144,10 +144,22 @@ class ReorderBlock(Block):
                           context_fn=functools.partial(keep_contexts, self.mode))
 
 
-def run_compile_reorder(args, d: mdist.Dist, ledger: Ledger):
-    """Two steps of a 2-layer model over one SP group of all ranks, blocks compiled. Step 1 has no
-    padding: every rank compiles the same graphs (and waits for the others' compile at the same
-    collectives). Step 2 is one token short: the last rank holds padding, its blocks break."""
+def compile_reorder_step(model, T: int, d: mdist.Dist, ledger: Ledger | None = None):
+    """Forward + backward of one micro-batch of T tokens."""
+    ids = torch.randint(2, model.embed_tokens.num_embeddings, (T,), generator=torch.Generator().manual_seed(T))
+    lids, lpos, meta, _ = shard_micro_batch(ids.to(d.device), torch.arange(T, device=d.device), d.sp_rank, d.sp_size,
+                                            "sdpa", d.sp_group)
+    t = lids.shape[0]
+    meta = PaddedMeta(meta, torch.arange(d.sp_rank * t, (d.sp_rank + 1) * t, device=d.device) >= T)
+    if ledger is not None:
+        ledger.note(f"step 2: padding rows here {int(meta.pad_rows.sum())}")
+    logprobs, _ = model(lids, lpos, meta, targets=torch.roll(lids, -1))
+    (-logprobs.sum()).backward()
+
+
+def prepare_compile_reorder(args, d: mdist.Dist):
+    """A 2-layer model over one SP group of all ranks, blocks compiled, and a first step with no
+    padding: every rank compiles the same graphs (at start-up, before the ledger and its clock)."""
     cfg = tiny_config(n_layers=2)
     model = Transformer(cfg)
     model.layers = nn.ModuleList(ReorderBlock(cfg, args.mode) for _ in range(cfg.num_hidden_layers))
@@ -155,17 +167,16 @@ def run_compile_reorder(args, d: mdist.Dist, ledger: Ledger):
     for block in model.layers:  # as fsdp.build_sharded does: compiled inside its FSDP unit
         block.compile(backend=args.compile_backend)
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing=True)
-    g = torch.Generator().manual_seed(0)
-    for step, T in ((1, 4 * d.sp_size), (2, 4 * d.sp_size - 1)):
-        ids = torch.randint(2, cfg.vocab_size, (T,), generator=g).to(d.device)
-        lids, lpos, meta, _ = shard_micro_batch(ids, torch.arange(T, device=d.device), d.sp_rank, d.sp_size,
-                                                "sdpa", d.sp_group)
-        t = lids.shape[0]
-        meta = PaddedMeta(meta, torch.arange(d.sp_rank * t, (d.sp_rank + 1) * t, device=d.device) >= T)
-        logprobs, _ = model(lids, lpos, meta, targets=torch.roll(lids, -1))
-        ledger.note(f"step {step}: padding rows here {int(meta.pad_rows.sum())}; graphs compiled so far "
-                    f"{counters['stats']['unique_graphs']}, graph breaks {sum(counters['graph_break'].values())}")
-        (-logprobs.sum()).backward()
+    compile_reorder_step(model, 4 * d.sp_size, d)
+    return model
+
+
+def run_compile_reorder(args, d: mdist.Dist, ledger: Ledger, model):
+    """The second step, one token short: the last rank holds padding, and its blocks break."""
+    ledger.note(f"step 1 compiled {counters['stats']['unique_graphs']} graph(s), "
+                f"{sum(counters['graph_break'].values())} graph break(s)")
+    compile_reorder_step(model, 4 * d.sp_size - 1, d, ledger)
+    ledger.note(f"step 2: graph breaks so far {sum(counters['graph_break'].values())}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +206,7 @@ def modalities_in_order(rank: int) -> list[str]:
     return ["text", "image"] if rank == 0 else ["image", "text"]
 
 
-def run_recompute_order(args, d: mdist.Dist, ledger: Ledger):
+def run_recompute_order(args, d: mdist.Dist, ledger: Ledger, state=None):
     """Both MoE layers run forward in the same order on every rank (text, then image), each in a
     non-reentrant checkpoint; backward follows the per-modality losses."""
     cfg = tiny_config(n_layers=1)
@@ -254,7 +265,7 @@ def reduce_agreed_keys(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: s / c for k, (s, c) in zip(keys, vec)}
 
 
-def run_rank_metrics(args, d: mdist.Dist, ledger: Ledger):
+def run_rank_metrics(args, d: mdist.Dist, ledger: Ledger, state=None):
     """Two training steps, data parallel over every rank; each ends in its metrics reduction."""
     cfg = tiny_config(n_layers=1)
     model = Transformer(cfg)
@@ -274,7 +285,7 @@ def run_rank_metrics(args, d: mdist.Dist, ledger: Ledger):
 
 
 SCENARIOS = {
-    "compile_reorder": Scenario(run_compile_reorder, ("naive", "fixed", "minirl")),
+    "compile_reorder": Scenario(run_compile_reorder, ("naive", "fixed", "minirl"), prepare=prepare_compile_reorder),
     "recompute_order": Scenario(run_recompute_order, ("naive", "fixed"), sp_all=False),
     "rank_metrics": Scenario(run_rank_metrics, ("naive", "fixed"), sp_all=False),
 }

@@ -25,8 +25,8 @@ runs minirl's own model or layers and records every collective each rank issues
 Fail fast: every collective has a timeout (--timeout); each rank records its collectives with
 minirl.ledger in OUT/ledger/rank{r}.jsonl, line by line BEFORE issuing them (compiled code's too),
 so after a crash or a kill the files still show where the ranks parted; a stack dump of every thread
-comes when no collective has started for 3/4 of the timeout. The first rank that fails prints the first collective on which the ledgers differ
-(`python -m minirl.ledger OUT/ledger` does it afterwards).
+comes when no collective has started for 3/4 of the timeout. The first rank that fails prints the
+first collective on which the ledgers differ (`python -m minirl.ledger OUT/ledger` does it afterwards).
 
     torchrun --nproc-per-node 2 scripts/repro_recompute_hang.py --scenario tail_skew --mode naive
     python scripts/repro_recompute_hang.py --scenario tail_skew --mode naive   # launches torchrun itself
@@ -55,7 +55,7 @@ from minirl.ledger import Ledger, first_divergence, flight_recorder_env, group_l
 from repro_checkpoint import HAS_REDUCE_UNUSED, SCENARIOS as CHECKPOINT_SCENARIOS, tiny_config  # noqa: E402,F401
 from repro_launch import (COMPLETED, FAILED, HANG_SYMPTOMS, OUTCOMES, SIZE_SYMPTOMS, TEARDOWN_S,  # noqa: E402,F401
                           UNEXPLAINED, Case, launch, print_table)
-from repro_order import SCENARIOS as ORDER_SCENARIOS  # noqa: E402
+from repro_order import CAPACITY as ORDER_CAPACITY, SCENARIOS as ORDER_SCENARIOS  # noqa: E402,F401
 
 SCENARIOS = {**CHECKPOINT_SCENARIOS, **ORDER_SCENARIOS}
 MODES = ("naive", "pregather")  # of the checkpoint-recompute scenarios
@@ -96,13 +96,19 @@ def phase_counts(ledger: list[dict]) -> dict[tuple[str, str, str, str], int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# One rank under torchrun. --scenario may name several (a,b,...): they run one after the other in
-# one launch and one ledger, which the tests use for the cases that complete.
+# One rank under torchrun. --scenario may name several (a,b,...), each with its mode (--mode x,y,... or
+# one for all): they run one after the other in one launch and one ledger, which the tests use for the
+# cases that complete.
+
+
+def batch(args) -> tuple[list[str], list[str]]:
+    names, modes = args.scenario.split(","), args.mode.split(",")
+    return names, modes * len(names) if len(modes) == 1 else modes
 
 
 def worker(args) -> int:
     rank = int(os.environ["RANK"])
-    names = args.scenario.split(",")
+    names, modes = batch(args)
     scenarios = [SCENARIOS[name] for name in names]
     ledger_dir = os.path.join(args.out_dir, "ledger")
     if rank == 0 and os.path.isdir(ledger_dir):  # a reused --out-dir: no rank gets past init before it is clear
@@ -115,13 +121,16 @@ def worker(args) -> int:
         flight_recorder_env(ledger_dir)
     mdist.init_process_group(args.timeout)
     dists = [mdist.build_dist(sp=dist.get_world_size() if s.sp_all else 1) for s in scenarios]
+    arguments = [argparse.Namespace(**{**vars(args), "scenario": name, "mode": mode})
+                 for name, mode in zip(names, modes)]
+    states = [s.prepare(a, d) if s.prepare else None for s, a, d in zip(scenarios, arguments, dists)]
     try:
         with Ledger(ledger_dir, rank, labels={"sp": dists[0].sp_group, "fsdp": dists[0].fsdp_mesh.get_group()},
                     stall_s=0.75 * args.timeout) as ledger:
-            for name, scenario, d in zip(names, scenarios, dists):
+            for a, scenario, d, state in zip(arguments, scenarios, dists, states):
                 if len(names) > 1:
-                    ledger.note(f"scenario {name}")
-                scenario.run(argparse.Namespace(**{**vars(args), "scenario": name}), d, ledger)
+                    ledger.note(f"scenario {a.scenario} {a.mode}")
+                scenario.run(a, d, ledger, state)
         code = COMPLETED
     except Exception:  # a timeout, a gloo size mismatch, a DETAIL mismatch report; the ledger printed it
         code = FAILED if first_divergence(read_ledgers(ledger_dir)) else UNEXPLAINED
@@ -129,7 +138,7 @@ def worker(args) -> int:
         dist.barrier()  # all ledgers are complete
         if rank == 0:
             report_completed(ledger_dir)
-    del dists  # no mesh or FSDP state may outlive the group (see minirl.dist.shutdown)
+    del dists, states  # no mesh or FSDP state may outlive the group (see minirl.dist.shutdown)
     gc.collect()
     dist.destroy_process_group()
     return code
@@ -233,11 +242,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.all:
         if args.scenario is None:
             p.error("give --scenario (or --all)")
-        for name in args.scenario.split(","):
+        names, modes = batch(args)
+        if len(modes) != len(names):
+            p.error(f"--mode names {len(modes)} modes for {len(names)} scenarios")
+        for name, mode in zip(names, modes):
             if name not in SCENARIOS:
                 p.error(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
-            if args.mode not in SCENARIOS[name].modes:
-                p.error(f"{name} has the modes {', '.join(SCENARIOS[name].modes)}, not {args.mode!r}")
+            if mode not in SCENARIOS[name].modes:
+                p.error(f"{name} has the modes {', '.join(SCENARIOS[name].modes)}, not {mode!r}")
     if args.reduce_unused and not HAS_REDUCE_UNUSED:
         p.error(f"--reduce-unused needs FSDPModule.set_reduce_scatter_unused_params, "
                 f"which torch {torch.__version__} lacks")
@@ -263,7 +275,8 @@ def main() -> int:
     with open(os.path.join(out_dir, "torchrun.log")) as f:
         print(f.read())
     print(f"{OUTCOMES[result.code]}{' (' + result.how + ')' if result.how else ''} in {result.seconds:.1f} s\n"
-          f"{notes(read_ledgers(os.path.join(out_dir, 'ledger')))}first divergent collective: {result.divergence or 'none'}\n"
+          f"{notes(read_ledgers(os.path.join(out_dir, 'ledger')))}"
+          f"first divergent collective: {result.divergence or 'none'}\n"
           f"ledgers: {out_dir}")
     return result.code
 

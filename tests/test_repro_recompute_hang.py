@@ -5,9 +5,12 @@ What a failure looks like in torchrun's output changes with the torch version, s
 what is stable: the outcome, the time bound and the divergent collectives; a symptom is checked
 only to be one of those the supported versions print (repro.SYMPTOMS).
 
-Each case is its own torchrun launch (a mismatched collective leaves the process group unusable), so
-they are launched a few at a time: a hanging case mostly waits. With a 15 s collective timeout the
-whole module takes 1-4 minutes on 2 busy cores.
+Each failing case is its own torchrun launch (a mismatched collective leaves the process group
+unusable); the cases of the newer scenarios that complete share one launch. The launches run a few
+at a time: a hanging case mostly waits. compile_reorder compiles with the aot_eager backend here:
+dynamo and AOTAutograd, which make the graphs, their forward/backward split and the recompute
+decisions, without inductor's C++ build (minutes on 2 busy cores; scripts/gpu_hangs.sh runs inductor).
+With a 15 s collective timeout the whole module takes 2-4 minutes on 2 busy cores.
 """
 
 import importlib.util
@@ -18,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from helpers_dist import gpus
 
-from minirl.ledger import read_ledgers
+from minirl.ledger import first_divergence, read_ledgers, signature
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("repro_recompute_hang",
@@ -27,9 +30,13 @@ repro = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(repro)
 
 TIMEOUT = 15.0  # the collective timeout of every launch
+COMPILE = ("--compile-backend", "aot_eager")
 LAYERS = repro.tiny_config(n_layers=2).num_hidden_layers
 DETAIL = repro.Case("tail_skew", "naive", (), repro.FAILED)  # once more, with --detail
-CASES = {(c.scenario, c.name): c for c in repro.CASES}
+# The newer scenarios' cases that complete, in one launch; every other case alone.
+BATCHED = [c for c in repro.CASES if c.scenario in repro.ORDER_SCENARIOS and c.expect == repro.COMPLETED]
+BATCH = repro.Case(",".join(c.scenario for c in BATCHED), ",".join(c.mode for c in BATCHED), (), repro.COMPLETED)
+CASES = {(c.scenario, c.name): c for c in repro.CASES if c not in BATCHED} | {("batch", BATCH.name): BATCH}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,10 @@ def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("repro")
     with pytest.MonkeyPatch.context() as mp, ThreadPoolExecutor(3) as pool:
         mp.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo, also on a GPU machine
-        futures = {key: pool.submit(repro.launch, case, 2, TIMEOUT, str(root / str(i)))
-                   for i, (key, case) in enumerate(CASES.items())}
+        # The slowest (compiling) launches first, so that the pool's other slots fill around them.
+        order = sorted(CASES, key=lambda key: "compile_reorder" not in CASES[key].scenario)
+        futures = {key: pool.submit(repro.launch, CASES[key], 2, TIMEOUT, str(root / str(i)), extra=COMPILE)
+                   for i, key in enumerate(order)}
         futures["detail"] = pool.submit(repro.launch, DETAIL, 2, TIMEOUT, str(root / "detail"), detail=True)
         return {key: f.result() for key, f in futures.items()}
 
@@ -127,6 +136,98 @@ def test_detail_reports_the_mismatch_without_waiting(results):
     r = results["detail"]
     assert r.code == repro.FAILED and r.how == "DETAIL: mismatch reported", log_of(r)
     assert r.seconds < TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------------
+# The newer scenarios: compile_reorder, recompute_order, rank_metrics
+
+
+def sections(ledger: list[dict]) -> dict[str, list[dict]]:
+    """A batch ledger's lines per scenario ("name mode"), from the note that starts each."""
+    out, current = {}, None
+    for e in ledger:
+        if e.get("note", "").startswith("scenario "):
+            current = e["note"].removeprefix("scenario ")
+            out[current] = []
+        elif current is not None:
+            out[current].append(e)
+    return out
+
+
+def notes_of(ledger: list[dict]) -> list[str]:
+    return [e["note"] for e in ledger if "note" in e]
+
+
+def test_compile_reorder_the_compiled_rank_keeps_the_all_to_all_the_eager_rank_recomputes_it(results):
+    """Step 2: rank 1 holds the padding and its blocks run eagerly (a graph break); rank 0's compiled
+    block kept the all-to-all's output and goes on to backward's all-to-all, rank 1 recomputes."""
+    r = results["compile_reorder", "naive"]
+    rank0, rank1 = r.divergence.entries[0], r.divergence.entries[1]
+    assert (rank0["phase"], rank0["op"]) == ("backward", "all_to_all_single"), r.divergence  # compiled code's op
+    assert rank0["site"].endswith("via compiled code")
+    assert (rank1["phase"], rank1["op"]) == ("recompute", "alltoall_base_") and rank1["site"].startswith("ulysses.py")
+    assert rank0["sent"] != rank1["sent"]  # the output's gradient [sp, t, H/sp, D] vs q, k, v together
+    assert r.how in repro.SIZE_SYMPTOMS + repro.HANG_SYMPTOMS, log_of(r)
+    assert [[n for n in notes_of(ledger) if n.startswith("step 2")] for ledger in ledgers_of(r)] == [
+        ["step 2: padding rows here 0"], ["step 2: padding rows here 1"]]  # the failure came before the rest
+    # Up to there the ranks matched collective for collective: compiled (functional) and eager (c10d)
+    # all-to-alls alike (minirl/divergence.kind).
+    before = [[e for e in ledger if "op" in e][:rank0["n"]] for ledger in ledgers_of(r)]
+    assert [signature(e) for e in before[0]] == [signature(e) for e in before[1]]
+    assert {"all_to_all_single", "alltoall_base_"} == {e["op"] for ledger in before for e in ledger} - {
+        "_allgather_base_", "_reduce_scatter_base_"}
+
+
+def test_compile_reorder_fixes_issue_the_same_collectives_compiled_or_not(results):
+    per_rank = [sections(ledger) for ledger in ledgers_of(results["batch", BATCH.name])]
+    for mode in ("fixed", "minirl"):
+        ops = [[e for e in sec[f"compile_reorder {mode}"] if "op" in e] for sec in per_rank]
+        assert [signature(e) for e in ops[0]] == [signature(e) for e in ops[1]] and ops[0], mode
+        notes = [notes_of(sec[f"compile_reorder {mode}"]) for sec in per_rank]
+        assert notes[0][-1] == "step 2: graph breaks so far 0" and notes[1][-1] != notes[0][-1], notes
+    # minirl's own blocks: the compiled rank issues the functional all-to-all, the eager rank c10d's,
+    # one collective on the wire, in the same places (minirl/divergence.kind).
+    names = [{e["op"] for e in sec["compile_reorder minirl"] if "op" in e} for sec in per_rank]
+    assert "all_to_all_single" in names[0] - names[1] and "alltoall_base_" in names[1]
+
+
+def test_recompute_order_ranks_recompute_the_two_layers_in_opposite_orders(results):
+    r = results["recompute_order", "naive"]
+    rank0, rank1 = r.divergence.entries[0], r.divergence.entries[1]
+    assert rank0["phase"] == rank1["phase"] == "recompute" and rank0["op"] == rank1["op"] == "alltoall_base_"
+    capacity = {m: c * 2 for m, c in repro.ORDER_CAPACITY.items()}  # 2 ranks
+    assert (rank0["sent"][0], rank1["sent"][0]) == (capacity["text"], capacity["image"])
+    assert r.how in repro.SIZE_SYMPTOMS + repro.HANG_SYMPTOMS, log_of(r)
+    # Forward matched: every rank ran text, then image.
+    assert r.divergence.index == 2 * len(capacity)
+
+
+def test_recompute_order_one_backward_recomputes_in_the_same_order(results):
+    per_rank = [sections(ledger)["recompute_order fixed"] for ledger in ledgers_of(results["batch", BATCH.name])]
+    assert without_time(per_rank[0]) == without_time(per_rank[1])
+    assert [e["phase"] for e in per_rank[0] if "op" in e].count("recompute") == 2 * len(repro.ORDER_CAPACITY)
+
+
+def reduced(note: str) -> dict[str, float]:
+    return json.loads(note.split("reduced: ", 1)[1].replace("'", '"'))
+
+
+def test_rank_metrics_a_missing_key_shortens_one_ranks_reduction(results):
+    r = results["rank_metrics", "naive"]
+    rank0, rank1 = r.divergence.entries[0], r.divergence.entries[1]
+    assert rank0["op"] == rank1["op"] == "allreduce_" and (rank0["sent"], rank1["sent"]) == ([3], [2])
+    assert rank0["site"].startswith("repro_order.py") and "reduce_own_keys" in rank0["site"]
+    assert r.how in repro.SIZE_SYMPTOMS + repro.HANG_SYMPTOMS, log_of(r)
+    keys = [[n for n in notes_of(ledger) if n.startswith("step 2 metric keys")] for ledger in ledgers_of(r)]
+    assert "reward/code" in keys[0][0] and "reward/code" not in keys[1][0]
+
+
+def test_rank_metrics_agreed_keys_give_every_rank_the_same_means(results):
+    per_rank = [notes_of(sections(ledger)["rank_metrics fixed"]) for ledger in ledgers_of(results["batch", BATCH.name])]
+    step2 = [reduced(next(n for n in notes if n.startswith("step 2 reduced"))) for notes in per_rank]
+    assert step2[0] == step2[1]
+    # By hand: code only on rank 0 (reward 1), math 1 and 0 on both ranks.
+    assert (step2[0]["reward/code"], step2[0]["reward/math"]) == (1.0, 0.5)
 
 
 @gpus(2)
