@@ -150,13 +150,14 @@ class Ledger:
             phase = "forward"
         else:
             phase = "recompute" if getattr(self.depth, "n", 0) > 0 else "backward"
-        named = list(zip((a.name for a in func._schema.arguments), (*args, *[kwargs.get(a.name) for a in
-                                                                              func._schema.arguments[len(args):]])))
-        tensors = [x for _, a in named for x in _flat(a)]
+        schema = func._schema.arguments
+        named = list(zip((a.name for a in schema), (*args, *[kwargs.get(a.name) for a in schema[len(args):]])))
+        tensors = [x for _, a in named for x in (a if isinstance(a, (list, tuple)) else [a])
+                   if isinstance(x, torch.Tensor)]
         # What this rank sends: the argument named input* (c10d: (output, input); functional: (input)),
         # else the first tensor (allreduce_'s tensors): eager and compiled calls compare alike.
-        sent = next((x for name, a in named if name.startswith("input") for x in _flat(a)), tensors[0] if tensors
-                    else None)
+        sent = next((x for name, a in named if name.startswith("input") for x in _flat(a)),
+                    tensors[0] if tensors else None)
         self.add(dict(n=self.n, t=self.seconds(), phase=phase, op=func._opname, group=group,
                       shapes=[list(x.shape) for x in tensors], sent=list(sent.shape) if sent is not None else [],
                       dtype=str(sent.dtype).removeprefix("torch.") if sent is not None else "-", site=call_site()))

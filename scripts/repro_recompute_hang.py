@@ -52,7 +52,8 @@ sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]  # minirl and 
 
 from minirl import dist as mdist  # noqa: E402
 from minirl.ledger import Ledger, first_divergence, flight_recorder_env, group_labels, read_ledgers  # noqa: E402
-from repro_checkpoint import HAS_REDUCE_UNUSED, SCENARIOS as CHECKPOINT_SCENARIOS, tiny_config  # noqa: E402,F401
+from repro_checkpoint import (HAS_REDUCE_UNUSED, SCENARIOS as CHECKPOINT_SCENARIOS, gather_tokens,  # noqa: E402,F401
+                              tiny_config)
 from repro_launch import (COMPLETED, FAILED, HANG_SYMPTOMS, OUTCOMES, SIZE_SYMPTOMS, TEARDOWN_S,  # noqa: E402,F401
                           UNEXPLAINED, Case, launch, print_table)
 from repro_order import CAPACITY as ORDER_CAPACITY, SCENARIOS as ORDER_SCENARIOS  # noqa: E402,F401
