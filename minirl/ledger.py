@@ -17,11 +17,11 @@ the first collective on which the ranks disagree.
 Two sources fill the same files. "dispatch" (the default) is a TorchDispatchMode: every c10d op
 (`dist.all_reduce`, FSDP2's all-gathers, functional collectives) passes through `__torch_dispatch__`,
 and so does every other op, which is the cost of turning it on (measured in scripts/README.md); it
-knows each collective's phase and call site, but torch.compile does not compile while such a mode is
-on. "flight_recorder" reads torch's flight recorder instead (gloo and NCCL record every collective
+knows each collective's phase and call site. torch.compile compiles with the mode off and runs the
+compiled code with it on, so compiled code's collectives pass through it too. "flight_recorder" reads torch's flight recorder instead (gloo and NCCL record every collective
 there, compiled or not, once TORCH_FR_BUFFER_SIZE is set before the process group: see
-`flight_recorder_env`), at each `check_step`, every half second from a thread, and at the end: no
-per-op cost and compiled blocks stay compiled, but no phase or call site. Off, nothing of it runs.
+`flight_recorder_env`), at each `check_step`, from the stall watcher, and at the end: no per-op
+cost, but one dump of the recorder per read, and no phase or call site. Off, nothing of it runs.
 
 The phase of a collective: "forward" outside autograd's backward; inside it, "recompute" while a
 module's forward runs (a checkpointed region being rebuilt; global module hooks count the depth,
@@ -68,7 +68,6 @@ def flight_recorder_env(ledger_dir: str):
 
 
 SOURCES = ("dispatch", "flight_recorder")
-FLUSH_S = 0.5  # flight_recorder source: how often the watcher copies new entries into the file
 
 
 class _Dispatch(TorchDispatchMode):
@@ -138,8 +137,7 @@ class Ledger:
         self.depth = threading.local()  # .n: module forwards running on this thread
         self._hooks, self._mode = [], None
         self.stall_s, self._stop = stall_s, threading.Event()
-        watch = stall_s or source == "flight_recorder"
-        self._watcher = threading.Thread(target=self._watch, daemon=True) if watch else None
+        self._watcher = threading.Thread(target=self._watch, daemon=True) if stall_s else None
         self.write(rank=self.rank, pid=os.getpid(), torch=torch.__version__, source=source)
 
     # -- recording ----------------------------------------------------------------------------------
@@ -281,15 +279,14 @@ class Ledger:
             return False
 
     def _watch(self):
-        """Copies flight recorder entries into the file (that source), and at a stall (no new collective
-        for stall_s) one rank prints the divergence so far."""
-        period = min(1.0, self.stall_s / 10) if self.stall_s else FLUSH_S
-        if self.source == "flight_recorder":
-            period = min(period, FLUSH_S)
+        """At a stall (no new collective for stall_s), one rank prints the divergence so far. With the
+        flight_recorder source it also copies new entries into the file, every stall_s / 4: each copy
+        dumps the recorder's whole buffer (~30 us per entry held on a busy CPU), too dear for often."""
+        period = self.stall_s / 4 if self.source == "flight_recorder" else min(1.0, self.stall_s / 10)
         while not self._stop.wait(period):
             if self.source == "flight_recorder":
                 self.sync()
-            if self.stall_s and time.monotonic() - self.last > self.stall_s and self._claim("stalled"):
+            if time.monotonic() - self.last > self.stall_s and self._claim("stalled"):
                 print(f"rank {self.rank}: no collective started for {self.stall_s:.0f} s\n{report(self.dir)}",
                       file=sys.stderr, flush=True)
 

@@ -41,9 +41,10 @@ train_run() {  # train_run NAME NPROC SP [EXTRA...]: one train.py run, then its 
     --micro-batch-tokens "$mbt" --mini-batches 2 --eval-every 0 --no-export --timeout-s "$timeout" "$@" \
     > "$dir.log" 2>&1
   local rc=$?
-  local last; last=$(grep -oE "^step=[0-9]+" "$dir.log" | tail -n 1)
+  local last; last=$(grep -oE "step=[0-9]+ reward_mean" "$dir.log" | tail -n 1 | cut -d' ' -f1)
   local checks; checks=$(cat "$dir"/ledger/rank0.jsonl 2>/dev/null | grep -c '"ok": true')
-  local per_step; per_step=$(python - "$dir" <<'EOF'
+  local per_step=""
+  [ -d "$dir/ledger" ] && per_step=$(python - "$dir" <<'EOF'
 import sys
 sys.path.insert(0, ".")
 from minirl.ledger import read_ledgers
@@ -51,10 +52,10 @@ ledgers = read_ledgers(sys.argv[1] + "/ledger")
 ops = [e for e in ledgers[0] if "op" in e] if ledgers else []
 names = sorted({e["op"] for e in ops if "all_to_all" in e["op"] or "alltoall" in e["op"]})
 checks = max(1, sum(1 for e in (ledgers[0] if ledgers else []) if "check" in e))
-print(f"{len(ops) // checks} collectives/step, all-to-all as {'+'.join(names) or '-'}")
+print(f", {len(ops) // checks} collectives/step, all-to-all as {'+'.join(names) or '-'}")
 EOF
 )
-  row "train $name: exit $rc, ${last:-no step}, $((SECONDS - start)) s, ledger checks passed: ${checks:-0}, $per_step"
+  row "train $name: exit $rc, last ${last:-no step}, $((SECONDS - start)) s, ledger checks passed: ${checks:-0}$per_step"
 }
 
 if [ "$part" = all ] || [ "$part" = train ]; then

@@ -89,6 +89,9 @@ class DenseUlyssesAttention(Attention):
 
     def forward(self, x, cos, sin, meta):
         q, k, v = self.qkv(x, cos, sin)  # [t, H, Dh], [t, Hkv, Dh]
+        sp = dist.get_world_size(meta.sp_group)
+        if k.shape[1] < sp:  # as ulysses.attention does: repeat kv heads up to one per rank
+            k, v = k.repeat_interleave(sp // k.shape[1], dim=1), v.repeat_interleave(sp // v.shape[1], dim=1)
         if self.exchange == "op":
             q, k, v = to_heads([q, k, v], meta.sp_group)
         else:
