@@ -6,10 +6,11 @@
 The flags are train.py's of the same names (same defaults, same --config files); the output file,
 --dtype, --kv-cache-gib and the log-prob check are rollout.py's own. Without --model it runs the
 built-in task's model on its prompts. Each output line is one completion, in prompt order (and sample
-order within a prompt). Lines are written and flushed batch by batch, so an interrupted run (Ctrl-C,
-or SIGTERM as torchrun and schedulers send it) keeps everything finished so far; under torchrun each
-rank writes OUT.rank<r> and rank 0 merges them into OUT at the end (an interrupted run leaves only the
-OUT.rank<r> parts: an OUT of an earlier run is removed at the start, and OUT appears only complete).
+order within a prompt). Lines are written and flushed chunk by chunk (4 x --gen-batch-size rows, or
+1,024), so an interrupted run (Ctrl-C, or SIGTERM as torchrun and schedulers send it) keeps everything
+finished so far; under torchrun each rank writes OUT.rank<r> and rank 0 merges them into OUT at the end
+(an interrupted run leaves only the OUT.rank<r> parts: an OUT of an earlier run is removed at the
+start, and OUT appears only complete).
 
 --check-logprobs recomputes the completions' log-probs with the trainer's packed forward (in
 --check-dtype, with the same temperature/top-k/top-p) and reports how far the generator's are. The
@@ -24,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from itertools import groupby
 
 import torch
 import torch.distributed as dist
@@ -89,11 +91,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
 @torch.no_grad()
 def trainer_logprobs(model, samples: list[Sample], params, d: Dist, attn_backend: str,
                      max_tokens: int = 8192) -> list[list[float | None]]:
-    """Each completion's token log-probs from the trainer's packing and forward, same distribution.
-
-    A token the trainer's top-k/top-p set excludes has log-prob -inf there; it is returned as None
-    (JSON has no infinity).
-    """
+    """Each completion's token log-probs from the trainer's packing and forward, same distribution; None
+    for a token outside the trainer's top-k/top-p set (-inf there: JSON has no infinity)."""
     lengths = [len(s.prompt.token_ids) + len(s.completion_ids) - 1 for s in samples]
     out = [None] * len(samples)
     for micro in plan_micro_batches(lengths, 1, max(max_tokens, *lengths))[0]:
@@ -129,15 +128,11 @@ def _order(line: str) -> tuple[int, int]:
 
 
 def logprob_mismatch(pairs: list[tuple[list[float], list[float | None]]]) -> dict:
-    """Generator vs trainer log-probs of the same tokens: one (generator, trainer) pair of lists per sequence.
-
-    Returns the mean and max |generator - trainer| over tokens, and the mean over sequences of
-    sum(generator - trainer): the log importance ratio of a whole sequence, whose mean estimates
-    KL(generator || trainer). A trainer log-prob of None is a token the generator sampled but the
-    trainer's top-k/top-p set excludes (their numerics put it on opposite sides of the cut): its ratio
-    is infinite, so such tokens and their sequences are counted apart and left out of the means.
-    A generator log-prob of None is an observation's token (--env): not the policy's, not compared.
-    """
+    """Generator vs trainer log-probs, one (generator, trainer) pair of lists per sequence: the mean and
+    max |generator - trainer| over tokens, and the mean over sequences of sum(generator - trainer) (a
+    sequence's log importance ratio; its mean estimates KL(generator || trainer)). A trainer None (a
+    sampled token outside the trainer's top-k/top-p set: an infinite ratio) is counted apart, with its
+    sequence, and left out of the means; a generator None is an observation's token, not compared."""
     deltas, seq_sums, outside_tokens, outside_seqs = [], [], 0, 0
     for gen, trainer in pairs:
         d = [g - t for g, t in zip(gen, trainer, strict=True) if g is not None and t is not None]
@@ -196,14 +191,9 @@ def output_line(s: Sample, k: int, tok, scored: bool, trainer_lp) -> dict:
 
 def turns(s: Sample, tok) -> list[dict]:
     """The trajectory cut where the mask changes: [{"role": "policy" or "env", "text", "token_ids"}]."""
-    out = []
-    for t, m in zip(s.completion_ids, s.mask):
-        role = "policy" if m == 1.0 else "env"
-        if not out or out[-1]["role"] != role:
-            out.append({"role": role, "token_ids": []})
-        out[-1]["token_ids"].append(t)
-    return [{"role": d["role"], "text": tok.decode(d["token_ids"], skip_special_tokens=False),
-             "token_ids": d["token_ids"]} for d in out]
+    runs = [(m, [t for t, _ in run]) for m, run in groupby(zip(s.completion_ids, s.mask), key=lambda tm: tm[1])]
+    return [{"role": "policy" if m == 1.0 else "env", "text": tok.decode(ids, skip_special_tokens=False),
+             "token_ids": ids} for m, ids in runs]
 
 
 def interrupt(signum, frame):
@@ -249,7 +239,7 @@ def load_inputs(cfg: TrainConfig, out: str, d: Dist) -> tuple[Tokenizer, list[tu
 
 
 def run(cfg: TrainConfig, own: dict, d: Dist):
-    """Generate this rank's rows batch by batch, appending each batch's lines to its file; then agree on
+    """Generate this rank's rows chunk by chunk, appending each chunk's lines to its file; then agree on
     an error (a reward or environment failing on one rank), merge the parts and print a summary."""
     try:  # every input problem surfaces here, before any model is loaded, as one line (rank 0's)
         tok, rows, n_prompts, ds, path = load_inputs(cfg, own["out"], d)
@@ -271,13 +261,14 @@ def run(cfg: TrainConfig, own: dict, d: Dist):
         print(f"rollout: {n_prompts} prompts x {rc.n_samples} samples on {d.world} rank(s), {rc.backend} backend, "
               f"{generator.dtype} on {d.device}")
 
-    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the batches written so far stay
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: the chunks written so far stay
     written, gen_seconds, error = 0, 0.0, ""
     bar = tqdm(total=len(rows), unit="completion", disable=not d.is_main, desc="rank 0" if d.world > 1 else None)
     try:
         with open(path, "w", encoding="utf-8") as f:
-            for start in range(0, len(rows), rc.gen_batch_size):
-                batch = rows[start:start + rc.gen_batch_size]
+            chunk = 4 * rc.gen_batch_size or 1024  # several batches: finished rows' slots take the chunk's next rows
+            for start in range(0, len(rows), chunk):
+                batch = rows[start:start + chunk]
                 # The trainer's seed scheme (step 0): a row's samples depend on (seed, prompt, sample) only.
                 seeds = [sample_seed(cfg.run.seed, 0, p.index, k) for p, k in batch]
                 t0 = time.perf_counter()
@@ -306,8 +297,7 @@ def run(cfg: TrainConfig, own: dict, d: Dist):
         generator.close()
         sys.exit(1)
     slowest = torch.tensor([gen_seconds], device=d.device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the ranks generate in parallel
-    dist.barrier()  # every part file is complete
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the ranks generate in parallel; every part is complete
     if d.is_main and d.world > 1:
         merge(own["out"], d.world)
     generator.close()  # before the process group goes: vLLM's shutdown tears it down

@@ -22,13 +22,13 @@ from minirl.attention import pick_backend
 from minirl.config import Derived, TrainConfig, derive, parse_config, validate
 from minirl.data import PromptDataset
 from minirl.dist import Dist, check_parallel_or_exit, distributed
-from minirl.fsdp import build_sharded, iter_full_params
+from minirl.fsdp import build_sharded
 from minirl.hf import check_weights, load_state_dict_from_dir, read_config
 from minirl.model import ModelConfig
 from minirl.numa import bind_to_gpu_node
 from minirl.rollouts import evaluate, make_generator
 from minirl.tokenizer import Tokenizer
-from minirl.trainer import Policy, rl_step
+from minirl.trainer import Policy, rl_step, sync_weights
 
 
 # Steps in a row that skipped an update for a NaN/inf gradient before the run stops: the model is not
@@ -76,7 +76,7 @@ def main(argv=None):
 def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset, PromptDataset | None, Derived]:
     """Check and read everything a run needs before it starts: the settings, the layout against the
     model, the weights' files, the out dir, the tokenizer, the prompts, the reward and environment
-    (`config.derive`); prints notes and warnings once (rank 0). A problem is a ValueError or
+    (`config.derive`); rank 0 prints the notes and warnings. A problem is a ValueError or
     FileNotFoundError naming it."""
     validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -86,27 +86,25 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     note = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world)
     tok = Tokenizer.from_dir(cfg.data.model)
     ds = derive(cfg, tok)
-    chat = cfg.data.chat_template and tok.has_chat_template
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    notes = [note] if note else []
-    if cfg.data.chat_template and not tok.has_chat_template:
-        notes.append(f"note: {cfg.data.model} has no chat template; prompts are used as raw text")
-    data = PromptDataset(cfg.data.data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
-                         cfg.data.max_prompt_len, cfg.run.seed)
-    test = PromptDataset(cfg.data.test_data, tok, cfg.data.prompt_field, cfg.data.answer_field, chat,
-                         cfg.data.max_prompt_len, cfg.run.seed) if cfg.data.test_data else None
+    dc, notes = cfg.data, [note] if note else []
+    if dc.chat_template and not tok.has_chat_template:
+        notes.append(f"note: {dc.model} has no chat template; prompts are used as raw text")
+    data, test = (PromptDataset(path, tok, dc.prompt_field, dc.answer_field, dc.chat_template and tok.has_chat_template,
+                                dc.max_prompt_len, cfg.run.seed) if path else None for path in (dc.data, dc.test_data))
     longest = max(len(p.token_ids) for p in data.prompts) + ds.sample_budget - 1
     if longest > cfg.parallel.micro_batch_tokens:
         raise ValueError(f"--micro-batch-tokens {cfg.parallel.micro_batch_tokens} cannot hold the longest prompt "
                          f"with its completion ({longest} tokens); raise it or lower --max-new-tokens/--max-prompt-len")
     if data.missing_answers:
-        notes.append(f"warning: {data.missing_answers} of {cfg.data.data}'s rows have no {cfg.data.answer_field!r} "
+        notes.append(f"warning: {data.missing_answers} of {dc.data}'s rows have no {dc.answer_field!r} "
                      f"field; their rewards compare against an empty answer")
-    if cfg.rollout.n_samples == 1:
+    if cfg.rollout.n_samples == 1 and cfg.algo.advantage == "grpo":
         notes.append("warning: --n-samples 1: every GRPO advantage is 0 (a group of one), so nothing is learned")
-    if rank0:
-        for line in notes:
-            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+    if cfg.algo.ratio_level != "token" and ds.loss.agg == "token-mean":
+        notes.append("warning: --loss-agg token-mean under GSPO (--ratio-level sequence*) counts each sequence once "
+                     "per token, so long ones weigh more; GSPO's objective is seq-mean-token-mean (its auto default)")
+    for line in notes if int(os.environ.get("RANK", "0")) == 0 else []:
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
     return model_cfg, tok, data, test, ds
 
 
@@ -130,7 +128,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
         log(f"data: dropped {data.dropped} prompts longer than {cfg.data.max_prompt_len} tokens")
     log(f"world {d.world} = dp {d.dp_size} x sp {d.sp_size} on {d.device}; model {cfg.data.model}")
 
-    policy = build_policy(model_cfg, cfg, d)
+    policy = build_policy(model_cfg, cfg, ds, d)
     ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
     # A vLLM engine must shut down before the process group does (its shutdown tears groups down).
     with contextlib.closing(make_generator(cfg, model_cfg, tok, d.device)) as generator:
@@ -141,7 +139,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
                 start = state.step
                 data.load_state_dict(state.data_state)
                 log(f"resumed from step {start}")
-        generator.update_weights(iter_full_params(policy.model, generator.dtype))
+        sync_weights(policy, generator)
 
         metrics = report.MetricsLog(cfg.run.out_dir, start_step=start) if d.is_main else None
         if test is not None and start == 0:
@@ -158,8 +156,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
         for step in step_bar:
             drawn = data.state_dict()  # the data order before this step's prompts: --resume redoes the step
             try:
-                row = rl_step(policy, generator, data.next_batch(cfg.run.prompts_per_step), step, d, cfg, ds, tok,
-                              progress=d.is_main, interrupt=interrupt)
+                row = rl_step(policy, generator, data, step, d, cfg, ds, tok, progress=d.is_main, interrupt=interrupt)
             except report.Interrupted:  # on every rank together, before the step changed the model
                 policy.optimizer.zero_grad(set_to_none=True)  # the micro-batches' gradients so far
                 if step > saved:
@@ -200,22 +197,28 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
                     metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
             log(f"held-out accuracy after training: {acc:.1%}")
         if cfg.run.export:
-            checkpoint.export_hf(policy.model, model_cfg, os.path.join(cfg.run.out_dir, "final"), cfg.data.model)
-            log(f"exported {os.path.join(cfg.run.out_dir, 'final')}")
+            final, adapter_dir = (os.path.join(cfg.run.out_dir, name) for name in ("final", "adapter"))
+            checkpoint.export_hf(policy.model, model_cfg, final, cfg.data.model, adapter_dir=adapter_dir,
+                                 base_model=os.path.abspath(cfg.data.model))  # the adapters too, with LoRA
+            log(f"exported {final}" + (f" and {adapter_dir}" if ds.adapters else ""))
         if d.is_main:
             report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
     return False
 
 
-def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, d: Dist) -> Policy:
-    """The FSDP2-sharded policy, the frozen reference (only with a KL penalty), AdamW and its lr schedule:
-    linear warm-up, then constant or cosine decay to 10% of the peak lr."""
+def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, ds: Derived, d: Dist) -> Policy:
+    """The FSDP2-sharded policy, the frozen reference (only with a KL penalty; with LoRA the policy with its
+    adapters off), AdamW of the trainable parameters and its lr schedule: linear warm-up, then constant or
+    cosine decay to 10% of the peak lr."""
     weights = load_state_dict_from_dir(cfg.data.model)
-    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True)
-    ref_model = build_sharded(model_cfg, weights, d, cfg.parallel, train=False) if cfg.algo.kl_coef else None
+    model = build_sharded(model_cfg, weights, d, cfg.parallel, train=True, adapters=ds.adapters)
+    ref_model = None
+    if cfg.algo.kl_coef:
+        ref_model = model if ds.adapters else build_sharded(model_cfg, weights, d, cfg.parallel, train=False)
     del weights
     oc, updates = cfg.optim, cfg.run.steps * cfg.algo.mini_batches * cfg.algo.ppo_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=oc.lr,
+                                  weight_decay=oc.weight_decay)
 
     def lr_multiplier(update: int) -> float:
         if update < oc.warmup_steps:

@@ -18,6 +18,7 @@ reference. This script measures, at Qwen3-0.6B head shapes (16 query heads, 8 kv
 
     python bench/attention.py            # on a GPU: every backend it has
     python bench/attention.py --tokens 131072 --doc-len 131072 --backends flash,varlen --warmup 3 --reps 10
+    python bench/attention.py --doc-len 512,2048,16384 --backends flash,varlen   # which kernel wins per length
     python bench/attention.py --tiny     # CPU smoke run (flash and varlen need CUDA and are skipped)
 """
 
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from bench.common import (causal_attention_flops, csv_strs, default_device, device_info, matmul_tflops, median,
+from bench.common import (causal_attention_flops, csv_ints, csv_strs, default_device, device_info, matmul_tflops, median,
                           out_path, print_table, time_ms, write_json)
 from minirl.attention import pick_backend, varlen_attention
 
@@ -40,7 +41,8 @@ CHECK_TOKENS, CHECK_DOC_LEN = 16384, 4096  # the accuracy check's size: the floa
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=16384, help="packed tokens T")
-    p.add_argument("--doc-len", type=int, default=2048, help="document length for the timing runs")
+    p.add_argument("--doc-len", type=csv_ints, default=[2048],
+                   help="document length for the timing runs; comma-separated: one timing per length")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default $OUT/attention.json or bench/results/)")
     args = p.parse_args(argv)
     if args.tiny:
-        args.tokens, args.doc_len, args.heads, args.kv_heads, args.head_dim = 512, 128, 4, 2, 32
+        args.tokens, args.doc_len, args.heads, args.kv_heads, args.head_dim = 512, [128], 4, 2, 32
         args.warmup, args.reps = 1, 3
     return args
 
@@ -111,7 +113,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def check_accuracy(backend: str, args, device, generator) -> dict:
     """Relative errors of one backend in bf16 against the float64 reference, on fresh ragged inputs."""
     tokens = min(args.tokens, CHECK_TOKENS)
-    lengths = ragged_lengths(tokens, min(args.doc_len, CHECK_DOC_LEN), generator)
+    lengths = ragged_lengths(tokens, min(max(args.doc_len), CHECK_DOC_LEN), generator)
     q, k, v = random_qkv(tokens, args.heads, args.kv_heads, args.head_dim, device, generator)
     dout = torch.randn(q.shape, generator=generator).to(device)
     cu, max_len = cu_seqlens(lengths, device), max(lengths)
@@ -125,9 +127,9 @@ def check_accuracy(backend: str, args, device, generator) -> dict:
     return errs
 
 
-def time_backend(backend: str, args, device, generator) -> dict:
+def time_backend(backend: str, doc_len: int, args, device, generator) -> dict:
     """Median forward and forward+backward times (ms) on uniform documents, and TFLOP/s."""
-    lengths = uniform_lengths(args.tokens, args.doc_len)
+    lengths = uniform_lengths(args.tokens, doc_len)
     cu, max_len = cu_seqlens(lengths, device), max(lengths)
     q, k, v = (x.bfloat16().requires_grad_(True) for x in
                random_qkv(args.tokens, args.heads, args.kv_heads, args.head_dim, device, generator))
@@ -169,26 +171,27 @@ def main(argv=None):
     for backend in available_backends(device, args.backends):
         acc = check_accuracy(backend, args, device, generator)
         print(f"{backend}: accuracy {acc}", flush=True)
-        speed = time_backend(backend, args, device, generator)
-        print(f"{backend}: speed {speed}", flush=True)
+        speed = {}
+        for doc_len in args.doc_len:
+            speed[doc_len] = time_backend(backend, doc_len, args, device, generator)
+            print(f"{backend}, docs of {doc_len}: speed {speed[doc_len]}", flush=True)
         results[backend] = {"accuracy": acc, "speed": speed}
 
     errs = ("out", "dq", "dk", "dv")
-    rows = [[b, *(r["accuracy"][x] for x in errs), "yes" if r["accuracy"]["ok"] else "NO",
-             r["speed"]["fwd_ms"], r["speed"]["fwd_bwd_ms"], r["speed"]["fwd_tflops"], r["speed"]["fwd_bwd_tflops"],
-             100 * r["speed"]["fwd_bwd_tflops"] / peak] for b, r in results.items()]
-    summary = [{"what": f"attention {b}, {args.tokens} tok in {args.doc_len}-tok docs: fwd+bwd ms | TFLOP/s | "
-                        f"max rel err",
-                "value": f"{r['speed']['fwd_bwd_ms']:.3f} | {r['speed']['fwd_bwd_tflops']:.1f} | "
-                         f"{max(r['accuracy'][x] for x in errs):.1e}", "unit": ""} for b, r in results.items()]
+    rows = [[b, L, *(r["accuracy"][x] for x in errs), "yes" if r["accuracy"]["ok"] else "NO",
+             t["fwd_ms"], t["fwd_bwd_ms"], t["fwd_tflops"], t["fwd_bwd_tflops"], 100 * t["fwd_bwd_tflops"] / peak]
+            for b, r in results.items() for L, t in r["speed"].items()]
+    summary = [{"what": f"attention {b}, {args.tokens} tok in {L}-tok docs: fwd+bwd ms | TFLOP/s | max rel err",
+                "value": f"{t['fwd_bwd_ms']:.3f} | {t['fwd_bwd_tflops']:.1f} | "
+                         f"{max(r['accuracy'][x] for x in errs):.1e}", "unit": ""}
+               for b, r in results.items() for L, t in r["speed"].items()]
     write_json(out_path("attention", args.out), {
         "bench": "attention", "args": vars(args), "device": device_info(device), "matmul_peak_tflops": peak,
         "results": results, "summary": summary})
-    print_table(f"attention, bf16, T={args.tokens}, docs of {args.doc_len}, H={args.heads} Hkv={args.kv_heads} "
-                f"D={args.head_dim}; err vs float64 on ragged docs; matmul peak {peak:.0f} TFLOP/s",
-                ["backend", "err out", "err dq", "err dk", "err dv", "ok", "fwd ms", "f+b ms", "fwd TF/s",
+    print_table(f"attention, bf16, T={args.tokens}, H={args.heads} Hkv={args.kv_heads} D={args.head_dim}; "
+                f"err vs float64 on ragged docs; matmul peak {peak:.0f} TFLOP/s",
+                ["backend", "doc len", "err out", "err dq", "err dk", "err dv", "ok", "fwd ms", "f+b ms", "fwd TF/s",
                  "f+b TF/s", "f+b % peak"], rows)
-
 
 if __name__ == "__main__":
     main()

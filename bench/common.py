@@ -14,6 +14,7 @@ Output: each script prints a short table last and writes JSON to `--out`, by def
 
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -262,3 +263,23 @@ def csv_ints(s: str) -> list[int]:
 
 def csv_strs(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int) -> list[int]:
+    """n completion lengths exp(N(log median, sigma^2)), rounded, in [1, cap]: long-tailed, as RL
+    completions are (most end after a few hundred tokens, a few run to the limit); seeded."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, dtype=torch.float64).log_normal_(math.log(median), sigma, generator=g)
+    return x.round().clamp(1, cap).long().tolist()
+
+
+def length_stats(lengths: list[int], cap: int) -> dict:
+    """Mean, p50, p90, p99, the fraction at the cap and the total of a list of lengths."""
+    x = torch.tensor(lengths, dtype=torch.float64)
+    p50, p90, p99 = torch.quantile(x, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"mean": x.mean().item(), "p50": p50, "p90": p90, "p99": p99,
+            "capped_frac": (x >= cap).double().mean().item(), "total": int(x.sum().item())}

@@ -1,8 +1,9 @@
 """Decode throughput of minirl's naive generator (eager and CUDA graphs) against transformers' generate.
 
-Rollouts dominate an RL step, and minirl generates with its own ~250-line static-KV-cache loop
-(`minirl.generate.generate`). This measures how fast that loop decodes (eager, and the whole step
-as one CUDA graph), for random-weight bf16 models (q/k/v and gate/up fused, as the trainer's Generator
+Rollouts dominate an RL step, and minirl generates with its own static-KV-cache loop
+(`minirl.generate.generate`, continuous batching). This measures how fast that loop decodes at a fixed
+length (eager, and the whole step as one CUDA graph; bench/rollouts.py measures long-tailed lengths),
+for random-weight bf16 models (q/k/v and gate/up fused, as the trainer's Generator
 holds them) of two shapes (Qwen3-0.6B, and a Qwen2.5-1.5B-like one), at several batch sizes, with --prompt-len
 prompt tokens and --new-tokens sampled tokens per row (temperature 1, no EOS: every row decodes all
 its tokens, so the work is fixed):
@@ -15,8 +16,8 @@ its tokens, so the work is fixed):
 - roofline fraction = floor / measured step, the floor being the fewest bytes a decode step must read,
   weights (2 bytes a parameter; a tied embedding counts once, as the output head) plus the KV cache
   filled so far (mean context over the run), divided by the device-to-device copy bandwidth measured
-  at the start (bytes read + written per second). The naive loop reads the whole static cache every
-  step (mask instead of length): those bytes are in the JSON as `kv_bytes_static`;
+  at the start (bytes read + written per second). Reading the whole static cache every step instead
+  (what a mask over the full width costs) would be `kv_bytes_static` in the JSON;
 - transformers: the same weights loaded into `AutoModelForCausalLM.from_config(ModelConfig.to_hf())`,
   `generate(do_sample=True, temperature=1, top_k=0)` with its default dynamic cache, eager, SDPA
   attention (its static cache is meant for torch.compile, whose compilation per batch size would not

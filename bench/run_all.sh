@@ -32,7 +32,7 @@ all() {
     || echo "no nvidia-smi: CPU run"
   bench attention python bench/attention.py
   bench logprobs_memory python bench/logprobs_memory.py
-  bench train_step torchrun --standalone --nproc-per-node 1 bench/train_step.py --ckpt on,off
+  bench train_step torchrun --standalone --nproc-per-node 1 bench/train_step.py --ckpt selective,full,none
   bench rl_step torchrun --standalone --nproc-per-node 1 bench/rl_step.py
   bench decode_attention python bench/decode_attention.py
   bench generate python bench/generate.py

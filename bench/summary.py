@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from bench.common import BENCH_DIR, fmt
 
-ORDER = ("attention", "logprobs_memory", "train_step", "decode_attention", "generate", "rl_step")
+ORDER = ("attention", "logprobs_memory", "train_step", "decode_attention", "generate", "rollouts", "rl_step")
 
 
 def main(argv=None):

@@ -1,9 +1,11 @@
-"""Policy-gradient losses for GRPO and PPO on packed token streams.
+"""Policy losses on packed token streams: PPO's clipped surrogate (GRPO, DAPO, GSPO), CISPO, the KL
+estimators, and the published defaults of each algorithm's settings (`auto_settings`). Advantages and
+reward shaping (GRPO, RLOO, REINFORCE++, DAPO's) are in minirl/advantages.py.
 
 Everything here works on 1-D per-token tensors of one micro-batch: the tokens of
 several sequences concatenated, length T. `seq_ids[t]` says which sequence of the
 mini-batch token t belongs to and `mask[t]` whether it counts (completion tokens
-count; prompt and padding tokens do not).
+count; prompt, observation and padding tokens do not).
 
 A mini-batch is cut into micro-batches (and spread over data- and sequence-parallel
 ranks) and their gradients are summed. For that sum to be the gradient of the
@@ -31,17 +33,23 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence", "sequence-token")
 TIS_LEVELS = ("token", "sequence")
 TIS_MODES = ("truncate", "mask")
-ADVANTAGES = ("grpo", "rloo")
+POLICY_LOSSES = ("ppo", "cispo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+GSPO_CLIP = (3e-4, 4e-4)  # the GSPO paper's range below and above 1 (Zheng et al. 2025, arXiv 2507.18071)
+CISPO_CLIP = (1.0, 3.0)  # no lower bound (a weight is >= 0 anyway), weights capped at 4 (ScaleRL, arXiv 2510.13786)
 
 
 @dataclass
 class LossConfig:
     """Algorithm knobs of the policy loss. The defaults are plain PPO/GRPO clipping."""
 
-    clip_eps_low: float = 0.2  # ratio is clipped to [1 - low, 1 + high]
+    policy_loss: str = "ppo"  # ppo (clipped surrogate) | cispo (clipped IS weight), see policy_loss
+    clip_eps_low: float = 0.2  # ppo: the ratio is clipped to [1 - low, 1 + high]; cispo: the IS weight is
     clip_eps_high: float = 0.2  # > low gives "clip-higher" (DAPO)
     dual_clip_c: float | None = None  # dual-clip PPO: cap the loss of A < 0 tokens at c * |A|
-    kl_coef: float = 0.0  # weight of the k3 KL to the reference policy
+    kl_coef: float = 0.0  # weight of the KL to the reference policy in the loss
+    kl_estimator: str = "k3"  # one of KL_ESTIMATORS, see kl_estimate
     entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy
     agg: str = "token-mean"  # one of AGG_MODES, see token_weights
     ratio_level: str = "token"  # token (PPO) | sequence (GSPO) | sequence-token (GSPO-token), see policy_log_ratio
@@ -52,12 +60,20 @@ class LossConfig:
     tis_low: float = 0.0  # lower bound of the mask (mask mode only)
 
     def __post_init__(self):
-        for name, value, choices in (("agg", self.agg, AGG_MODES), ("ratio_level", self.ratio_level, RATIO_LEVELS),
+        for name, value, choices in (("policy_loss", self.policy_loss, POLICY_LOSSES), ("agg", self.agg, AGG_MODES),
+                                     ("ratio_level", self.ratio_level, RATIO_LEVELS),
+                                     ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
                                      ("tis_level", self.tis_level, TIS_LEVELS), ("tis_mode", self.tis_mode, TIS_MODES)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not min(self.clip_eps_low, self.clip_eps_high) > 0:
+            raise ValueError(f"clip_eps_low and clip_eps_high must be > 0, got {self.clip_eps_low}, "
+                             f"{self.clip_eps_high}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.policy_loss == "cispo" and (self.ratio_level != "token" or self.dual_clip_c is not None):
+            raise ValueError("policy_loss cispo weights each token by its own clipped ratio: it takes neither "
+                             "ratio_level sequence/sequence-token (GSPO's) nor dual_clip_c (PPO's)")
         if self.tis_cap is None:
             if (self.tis_level, self.tis_mode, self.tis_low) != ("token", "truncate", 0.0):
                 raise ValueError("tis_level, tis_mode and tis_low need tis_cap (the upper bound of the weight)")
@@ -68,6 +84,28 @@ class LossConfig:
             raise ValueError("tis_low is the lower bound of tis_mode mask; truncation has no lower bound")
         if not 0.0 <= self.tis_low < self.tis_cap:
             raise ValueError(f"need 0 <= tis_low < tis_cap, got tis_low={self.tis_low}, tis_cap={self.tis_cap}")
+
+
+def auto_settings(advantage: str, policy_loss: str, ratio_level: str, kl_placement: str = "") -> dict:
+    """The value each setting left on auto takes: the published default of the algorithm chosen.
+
+      clip_eps_low/high  0.2 / 0.2 (PPO, GRPO); GSPO 3e-4 / 4e-4 (its paper: a sequence's mean log-ratio
+                         moves far less than a token's, so +-0.2 would never clip); CISPO no lower bound
+                         and a weight cap of 4 (ScaleRL's; verl's example caps at 1.2, SkyRL's at 6)
+      loss_agg           token-mean (DAPO's, verl's default); GSPO seq-mean-token-mean (its objective: each
+                         sequence counts once, whatever its length; verl fixes it, TRL warns)
+      std_norm           grpo and the REINFORCE++ pair yes; rloo no (the RLOO paper, verl and TRL)
+      kl_placement       reinforce++ the reward (its paper's per-token penalty); the others the loss
+      kl_estimator       in the reward k1 (REINFORCE++; verl's and OpenRLHF's default there); in the loss
+                         k3 (GRPO), k2 for reinforce++-baseline (OpenRLHF's recipe)
+    `kl_placement` is the user's, or "" for auto.
+    """
+    gspo = ratio_level != "token"
+    low, high = GSPO_CLIP if gspo else CISPO_CLIP if policy_loss == "cispo" else (0.2, 0.2)
+    placement = kl_placement or ("reward" if advantage == "reinforce++" else "loss")
+    estimator = "k1" if placement == "reward" else "k2" if advantage == "reinforce++-baseline" else "k3"
+    return dict(clip_eps_low=low, clip_eps_high=high, loss_agg="seq-mean-token-mean" if gspo else "token-mean",
+                std_norm=advantage != "rloo", kl_placement=placement, kl_estimator=estimator)
 
 
 @dataclass
@@ -156,14 +194,23 @@ def token_weights(
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
-def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Per-token k3 estimator of KL(pi || ref) from tokens sampled from pi.
-
-    With log r = ref - logprobs: k3 = r - log r - 1. It is unbiased, and unlike
-    the plain -log r it is never negative, so every token pulls towards ref.
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate [T] of KL(pi || ref) from tokens sampled from pi (Schulman, "Approximating KL
+    divergence", 2020; verl's kl_penalty, OpenRLHF's compute_approx_kl). With log r = ref - logprobs:
+      k1  -log r           unbiased; negative where ref is likelier; as a loss its gradient averages to 0
+      k2  (log r)^2 / 2    biased, never negative; as a loss its gradient is the KL's (on-policy)
+      k3  r - log r - 1    unbiased, never negative, low variance (GRPO's)
+    Peers clamp it (verl k3 to +-10, OpenRLHF every estimator to +-10); here a large value is left to
+    show in the metrics, as for the ratios.
     """
     log_r = ref_logprobs - logprobs  # [T]
-    return torch.exp(log_r) - log_r - 1.0
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        return torch.exp(log_r) - log_r - 1.0
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
 def policy_log_ratio(logprobs: Tensor, old_logprobs: Tensor, level: str, seqs: Sequences | None) -> Tensor:
@@ -179,8 +226,7 @@ def policy_log_ratio(logprobs: Tensor, old_logprobs: Tensor, level: str, seqs: S
                       token_weights (equal within a sequence) the two give identical gradients; the
                       token form would let per-token advantages in, and under sp it needs no
                       differentiable all-reduce.
-    GSPO uses tiny clip ranges (its paper: 3e-4 below, 4e-4 above), since a sequence's mean
-    log-ratio moves far less than a single token's. The log-ratio is not clamped before exp (verl
+    GSPO's clip range is tiny (GSPO_CLIP, see auto_settings). The log-ratio is not clamped before exp (verl
     clamps it, at +-20 for tokens and 10 for GSPO's): a ratio that large means the policy has left
     the rollout's, which should show in the metrics rather than be bounded away.
     """
@@ -225,6 +271,36 @@ def rollout_is_weights(old_logprobs: Tensor, gen_logprobs: Tensor, cfg: LossConf
     return torch.where(keep, w, 0.0), keep
 
 
+def clipped_surrogate(ratio: Tensor, advantages: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor | None]:
+    """PPO's per-token loss -min(r A, clip(r, 1 - low, 1 + high) A) [T] (also GRPO's, DAPO's with a higher
+    upper bound, GSPO's with sequence ratios), where the clip zeroed the gradient [T], and where the dual
+    clip capped the loss [T] (None when off)."""
+    surr = ratio * advantages  # [T]
+    surr_clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high) * advantages
+    pg = -torch.minimum(surr, surr_clipped)  # [T]
+    clipped = surr_clipped < surr  # [T]: there the clipped term is the smaller one, constant in logprobs
+    if cfg.dual_clip_c is None:
+        return pg, clipped, None
+    # For A < 0 the min above is unbounded as the ratio grows; cap it at c * |A| (Ye et al. 2020).
+    cap = -cfg.dual_clip_c * advantages  # [T]
+    dual = (advantages < 0) & (pg > cap)  # [T]
+    return torch.where(dual, cap, pg), clipped, dual
+
+
+def cispo_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                    cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    """CISPO's per-token loss -sg(clip(r, 1 - low, 1 + high)) A log pi [T] (MiniMax-M1, arXiv 2506.13585;
+    verl's compute_policy_loss_cispo), and where the weight was clipped [T].
+
+    REINFORCE with a truncated, stop-gradient importance weight: every token keeps its gradient
+    -w A d log pi, where PPO's clip zeroes the gradient of tokens outside the range (often the rare
+    tokens that matter). The loss's value (w A log pi) is no objective's value; its gradient is.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # [T]
+    w = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high).detach()  # [T]
+    return -w * advantages * logprobs, ratio != w
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -236,7 +312,7 @@ def policy_loss(
     entropy: Tensor | None = None,
     seqs: Sequences | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (also GRPO's and GSPO's) plus optional KL and entropy terms.
+    """The policy-gradient loss (PPO's clipped surrogate or CISPO's) plus optional KL and entropy terms.
 
     All inputs are [T]; only `logprobs` (and `entropy`, if given) carry gradient.
     `weights` come from `token_weights`, so the returned loss is this micro-batch's
@@ -244,38 +320,40 @@ def policy_loss(
     (ratio_level other than token, tis_level sequence); under sp each issues one all-reduce
     on `seqs.group` (GSPO's a second one in backward).
 
+    A token of zero weight (prompt, observation, padding) is out of every term: torch.where gives it
+    neutral inputs (log-probs and advantage 0), so a non-finite value there (a k3 or a ratio that
+    overflows, a NaN) reaches neither the loss, nor its gradient, nor the metrics, as 0 x inf would.
+
     The metrics are weighted sums with the same weights, so they too add up over
     micro-batches to mini-batch means (under seq-mean-token-sum-norm the weights do
     not sum to 1, so the metrics come out scaled by mean_len / norm_len):
-      pg_loss         the (IS-weighted) clipped surrogate term
-      clip_frac       tokens where clipping zeroed the gradient
+      pg_loss         the (IS-weighted) policy-gradient term
+      clip_frac       ppo: tokens where clipping zeroed the gradient; cispo: tokens whose weight was clipped
       approx_kl       k3 estimate of KL(pi_old || pi), how far this update moved
       dual_clip_frac  tokens capped by the dual clip (if enabled)
-      kl_ref          k3 KL to the reference (if ref_logprobs given)
+      kl_ref          KL to the reference, by cfg.kl_estimator (if ref_logprobs given)
       entropy         mean entropy (if given)
       tis_weight      mean importance weight against the generator (if enabled)
       tis_masked      tokens dropped by tis_mode mask (if enabled)
     No host syncs: everything stays a tensor.
     """
-    ratio = torch.exp(policy_log_ratio(logprobs, old_logprobs, cfg.ratio_level, seqs))  # [T]
-    surr = ratio * advantages  # [T]
-    surr_clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high) * advantages
-    pg = -torch.minimum(surr, surr_clipped)  # [T]
-    # Where the clipped term is the smaller one, it is constant in logprobs: no gradient.
-    clipped = surr_clipped < surr  # [T]
-
+    keep = weights != 0  # [T]
+    logprobs, old_logprobs, advantages, ref_logprobs, gen_logprobs, entropy = (
+        None if x is None else torch.where(keep, x, 0.0)
+        for x in (logprobs, old_logprobs, advantages, ref_logprobs, gen_logprobs, entropy))
     metrics = {}
-    if cfg.dual_clip_c is not None:
-        # For A < 0 the min above is unbounded as ratio grows; cap it at c * |A|.
-        cap = -cfg.dual_clip_c * advantages  # [T]
-        dual = (advantages < 0) & (pg > cap)  # [T]
-        pg = torch.where(dual, cap, pg)
-        metrics["dual_clip_frac"] = dual
+    if cfg.policy_loss == "cispo":
+        pg, clipped = cispo_surrogate(logprobs, old_logprobs, advantages, cfg)
+    else:
+        ratio = torch.exp(policy_log_ratio(logprobs, old_logprobs, cfg.ratio_level, seqs))  # [T]
+        pg, clipped, dual = clipped_surrogate(ratio, advantages, cfg)
+        if dual is not None:
+            metrics["dual_clip_frac"] = dual
     if cfg.tis_cap is not None:
         if gen_logprobs is None:
             raise ValueError("tis_cap is set but gen_logprobs was not given")
         tis, kept = rollout_is_weights(old_logprobs, gen_logprobs, cfg, seqs)  # [T], [T]
-        pg = pg * tis
+        pg = torch.where(kept, pg * tis, 0.0)  # a dropped token's pg may be inf (a ratio far out, A < 0)
         metrics["tis_weight"] = tis
         if cfg.tis_mode == "mask":
             metrics["tis_masked"] = ~kept
@@ -284,7 +362,7 @@ def policy_loss(
     if cfg.kl_coef != 0.0:
         if ref_logprobs is None:
             raise ValueError("kl_coef is set but ref_logprobs was not given")
-        loss_tok = loss_tok + cfg.kl_coef * k3_kl(logprobs, ref_logprobs)
+        loss_tok = loss_tok + cfg.kl_coef * kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
     if cfg.entropy_coef != 0.0:
         if entropy is None:
             raise ValueError("entropy_coef is set but entropy was not given")
@@ -294,61 +372,11 @@ def policy_loss(
     with torch.no_grad():
         metrics["pg_loss"] = pg
         metrics["clip_frac"] = clipped
-        metrics["approx_kl"] = k3_kl(old_logprobs, logprobs)
+        metrics["approx_kl"] = kl_estimate(old_logprobs, logprobs)
         if ref_logprobs is not None:
-            metrics["kl_ref"] = k3_kl(logprobs, ref_logprobs)
+            metrics["kl_ref"] = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
         if entropy is not None:
             metrics["entropy"] = entropy
         w = weights.detach()
         metrics = {k: (v.to(w.dtype) * w).sum() for k, v in metrics.items()}
     return loss, metrics
-
-
-def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """[G] True for groups whose completions all got the same reward: they carry no signal."""
-    r = rewards.view(-1, group_size)  # [G, n]
-    return r.amax(dim=1) == r.amin(dim=1)
-
-
-def check_advantage(estimator: str, group_size: int):
-    if estimator not in ADVANTAGES:
-        raise ValueError(f"advantage must be one of {ADVANTAGES}, got {estimator!r}")
-    if estimator == "rloo" and group_size < 2:
-        raise ValueError("rloo advantages need a group of at least 2 samples (--n-samples >= 2)")
-
-
-def group_advantages(
-    rewards: Tensor, group_size: int, std_norm: bool = True, eps: float = 1e-6, estimator: str = "grpo"
-) -> Tensor:
-    """Advantages of each reward relative to the other samples of its prompt.
-
-    rewards [N] holds N / group_size groups back to back (the samples of one prompt
-    are consecutive). The baseline is
-      grpo  the group mean (the sample's own reward included)
-      rloo  the mean of the other n - 1 rewards (leave-one-out, RLOO): an unbiased
-            baseline, since it does not depend on the sample it scores. As
-            r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean), it is GRPO's centring
-            scaled by n / (n - 1).
-    With `std_norm` the result is divided by the group std (GRPO; with rloo that is
-    GRPO scaled by n / (n - 1), the RLOO paper uses no std). Dr.GRPO drops the std
-    division (std_norm=False): it up-weights prompts that are nearly always right or wrong.
-
-    The std is the biased one (divide by n): we standardise the group we have
-    rather than estimate a population's spread, so a group's advantages have zero
-    mean and unit mean square exactly, and group_size=1 gives 0 rather than NaN.
-    verl and TRL use Bessel's correction (divide by n - 1) and add 1e-6 / 1e-4.
-    A group of equal rewards gets exactly zero advantages (it carries no signal):
-    set explicitly, since its float mean need not equal its rewards (seven 0.3s
-    average to 0.3 - 3e-8, which the eps division would blow up to -0.03).
-    """
-    if rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    check_advantage(estimator, group_size)
-    r = rewards.view(-1, group_size)  # [G, n]
-    adv = r - r.mean(dim=1, keepdim=True)  # [G, n]
-    if estimator == "rloo":
-        adv = adv * (group_size / (group_size - 1))
-    if std_norm:
-        adv = adv / (r.std(dim=1, correction=0, keepdim=True) + eps)
-    adv = torch.where(zero_variance_groups(rewards, group_size)[:, None], 0.0, adv)  # [G, n]
-    return adv.view(-1)  # [N]

@@ -4,8 +4,8 @@ A packed batch concatenates several documents into one [T, H, D] tensor; `cu_seq
 marks where each document starts, so no token attends across a document boundary and no padding is
 wasted. Three backends compute the same thing:
 
-- "flash":  flash-attn-4's `flash_attn.cute.flash_attn_varlen_func` (optional extra, CUDA only;
-            docs/flash_attn.md says how to install it and when it is faster);
+- "flash":  flash-attn-4's kernels (optional extra, CUDA only; docs/flash_attn.md says how to install
+            it and when it is faster), registered here as the torch op `minirl::flash_varlen_attn`;
 - "varlen": torch's own `torch.nn.attention.varlen.varlen_attn` (CUDA only; causal is expressed
             as a sliding window reaching all the way left and zero to the right, `(-1, 0)`);
 - "sdpa":   `scaled_dot_product_attention` once per document (runs everywhere; the CPU path).
@@ -13,8 +13,7 @@ wasted. Three backends compute the same thing:
 `pick_backend` chooses the first that works on the device, unless an argument or the MINIRL_ATTN
 environment variable forces one. flash-attn-4 comes first because it was never slower: on an H200,
 forward+backward of 16k tokens took 1.14 ms vs varlen's 2.06 in 2k-token documents and 400 ms vs 750
-in one 131k-token document; a 0.6B training step was level with 2k-token documents and 1.43x faster
-with 16k-token ones (bench/RESULTS.md, section 7).
+in one 131k-token document (bench/RESULTS.md).
 """
 
 import functools
@@ -41,6 +40,7 @@ class AttnMeta:
     max_seqlen: int
     backend: str = "sdpa"
     sp_group: object = None  # a ProcessGroup: Ulysses sequence parallelism when not None
+    sp_head_chunks: int = 1  # Ulysses: each rank's heads in this many chunks, transfers overlapping attention
 
 
 def _available(backend: str, device: torch.device) -> bool:
@@ -49,22 +49,23 @@ def _available(backend: str, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     if backend == "flash":
-        return _flash_varlen_func() is not None
+        return _flash_kernels() is not None
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def _flash_varlen_func():
-    """flash-attn-4's varlen kernel, or None where it cannot be imported.
+def _flash_kernels():
+    """flash-attn-4's forward and backward functions, or None where they cannot be imported.
 
-    Import the very function `varlen_attention` calls: a check that only finds a `flash_attn` package
-    is fooled by flash-attn-4, whose `flash_attn` is a namespace package holding `cute` and nothing
-    else, and by an install whose CuTe DSL (`cutlass`) is missing.
+    Import the very functions the `minirl::flash_varlen_attn` op calls: a check that only finds a
+    `flash_attn` package is fooled by flash-attn-4, whose `flash_attn` is a namespace package holding
+    `cute` and nothing else, and by an install whose CuTe DSL (`cutlass`) is missing. They are
+    flash-attn-4's own building blocks under its autograd.Function (4.0.0b36; docs/flash_attn.md).
     """
     try:
-        from flash_attn.cute import flash_attn_varlen_func
+        from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
     except ImportError:
         return None
-    return flash_attn_varlen_func
+    return _flash_attn_fwd, _flash_attn_bwd
 
 
 def pick_backend(device: torch.device, requested: str | None = None) -> str:
@@ -83,14 +84,81 @@ def pick_backend(device: torch.device, requested: str | None = None) -> str:
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
     """Causal attention within each packed document. q: [T, H, D], k/v: [T, Hkv, D] -> [T, H, D]."""
     if backend == "flash":
-        out, _ = _flash_varlen_func()(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                      max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True)  # out, lse
-        return out
+        return flash_varlen_attn(q, k, v, cu_seqlens, max_seqlen)[0]  # (out, lse)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
         gqa = {"enable_gqa": True} if _varlen_takes_enable_gqa() else {}  # also fine with equal head counts
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0), **gqa)
     return _sdpa_per_document(q, k, v, cu_seqlens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# flash-attn-4 as a torch op
+#
+# flash-attn-4's public function is an autograd.Function around Python that compiles CuTe kernels on
+# the fly; dynamo cannot trace it, so a compiled decoder block broke its graph there, and under
+# activation checkpointing the break sent the whole block back to eager (slower than torch's own
+# kernel). Registered as an opaque op with its backward and its output shapes ("fake" functions),
+# the block compiles around it as it does around torch's varlen op, and checkpoint policies can name it.
+
+
+@torch.library.custom_op("minirl::flash_varlen_attn", mutates_args=())
+def flash_varlen_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-attn-4's causal varlen forward: q [T, H, D], k/v [T, Hkv, D] -> (out [T, H, D], lse [H, T] fp32)."""
+    forward, _ = _flash_kernels()
+    out, lse = forward(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                       max_seqlen_k=max_seqlen, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@flash_varlen_attn.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen):  # contiguous, as the kernel allocates them
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("minirl::flash_varlen_attn_backward", mutates_args=())
+def flash_varlen_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+                               max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `flash_varlen_attn` from the forward's inputs, output and lse."""
+    _, backward = _flash_kernels()
+    dq, dk, dv = backward(q, k, v, out, dout, lse, causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                          max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    return dq, dk, dv
+
+
+@flash_varlen_attn_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+
+
+def _flash_backward(ctx, dout, dlse):  # lse is a by-product: nothing downstream differentiates it
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = flash_varlen_attn_backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None
+
+
+flash_varlen_attn.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+def kernel_ops() -> set:
+    """The attention kernels as the ops a dispatcher sees (torch's varlen op, flash-attn-4's, SDPA's
+    fused ones): what selective activation checkpointing keeps rather than recomputes (model.py)."""
+    aten = torch.ops.aten
+    ops = {torch.ops.minirl.flash_varlen_attn.default, aten._scaled_dot_product_flash_attention.default,
+           aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+           aten._scaled_dot_product_flash_attention_for_cpu.default}
+    if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+        importlib.import_module("torch.nn.attention.varlen")  # registers torch_attn::_varlen_attn
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
+    return ops
 
 
 @functools.cache

@@ -1,12 +1,10 @@
 """What both rollout backends share: the request, the answer, the interface and the checks.
 
 The naive `generate.Generator` and the optional `vllm_backend.VLLMGenerator` both satisfy
-`RolloutBackend`, so the trainer and rollout.py are written once against it, and check their input
-with the same functions, so a bad prompt or weight sync reads the same on either.
-
-Seeds: completion k of a prompt at a step samples from its own stream, `sample_seed(seed, step,
-prompt, k)`. It depends on its prompt and seed only, not on batching or on how prompts are spread
-over ranks: a run does not depend on the parallel layout.
+`RolloutBackend` and check their input with the same functions, so the trainer and rollout.py are
+written once against it, and a bad prompt or weight sync reads the same on either. Completion k of a
+prompt at a step samples from its own stream, `sample_seed(seed, step, prompt, k)`: not from the
+batching or the spread over ranks, so a run does not depend on the parallel layout.
 """
 
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +24,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # end a row like EOS does (kept in the output): a multi-turn turn's end
 
     def check(self):
+        """A ValueError naming the first setting out of range."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -57,9 +56,15 @@ class RolloutBackend(Protocol):
         """Every parameter, (our name, FULL tensor), exactly once (`checked_weights`)."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None, stop: Callable[[], bool] | None = None) -> list[Completion]:
+                 seeds: list[int] | None = None, stop: Callable[[], bool] | None = None,
+                 limits: list[int] | None = None, follow_up: Callable | None = None,
+                 max_context: int | None = None) -> list[Completion]:
         """One Completion per prompt, in order; `progress` has tqdm's `update(n)`. A backend that works
-        in batches asks `stop()` between them and, once it is True, returns the Completions done so far."""
+        in batches asks `stop()` between them and, once it is True, returns the Completions done so far.
+        `limits[i]` is prompt i's own max_new_tokens (`check_limits`), e.g. what is left of an episode's
+        budget. `follow_up(i, completion)`, called as request i finishes (the prompts given, then the
+        requests it added, counted in order), may return one more request (prompt, seed, limit): a
+        multi-turn episode's next turn. Every request's prompt + limit fits in `max_context` tokens."""
 
     def release(self) -> None:
         """Give memory back to training until the next `update_weights`."""
@@ -81,6 +86,15 @@ def check_request(prompts: list[list[int]], params: SamplingParams, vocab_size: 
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
     return list(seeds)
+
+
+def check_limits(limits: list[int] | None, n: int, max_new_tokens: int) -> list[int]:
+    """One token limit per prompt, each in [1, max_new_tokens]; none given: max_new_tokens for every prompt."""
+    if limits is None:
+        return [max_new_tokens] * n
+    if len(limits) != n or not all(1 <= x <= max_new_tokens for x in limits):
+        raise ValueError(f"limits: give one per prompt, each in [1, max_new_tokens = {max_new_tokens}]")
+    return list(limits)
 
 
 def checked_weights(named_tensors: Iterable[tuple[str, torch.Tensor]],

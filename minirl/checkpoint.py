@@ -1,8 +1,10 @@
 """Training checkpoints (save, resume, pruning), the out-dir check before a run, and HF export.
 
 A checkpoint directory `step_N/` holds
-- the model and optimizer state, sharded, in torch.distributed.checkpoint (DCP) format: every rank
-  writes its own shards in parallel, and DCP can load them into a different number of ranks;
+- the model's trainable parameters and the optimizer state, sharded, in torch.distributed.checkpoint
+  (DCP) format: every rank writes its own shards in parallel, and DCP can load them into a different
+  number of ranks. Frozen parameters are left out: with LoRA adapters (minirl/lora.py) a checkpoint
+  holds the adapters alone, and the base weights come from the model directory again on resume;
 - `rank{r}.pt` per rank: step, LR scheduler state, the data position the caller hands in (an opaque
   dict of plain Python values) and the random number generator states (python, torch CPU, CUDA),
   which differ per rank. Resuming restores all of these, so a resumed run repeats the exact losses
@@ -33,16 +35,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from minirl import hf
+from minirl import hf, lora
 from minirl.dist import agree
 from minirl.fsdp import iter_full_params
 from minirl.model import ModelConfig
 from minirl.report import METRICS_FILE
 
 CHECKPOINTS = "checkpoints"  # out_dir/checkpoints holds step_N/ and `latest`
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # what a checkpoint holds of the model
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -244,7 +247,7 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict
         os.makedirs(tmp)
 
     def write():
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=TRAINABLE)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_state, "rng": _rng_state()},
                    os.path.join(tmp, f"rank{rank}.pt"))
@@ -284,10 +287,11 @@ def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:
         if not why:
             error = ""
             try:
-                model_state, optim_state = get_state_dict(model, optimizer)
+                model_state, optim_state = get_state_dict(model, optimizer, options=TRAINABLE)
                 state = {"model": model_state, "optim": optim_state}
-                dcp.load(state, checkpoint_id=path)  # fills the sharded tensors in place
-                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                dcp.load(state, checkpoint_id=path)  # fills the sharded tensors in place; a key it lacks is an error
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                               options=StateDictOptions(strict=False))  # the frozen parameters are not in it
                 rank_state = torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=True)
             except (Exception, CheckpointException) as e:  # whatever it is, an older checkpoint may load
                 error = f"{path} does not load ({_why(e)})"
@@ -304,14 +308,19 @@ def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:
 
 
 def export_hf(model, cfg: ModelConfig, out_dir: str, tokenizer_dir: str | None = None,
-              dtype: torch.dtype = torch.bfloat16) -> None:
+              dtype: torch.dtype = torch.bfloat16, adapter_dir: str | None = None, base_model: str = "") -> None:
     """Write the (sharded) model as an HF model directory that transformers and vLLM load (a collective).
 
-    All ranks gather the parameters one at a time; rank 0 alone writes them.
+    All ranks gather the parameters one at a time; rank 0 alone writes them. LoRA adapters are merged
+    into their weights (an ordinary model), and with `adapter_dir` also written there on their own, in
+    PEFT's format, for the base model `base_model` (minirl/lora.py).
     """
-    tensors = iter_full_params(model, dtype)
+    adapters = {}
+    tensors = lora.merged(model, iter_full_params(model, dtype), adapters)
     if dist.get_rank() == 0:
         hf.save_model(out_dir, cfg, tensors, tokenizer_dir)
     for _ in tensors:  # the other ranks must join every gather (rank 0 has nothing left)
         pass
-    dist.barrier()  # the directory is complete before anyone reads it
+    if adapter_dir and adapters and dist.get_rank() == 0:
+        lora.save_adapter(adapter_dir, adapters, model, base_model)
+    dist.barrier()  # the directories are complete before anyone reads them

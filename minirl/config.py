@@ -1,14 +1,10 @@
 """The training configuration: one tree of small dataclasses, overridable by a JSON file and CLI flags.
 
-Every field becomes a flag of the same name (`--lr 1e-6`, `--sp 2`, `--no-numa`), grouped by section in
-`--help`, with the help text kept next to the field; train.py takes them all, rollout.py the ones it
-uses. Precedence: dataclass default < `--config FILE` < flags given on the command line. Without
---model the built-in task fills in model, data and its train_config.json. Config values are
-type-checked against the fields, and every problem with the file is a ValueError or FileNotFoundError
-naming it (entry points print it once).
-
-It also owns what follows from the settings: `validate`, and `derive`, which works out once, before
-the first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
+Every field is a flag of the same name (`--lr 1e-6`, `--no-numa`), grouped by section in `--help`,
+its help kept next to it; train.py takes them all, rollout.py the ones it uses. Precedence: dataclass
+default < `--config FILE` (without --model: the built-in task's) < flags. Values are type-checked; a
+bad file is one error naming it. `validate` checks the settings, `derive` works out once, before the
+first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
 """
 
 import argparse
@@ -16,13 +12,16 @@ import importlib.util
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
-from minirl.algorithms import LossConfig, check_advantage
+from minirl.advantages import AdvantageConfig, check_advantage
+from minirl.algorithms import KL_ESTIMATORS, KL_PLACEMENTS, LossConfig, auto_settings
 from minirl.attention import BACKENDS
 from minirl.backend import SamplingParams
 from minirl.env import load_env, stop_token_id
 from minirl.episodes import EpisodeConfig
+from minirl.lora import TARGETS, AdapterSpec
+from minirl.model import CHECKPOINTING
 from minirl.rewards import load_reward
 
 # The built-in tasks: a small model, its data and its settings ship in the repo.
@@ -57,7 +56,8 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(512, "completion length limit")
-    gen_batch_size: int = opt(64, "rows per generation batch (more prompts are processed in chunks)")
+    gen_batch_size: int = opt(0, "rows the naive generator decodes at once, refilled as rows finish (0 = as many as "
+                              "90%% of the free GPU memory holds, 64 on CPUs)")
     tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)")
     vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training")
     keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
@@ -70,15 +70,36 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = opt("grpo", "baseline within a group: grpo (group mean) or rloo (mean of the other n-1)")
-    std_norm: bool = opt(True, "divide group advantages by the group std (--no-std-norm: Dr.GRPO)")
+    """The algorithm (README's table names each value's paper). A setting left on auto (empty, 0 or None)
+    takes the published default of the algorithm chosen: algorithms.auto_settings decides, --help says."""
+
+    advantage: str = opt("grpo", "grpo (group mean off, over the group std) | rloo (mean of the other n-1 off) | "
+                         "reinforce++ (normalised over the batch, KL in the reward) | reinforce++-baseline "
+                         "(group mean off, then normalised over the batch)")
+    std_norm: bool | None = opt(None, "divide advantages by the std, the group's (grpo, rloo) or the batch's "
+                                "(reinforce++); --no-std-norm: Dr.GRPO. auto: on, off for rloo")
     skip_zero_var: bool = opt(False, "leave groups whose rewards are all equal out of the loss and its normalisers")
-    clip_eps_low: float = opt(0.2, "PPO clip range below 1")
-    clip_eps_high: float = opt(0.2, "PPO clip range above 1")
+    dynamic_sampling: int = opt(0, "DAPO dynamic sampling: redraw the groups whose rewards are all equal, at most "
+                                "this many more draws a step, so the step holds --prompts-per-step groups that "
+                                "carry signal (0 = off)")
+    overlong_filter: bool = opt(False, "DAPO: completions cut off by the length limit out of the loss and its "
+                                "normalisers")
+    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the reward falls linearly, by up to "
+                               "--overlong-penalty, over the last this many tokens before the length limit (0 = off)")
+    overlong_penalty: float = opt(1.0, "the most the soft overlong punishment takes off a reward")
+    policy_loss: str = opt("ppo", "ppo (clipped surrogate: PPO, GRPO, DAPO, GSPO) | cispo (REINFORCE weighted by "
+                           "a clipped, stop-gradient IS ratio)")
+    clip_eps_low: float = opt(0.0, "clip range below 1 (0 = auto: 0.2; GSPO 3e-4; cispo 1, no lower bound)")
+    clip_eps_high: float = opt(0.0, "clip range above 1 (0 = auto: 0.2; GSPO 4e-4; cispo 3, weights capped at 4)")
     dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)")
-    kl_coef: float = opt(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
+    kl_coef: float = opt(0.0, "weight of the KL to the frozen initial policy (0 = none, no reference model)")
+    kl_estimator: str = opt("", "k1 | k2 | k3 (empty = auto: k1 in the reward; in the loss k3, k2 for "
+                            "reinforce++-baseline)")
+    kl_placement: str = opt("", "loss (a loss term) | reward (a per-token penalty in the reward) (empty = auto: "
+                            "reward for reinforce++, else loss)")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
-    loss_agg: str = opt("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm")
+    loss_agg: str = opt("", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (empty = auto: "
+                        "token-mean; GSPO seq-mean-token-mean)")
     ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
     tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight (0 = off)")
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
@@ -101,9 +122,8 @@ class OptimConfig:
 class ParallelConfig:
     sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)")
     micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank")
-    checkpointing: bool = opt(True, "activation checkpointing inside each decoder block")
-    compile: bool = opt(True, "torch.compile each decoder block on GPUs (1.28x faster 0.6B training steps on an "
-                        "H200, bench/RESULTS.md section 8); ignored on CPUs")
+    checkpointing: str = opt("selective", "recompute in backward: selective (not matmuls, attention), full or none")
+    compile: bool = opt(True, "torch.compile each decoder block on GPUs; ignored on CPUs")
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
@@ -111,6 +131,14 @@ class ParallelConfig:
     trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
                                   "check each step that the ranks issued the same ones, report where they parted "
                                   "on a hang (minirl/ledger.py; compiled blocks stay compiled)")
+
+
+@dataclass
+class LoRAConfig:
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on a frozen base model (0 = full fine-tuning); "
+                         "give it ~10x the full fine-tuning --lr (README: LoRA)")
+    lora_alpha: float = opt(32.0, "LoRA scale: the adapters' update B A is multiplied by alpha / rank")
+    lora_targets: str = opt(",".join(TARGETS), "comma-separated projections of every block that get adapters")
 
 
 @dataclass
@@ -133,10 +161,8 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _sections(cfg: TrainConfig):
@@ -171,6 +197,10 @@ def _typed(value, expected: type, what: str):
 
     bool is checked first: in Python True is also an int, and "1" or 1 is not a yes/no answer.
     """
+    if expected == bool | None:  # a yes/no left to the algorithm when None (auto)
+        if value is None:
+            return None
+        expected = bool
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
@@ -184,7 +214,7 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
     `--help` shows them: where the built-in task's train_config.json sets a field, a bare run uses
     that value, so help names it first."""
     bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
     for name, section in _sections(cfg):
         group = p.add_argument_group(name)
@@ -192,11 +222,13 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             if only is not None and f.name not in only.get(name, ()):
                 continue
             default = getattr(section, f.name)
-            shown = f"{default!r}" if f.name not in bare else (
+            shown = ("auto" if default is None else f"{default!r}") if f.name not in bare else (
                 f"{bare[f.name]!r} from the built-in task's train_config.json, {default!r} with --model")
-            kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else dict(type=type(default))
+            yes_no = f.type in (bool, bool | None)
+            kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
                                help=f.metadata["help"] + f" (default: {shown})", **kind)
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none", help=argparse.SUPPRESS)
     return p
 
 
@@ -229,13 +261,13 @@ def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
 
 def read_config_file(path: str) -> dict:
     """The JSON object in `path`; a missing file, bad JSON or a non-object is one error naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as fh:
-        try:
+    try:
+        with open(path) as fh:
             values = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
     return values
@@ -248,46 +280,79 @@ def read_config_file(path: str) -> dict:
 def validate(cfg: TrainConfig):
     """Batch sizes and choices that would otherwise fail mid-run: one clear ValueError at start-up.
     (`dist.check_parallel_or_exit` checks the parallel layout against the model.)"""
-    if not cfg.data.data:
-        raise ValueError("--data is required with --model")
-    n = cfg.run.prompts_per_step * cfg.rollout.n_samples
-    if min(cfg.run.prompts_per_step, cfg.rollout.n_samples, cfg.run.steps, cfg.algo.ppo_epochs) < 1:
-        raise ValueError("--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1")
-    if n % cfg.algo.mini_batches:
-        raise ValueError(f"prompts_per_step x n_samples = {n} samples do not split into "
-                         f"--mini-batches {cfg.algo.mini_batches}")
-    if not 0 <= cfg.run.seed < 2**31:
-        raise ValueError(f"--seed must be in [0, 2**31), got {cfg.run.seed}")
-    if cfg.rollout.backend not in ("naive", "vllm"):
-        raise ValueError(f"unknown --backend {cfg.rollout.backend!r}: naive or vllm")
-    if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("--backend vllm needs vLLM, which is not installed: pip install vllm")
-    if cfg.optim.schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine")
-    if not cfg.optim.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.optim.lr}")
-    if cfg.rollout.gen_batch_size < 1:
-        raise ValueError(f"--gen-batch-size must be >= 1, got {cfg.rollout.gen_batch_size}")
-    if cfg.run.keep_checkpoints < 0:
-        raise ValueError(f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}")
-    if cfg.parallel.attn_backend not in ("", *BACKENDS):
-        raise ValueError(f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")
-    if cfg.rollout.max_turns < 1 or cfg.rollout.episode_tokens < 0:
-        raise ValueError("--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")
-    if cfg.rollout.env:
-        load_env(cfg.rollout.env)  # importable, and makes a well-formed env
-    loss_config(cfg.algo)  # checks loss_agg, dual_clip_c, ratio_level and the tis_* settings
-    check_advantage(cfg.algo.advantage, cfg.rollout.n_samples)
-    sampling_params(cfg.rollout).check()
+    rc, algo, n = cfg.rollout, cfg.algo, cfg.run.prompts_per_step * cfg.rollout.n_samples
+    for bad, message in [
+        (not cfg.data.data, "--data is required with --model"),
+        (min(cfg.run.prompts_per_step, rc.n_samples, cfg.run.steps, algo.ppo_epochs) < 1,
+         "--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1"),
+        (algo.mini_batches < 1, f"--mini-batches must be >= 1, got {algo.mini_batches}"),
+        (n % max(1, algo.mini_batches),
+         f"prompts_per_step x n_samples = {n} samples do not split into --mini-batches {algo.mini_batches}"),
+        (not 0 <= cfg.run.seed < 2**31, f"--seed must be in [0, 2**31), got {cfg.run.seed}"),
+        (rc.backend not in ("naive", "vllm"), f"unknown --backend {rc.backend!r}: naive or vllm"),
+        (rc.backend == "vllm" and importlib.util.find_spec("vllm") is None,
+         "--backend vllm needs vLLM, which is not installed: pip install vllm"),
+        (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
+        (not cfg.optim.lr > 0, f"--lr must be > 0, got {cfg.optim.lr}"),
+        (rc.gen_batch_size < 0, f"--gen-batch-size must be >= 0 (0 = sized by memory), got {rc.gen_batch_size}"),
+        (cfg.run.keep_checkpoints < 0, f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}"),
+        (cfg.parallel.checkpointing not in CHECKPOINTING, f"--checkpointing: one of {', '.join(CHECKPOINTING)}"),
+        (cfg.parallel.attn_backend not in ("", *BACKENDS),
+         f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}"),
+        (rc.max_turns < 1 or rc.episode_tokens < 0,
+         "--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")]:
+        if bad:
+            raise ValueError(message)
+    if rc.env:
+        load_env(rc.env)  # importable, and makes a well-formed env
+    adapter_spec(cfg)  # checks the --lora-* flags
+    check_advantage(algo.advantage, rc.n_samples)
+    validate_algo(algo, rc.n_samples, sample_budget(rc))
+    sampling_params(rc).check()
+
+
+def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
+    """The algorithm's settings, and combinations of them that would do nothing or not what they say."""
+    if algo.kl_placement not in ("", *KL_PLACEMENTS) or algo.kl_estimator not in ("", *KL_ESTIMATORS):
+        raise ValueError(f"--kl-placement is one of {KL_PLACEMENTS} and --kl-estimator one of {KL_ESTIMATORS}, "
+                         f"got {algo.kl_placement!r} and {algo.kl_estimator!r}")
+    if (algo.kl_placement or algo.kl_estimator) and not algo.kl_coef:
+        raise ValueError("--kl-placement and --kl-estimator need --kl-coef > 0, the weight of the KL")
+    if algo.dynamic_sampling < 0 or (algo.dynamic_sampling and n_samples < 2):
+        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: it needs K >= 0 and "
+                         "--n-samples >= 2 (a group of one always has equal rewards)")
+    if algo.overlong_buffer and not (0 < algo.overlong_buffer <= budget and algo.overlong_penalty > 0):
+        raise ValueError(f"--overlong-buffer must be in [1, {budget}] (the length limit) and --overlong-penalty "
+                         f"> 0, got {algo.overlong_buffer} and {algo.overlong_penalty}")
+    loss_config(algo)  # checks loss_agg, the clip, dual_clip_c, ratio_level, policy_loss and the tis_* settings
 
 
 def loss_config(algo: AlgoConfig) -> LossConfig:
-    """The policy loss's settings; a flag's 0 ("off") is the loss's None."""
-    return LossConfig(clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high,
-                      dual_clip_c=algo.dual_clip_c or None, kl_coef=algo.kl_coef,
-                      entropy_coef=algo.entropy_coef, agg=algo.loss_agg, ratio_level=algo.ratio_level,
-                      tis_cap=algo.tis_cap or None, tis_level=algo.tis_level, tis_mode=algo.tis_mode,
-                      tis_low=algo.tis_low)
+    """The policy loss's settings, auto ones resolved (`algorithms.auto_settings`); a flag's 0 ("off") is the
+    loss's None. With the KL in the reward the loss has no KL term (its estimator still names `kl_ref`'s)."""
+    auto = auto_settings(algo.advantage, algo.policy_loss, algo.ratio_level, algo.kl_placement)
+    return LossConfig(policy_loss=algo.policy_loss, clip_eps_low=algo.clip_eps_low or auto["clip_eps_low"],
+                      clip_eps_high=algo.clip_eps_high or auto["clip_eps_high"], dual_clip_c=algo.dual_clip_c or None,
+                      kl_coef=algo.kl_coef if auto["kl_placement"] == "loss" else 0.0,
+                      kl_estimator=algo.kl_estimator or auto["kl_estimator"], entropy_coef=algo.entropy_coef,
+                      agg=algo.loss_agg or auto["loss_agg"], ratio_level=algo.ratio_level, tis_cap=algo.tis_cap or None,
+                      tis_level=algo.tis_level, tis_mode=algo.tis_mode, tis_low=algo.tis_low)
+
+
+def advantage_config(cfg: TrainConfig) -> AdvantageConfig:
+    """How rewards become advantages, auto settings resolved (`algorithms.auto_settings`)."""
+    algo = cfg.algo
+    auto = auto_settings(algo.advantage, algo.policy_loss, algo.ratio_level, algo.kl_placement)
+    in_reward = auto["kl_placement"] == "reward"
+    return AdvantageConfig(algo.advantage, cfg.rollout.n_samples,
+                           auto["std_norm"] if algo.std_norm is None else algo.std_norm,
+                           algo.kl_coef if in_reward else 0.0, algo.kl_estimator or auto["kl_estimator"],
+                           algo.overlong_buffer, algo.overlong_penalty, sample_budget(cfg.rollout))
+
+
+def adapter_spec(cfg: TrainConfig) -> AdapterSpec | None:
+    """The LoRA adapters the policy trains (minirl/lora.py), checked; None for full fine-tuning."""
+    return AdapterSpec.from_flags(cfg.lora.lora_rank, cfg.lora.lora_alpha, cfg.lora.lora_targets, cfg.run.seed)
 
 
 def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:
@@ -316,11 +381,13 @@ class Derived:
     from several flags, the tokenizer or the hardware (an "auto" default) is added here."""
 
     loss: LossConfig
+    advantage: AdvantageConfig
     sampling: SamplingParams  # the rollouts'
     greedy: SamplingParams  # held-out evaluation: argmax, the same length limit
     sample_budget: int
     reward: Callable[[int, str, str, str], float] | None  # checked (rewards.load_reward); None: no --reward
     episodes: EpisodeConfig | None  # with --env: the environment, its stop token id and the limits
+    adapters: AdapterSpec | None  # with --lora-rank: the LoRA adapters the policy trains
 
 
 def derive(cfg: TrainConfig, tok) -> Derived:
@@ -328,5 +395,6 @@ def derive(cfg: TrainConfig, tok) -> Derived:
     rc, episodes = cfg.rollout, None
     if rc.env:
         episodes = EpisodeConfig(rc.env, load_env(rc.env), stop_token_id(rc.env, tok), rc.max_turns, sample_budget(rc))
-    return Derived(loss_config(cfg.algo), sampling_params(rc), sampling_params(rc, greedy=True), sample_budget(rc),
-                   load_reward(cfg.data.reward) if cfg.data.reward else None, episodes)
+    return Derived(loss_config(cfg.algo), advantage_config(cfg), sampling_params(rc), sampling_params(rc, greedy=True),
+                   sample_budget(rc), load_reward(cfg.data.reward) if cfg.data.reward else None, episodes,
+                   adapter_spec(cfg))

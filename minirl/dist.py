@@ -1,18 +1,11 @@
 """Process groups for one torchrun job: who am I, who shares my sequences, and how to leave cleanly.
 
-The W ranks of a job form a 2-D grid, dp x sp = W, with the sp ranks of a group adjacent
-(rank = dp_rank * sp + sp_rank, so on one node they share NVLink):
-- the sp ranks of one group hold different slices of the SAME packed micro-batch and swap
-  attention heads with all-to-alls (Ulysses sequence parallelism, see ulysses.py);
-- different dp groups see different micro-batches.
-FSDP shards every parameter over all W ranks whatever the grid (`Dist.fsdp_mesh`, see fsdp.py):
-the grid only decides who shares data.
-
-A bad layout is reported before anything expensive happens: entry points call
-`check_parallel_or_exit` with the model's config.json, before init and before any weights load.
-
-`agree` is how the ranks go on or stop together after work that can fail on one rank alone.
-`python -m minirl.dist --sp N --model DIR [--world W]` runs the layout check alone.
+The W ranks of a job form a 2-D grid, dp x sp = W, with the sp ranks of a group adjacent (rank =
+dp_rank * sp + sp_rank, so on one node they share NVLink): the sp ranks of one group hold slices of
+the SAME packed micro-batch (Ulysses, ulysses.py), different dp groups see different micro-batches.
+FSDP shards every parameter over all W ranks whatever the grid (fsdp.py): the grid only decides who
+shares data. Entry points check the layout against the model's config.json before init
+(`check_parallel_or_exit`; alone: `python -m minirl.dist --sp N --model DIR [--world W]`).
 """
 
 import argparse
@@ -53,12 +46,8 @@ class Dist:
 
 
 def validate_parallel(world: int, sp: int, cfg: ModelConfig) -> None:
-    """Raise a one-line ValueError if the model cannot run with this layout.
-
-    Ulysses gives each sp rank H/sp query heads, so sp must divide the head count. Key/value heads
-    are split the same way when there are at least sp of them; when there are fewer (GQA models with
-    few kv heads), each is repeated until there are sp, which needs sp to be a multiple of them.
-    """
+    """Raise a one-line ValueError if the model cannot run with this layout: Ulysses gives each sp
+    rank H/sp query heads, and splits the kv heads alike, or repeats them up to sp when fewer (GQA)."""
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if sp < 1 or world < 1:
         raise ValueError(f"bad parallel layout: sp={sp} and world size {world} must be >= 1")
@@ -72,23 +61,16 @@ def validate_parallel(world: int, sp: int, cfg: ModelConfig) -> None:
 
 
 def validate_devices(local_world: int, gpus: int) -> None:
-    """Raise a one-line ValueError if this node runs more ranks than it has GPUs (gpus = 0: CPU, gloo).
-
-    NCCL needs a GPU per rank; without this check the surplus ranks fail in `set_device` with a
-    traceback each while the others wait in the rendezvous.
-    """
+    """Raise a one-line ValueError if this node runs more ranks than it has GPUs (gpus = 0: CPU, gloo),
+    instead of a traceback per surplus rank from `set_device` while the others wait in the rendezvous."""
     if gpus and local_world > gpus:
         raise ValueError(f"{local_world} ranks on this node but {gpus} GPUs visible: start one process per GPU "
                          f"(torchrun --nproc-per-node {gpus})")
 
 
 def check_parallel_or_exit(world: int, sp: int, cfg: ModelConfig) -> None:
-    """`validate_devices` and `validate_parallel` for entry points: a bad layout prints one line on stderr
-    and exits 2.
-
-    Under torchrun every rank runs the same check; only rank 0 prints, so the user reads the
-    reason once.
-    """
+    """`validate_devices` and `validate_parallel` for entry points: a bad layout is one line on stderr
+    (rank 0's: every rank runs the same check) and exit code 2."""
     try:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         validate_devices(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gpus)
@@ -102,12 +84,9 @@ def check_parallel_or_exit(world: int, sp: int, cfg: ModelConfig) -> None:
 def init_process_group(timeout_s: float = 600.0, cpu_collectives: bool = False) -> torch.device:
     """Join the job torchrun started (NCCL on GPUs, gloo on CPU) and return this rank's device.
 
-    `timeout_s` bounds every collective: a rank stuck in a mismatched collective fails after that
-    long with an error naming the collective, instead of hanging forever. Started with plain
-    `python` it forms a one-rank job with the environment torchrun would have set (vLLM's external
-    launcher reads it), so the same code runs everywhere.
-    `cpu_collectives` adds gloo beside NCCL on GPUs for collectives on CPU tensors: FSDP2's CPU
-    offload keeps the gradients on the CPU, and the gradient norm is all-reduced over them.
+    `timeout_s` bounds every collective: a mismatched one fails, naming itself, instead of hanging.
+    Under plain `python` it forms a one-rank job with torchrun's environment (vLLM reads it).
+    `cpu_collectives` adds gloo beside NCCL for CPU tensors (FSDP2's CPU offload: the gradient norm).
     """
     if "MASTER_ADDR" not in os.environ:
         with socket.socket() as s:
@@ -147,11 +126,8 @@ def build_dist(sp: int) -> Dist:
 
 
 def shutdown() -> None:
-    """Leave the job. Garbage is collected first so no DeviceMesh or FSDP state outlives the group.
-
-    Such leftovers make the process abort at interpreter exit now and then ("terminate called
-    without an active exception"), so callers should also drop their own references first.
-    """
+    """Leave the job. Garbage is collected first: a DeviceMesh or FSDP state that outlives the group
+    makes the process abort at exit now and then ("terminate called without an active exception")."""
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -159,11 +135,8 @@ def shutdown() -> None:
 
 @contextmanager
 def distributed(sp: int = 1, timeout_s: float = 600.0, cpu_collectives: bool = False) -> Iterator[Dist]:
-    """`with distributed(sp) as d: train(d)`: init, grid, and a teardown that runs even on errors.
-
-    Keep the model and `d` inside the function called in the block, so they are gone before the
-    teardown runs.
-    """
+    """`with distributed(sp) as d: train(d)`: init, grid, and a teardown that runs even on errors (keep
+    the model and `d` inside the function called in the block, so they are gone before it)."""
     init_process_group(timeout_s, cpu_collectives)
     try:
         yield build_dist(sp)
@@ -172,12 +145,9 @@ def distributed(sp: int = 1, timeout_s: float = 600.0, cpu_collectives: bool = F
 
 
 def agree(error: str) -> str:
-    """The first failing rank's error ("rank r: ..." unless rank 0), or "" when every rank succeeded.
-
-    A collective that every rank joins after work that can fail on one rank alone (a reward on its
-    completions, its disk): all ranks then raise or go on together, instead of the healthy ones
-    waiting in their next collective until the timeout.
-    """
+    """The first failing rank's error ("rank r: ..." unless rank 0), or "" when every rank succeeded: a
+    collective after work that can fail on one rank alone (a reward, a disk), so that all ranks raise
+    or go on together instead of the healthy ones waiting in their next collective until the timeout."""
     errors = [""] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     r, first = next(((r, e) for r, e in enumerate(errors) if e), (0, ""))
@@ -185,6 +155,7 @@ def agree(error: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m minirl.dist --sp N --model DIR`: exit 0 if the layout fits the model, 2 with the reason."""
     from minirl.hf import read_config  # only for this command
 
     p = argparse.ArgumentParser(description="Check a parallel layout against a model before launching.")

@@ -1,17 +1,12 @@
 """Environments for multi-turn rollouts: the interface, the loader and the checks around user code.
 
-An episode is a conversation between the policy and an environment. The policy writes a turn until
-EOS or the environment's `stop` token (say, the end of a tool call); the environment reads it and
-answers with an observation (the tool's output), a reward and whether the episode is over. The
-observation's tokens are appended to the context and the policy writes its next turn.
-
-An environment is a class, named like a reward: `--env module:Name` or `--env path/to/file.py:Name`.
-One instance is made per episode (`Name()`, no arguments), so it can keep the episode's state on
-itself. The episode's reward is the sum of the rewards its steps return.
-
-Every call into it goes through `checked_start` / `checked_step`: an exception, a non-string
-observation, a non-finite reward or a non-bool `done` becomes one ValueError that names the
-environment and the prompt, instead of a failure far from its cause (or a NaN in the weights).
+The policy writes a turn until EOS or the environment's `stop` token (say, the end of a tool call);
+the environment answers with an observation (the tool's output, appended to the context), a reward
+and whether the episode is over. An environment is a class, named like a reward (`--env module:Name`
+or `path/to/file.py:Name`); one instance per episode keeps the episode's state, and the episode's
+reward is the sum of its steps'. Every call into it goes through `checked_start` / `checked_step`: an
+exception or a bad value becomes one ValueError naming the environment and the prompt, instead of a
+failure far from its cause (or a NaN in the weights).
 """
 
 import functools
@@ -44,9 +39,7 @@ class Env(Protocol):
 @functools.cache
 def load_env(spec: str):
     """The environment class named by `spec` (`module:Name` or `file.py:Name`), checked by making one.
-
-    Cached: the trainer looks it up every step, and a .py file should be executed once.
-    """
+    Cached: a .py file is executed once (config.validate and config.derive both look it up)."""
     cls = import_named(spec, "env", "an env is 'module:Name' or 'file.py:Name' (see minirl/env.py)")
     try:
         env = cls()
@@ -69,6 +62,7 @@ def stop_token_id(spec: str, tok) -> int:
 
 
 def checked_start(env: Env, spec: str, prompt_index: int, prompt: str, answer: str):
+    """`env.start(prompt, answer)`, or a ValueError naming the env and the prompt."""
     try:
         env.start(prompt, answer)
     except Exception as e:  # user code: say which env and prompt, keep the traceback as the cause

@@ -7,31 +7,22 @@ prompt followed by one flat list of token ids, and three parallel lists say what
     mask               1 1 1 1 1          0 0 0 0         1 1 1 ...
     logprobs           generator's        0.0 (none)      generator's
 
-- A policy turn is kept exactly as sampled: the ids the generator returned, never re-tokenised from
-  their text (decode(encode(text)) need not give the same ids, and the trainer must score the ids
-  the generator's log-probs belong to).
-- An observation is tokenised on its own and appended; its tokens get mask 0 (no loss, and left out
-  of every normaliser) and no generator log-prob.
-- The trainer then treats the whole trajectory as one sample (`packing.pack` reads the mask).
-
-Each turn, every live episode's context (prompt + trajectory so far) goes to the generator as a
-prompt: the generator prefills it again rather than continuing from a cache it kept. That needs no
-new generator code (vLLM's prefix cache skips most of the re-prefill anyway), and on the small
-contexts of the toy task it costs little (see README, "Multi-turn rollouts with tools"). Finished
-episodes drop out of the batch.
-
-Limits (`EpisodeConfig`): at most `max_turns` policy turns, and at most `budget` tokens after the prompt (turns and
-observations). An episode ends with finish_reason
-    done       the environment said so
-    max_turns  the last allowed turn was written and the environment had not ended it
-    length     a turn was cut by the budget, or an observation did not fit in it
-A turn cut by max_new_tokens (the per-turn limit) is handed to the environment like any other.
+A policy turn keeps exactly the ids the generator sampled, never re-tokenised from its text (the
+trainer must score the ids the log-probs belong to); an observation is tokenised on its own, with
+mask 0 (no loss, in no normaliser). The trainer packs the trajectory as one sample (`packing.pack`).
+All first turns go to the generator in one call; as a turn finishes, the environment reads it and the
+episode's next turn (prompt + trajectory so far, prefilled again; vLLM's prefix cache skips most of
+that) joins the generator's queue as a new request (`follow_up`) while other episodes decode. Turn t
+samples from the episode's own seed: the trajectories do not depend on the batching. An episode ends
+with finish_reason `done` (the environment said so), `max_turns`, or `length` (the token budget cut a
+turn or had no room for an observation); a turn cut by max_new_tokens goes to the environment like any
+other.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from minirl.backend import RolloutBackend, SamplingParams, sample_seed
+from minirl.backend import Completion, RolloutBackend, SamplingParams, sample_seed
 from minirl.env import Env, checked_start, checked_step
 
 
@@ -63,33 +54,44 @@ class Episode:
 def run_episodes(generator: RolloutBackend, episodes: list[Episode], prompts: list[str], answers: list[str],
                  ec: EpisodeConfig, tok, params: SamplingParams, progress=None, stop=None):
     """Play every episode to its end, in place. `params.max_new_tokens` bounds each turn, `ec.budget`
-    the whole trajectory. An environment error is a ValueError naming it and the prompt; the episodes
-    stop where they are, as they do when `stop()` turns true (a signal, read between turns)."""
+    the whole trajectory (a turn's limit is what is left of it). An environment error is a ValueError
+    naming it and the prompt; the episodes stop where they are, as they do when `stop()` turns true
+    (a signal, read whenever the generator looks at its rows)."""
     for e, prompt, answer in zip(episodes, prompts, answers):
         checked_start(e.env, ec.spec, e.prompt_index, prompt, answer)
-    for turn in range(ec.max_turns):
-        live = [e for e in episodes if not e.finish_reason]
-        if not live or (stop is not None and stop()):
-            break
-        left = [ec.budget - len(e.ids) for e in live]  # >= 1: an episode with none left has finished
-        turn_params = replace(params, max_new_tokens=min(params.max_new_tokens, max(left)),
-                              stop_token_ids=(*params.stop_token_ids, ec.stop_id))
-        outs = generator.generate([e.prompt_ids + e.ids for e in live], turn_params,
-                                  seeds=[sample_seed(e.seed, 0, turn, 0) for e in live], stop=stop)
-        for e, out, n_left in zip(live, outs, left):
-            ids, logprobs = out.token_ids[:n_left], out.logprobs[:n_left]  # the batch's limit may exceed its own
-            e.ids += ids
-            e.logprobs += logprobs
-            e.mask += [1.0] * len(ids)
-            e.turns += 1
-            if len(ids) < len(out.token_ids) or (out.finish_reason != "stop" and len(e.ids) == ec.budget):
-                e.finish_reason = "length"  # a turn the budget cut is not handed to the environment
-            else:  # ended by EOS, the stop id or max_new_tokens: the environment reads it
-                play(e, ec, tok, ids)
-            if not e.finish_reason and e.turns == ec.max_turns:
-                e.finish_reason = "max_turns"
-            if e.finish_reason and progress is not None:
+    turn_params = replace(params, stop_token_ids=(*params.stop_token_ids, ec.stop_id))
+    owner = list(episodes)  # the episode of each generator request: first turns, then follow-ups in order
+
+    def request(e: Episode) -> tuple[list[int], int, int]:
+        """Its next turn: (context so far, the turn's seed, the tokens it may write)."""
+        left = ec.budget - len(e.ids)  # >= 1: an episode with none left has finished
+        return e.prompt_ids + e.ids, sample_seed(e.seed, 0, e.turns, 0), min(params.max_new_tokens, left)
+
+    def follow_up(i: int, out: Completion):
+        e = owner[i]
+        e.ids += out.token_ids
+        e.logprobs += out.logprobs
+        e.mask += [1.0] * len(out.token_ids)
+        e.turns += 1
+        if out.finish_reason != "stop" and len(e.ids) == ec.budget:
+            e.finish_reason = "length"  # a turn the budget cut is not handed to the environment
+        else:  # ended by EOS, the stop id or max_new_tokens: the environment reads it
+            play(e, ec, tok, out.token_ids)
+        if not e.finish_reason and e.turns == ec.max_turns:
+            e.finish_reason = "max_turns"
+        if e.finish_reason:
+            if progress is not None:
                 progress.update(1)
+            return None
+        owner.append(e)
+        return request(e)
+
+    if not episodes:
+        return
+    first = [request(e) for e in episodes]
+    longest = max(len(e.prompt_ids) for e in episodes) + ec.budget  # a context never outgrows its prompt + budget
+    generator.generate([r[0] for r in first], turn_params, seeds=[r[1] for r in first], limits=[r[2] for r in first],
+                       stop=stop, follow_up=follow_up, max_context=longest)
 
 
 def play(e: Episode, ec: EpisodeConfig, tok, turn_ids: list[int]):

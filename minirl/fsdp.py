@@ -25,19 +25,21 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from minirl import lora
 from minirl.config import compiled_blocks
 from minirl.dist import Dist
 from minirl.model import ModelConfig, Transformer
 
 
 def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu_offload: bool,
-                checkpointing: bool) -> Transformer:
+                checkpointing: str) -> Transformer:
     """Shard `model` in place over the 1-D `mesh` of all ranks (`Dist.fsdp_mesh`); returns it.
 
     mixed_precision: compute in bf16 (parameters are gathered in bf16), reduce gradients in fp32,
     keep fp32 master weights. cpu_offload: keep the sharded parameters, gradients and optimizer
-    state in CPU memory; the optimizer step then runs on CPU. checkpointing: every block recomputes
-    its activations in backward; the checkpoint sits inside the block, i.e. inside its FSDP unit.
+    state in CPU memory; the optimizer step then runs on CPU. checkpointing: "selective", "full" or
+    "none", what every block recomputes in backward (model.Block); the checkpoint sits inside the
+    block, i.e. inside its FSDP unit.
     """
     if mesh.ndim != 1:
         raise ValueError(f"shard over a 1-D mesh of all ranks (Dist.fsdp_mesh), got a {mesh.ndim}-D mesh")
@@ -56,21 +58,28 @@ def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu
     return model
 
 
-def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool) -> Transformer:
+def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool,
+                  adapters: lora.AdapterSpec | None = None) -> Transformer:
     """A sharded model on this rank's device, filled from a full (CPU) state dict; `pcfg` is the
-    run's ParallelConfig (compile, cpu_offload, checkpointing)."""
+    run's ParallelConfig (compile, cpu_offload, checkpointing). With `adapters`, LoRA adapters on a
+    frozen base: only they train (minirl/lora.py)."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    if adapters is not None:
+        lora.add_adapters(model, adapters)
+        state_dict = {**state_dict, **lora.initial_adapters(model, adapters.seed)}
     if compiled_blocks(pcfg, d.device.type):
         for block in model.layers:  # fuses norms, RoPE, SwiGLU; the FSDP hooks stay outside the graph
             block.compile()
     shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=pcfg.cpu_offload,
-                checkpointing=pcfg.checkpointing and train)
+                checkpointing=pcfg.checkpointing if train else "none")
     model.to_empty(device="cpu" if pcfg.cpu_offload else d.device)
     # Every rank passes the full tensors; each keeps only its own shard.
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
     model.train(train)
     model.requires_grad_(train)
+    if adapters is not None:
+        lora.freeze_base(model)
     return model
 
 

@@ -1,38 +1,49 @@
-"""Batched generation with a static KV cache (the "naive" rollout backend), and the inference copy
-of the policy that the trainer streams its weights into.
+"""Batched generation with a static KV cache and continuous batching (the "naive" rollout backend),
+and the inference copy of the policy that the trainer streams its weights into.
 
-One batch of prompts is generated in two phases, as in gpt-fast:
-- prefill: all prompts, right-padded to the longest, run through the model together and fill the KV
-  cache. Padding writes junk into the cache above a row's prompt, which is harmless: a query at
-  position p only reads slots 0..p of its row, and slot p is written by the step that reads it.
-- decode: one token per row per step, each row at its own position (its current length). The step
-  (model, sampling, bookkeeping) reads and writes only fixed tensors, so on a GPU it is captured once
-  as a CUDA graph and replayed, removing the per-kernel launch overhead that otherwise dominates
-  one-token steps; the host checks for finished rows only every few steps. Attention reads the part
-  of the cache filled so far, rounded up to one of a few lengths (a graph for each). Each layer's
-  norms, RoPE and activation run as torch.compile'd kernels on a GPU, as do the sampler's passes over
-  the vocabulary; the inference copy fuses its q/k/v and gate/up projections.
+The cache has B rows ("slots"); requests wait in a queue and take a slot when one is free. A call
+repeats three moves until every request is done:
+- admit: waiting requests take the free slots (always the last ones, see `compact`); their prompts,
+  right-padded, run through the model together (prefill) into those rows of the cache. Padding writes
+  junk above a short prompt, which is harmless: a query at position p reads slots 0..p of its row
+  only, and slot p is written by the step that reads it.
+- decode: one token per row per step, each row at its own position and step index t (its t-th token
+  is drawn with its t-th uniform number), until it samples a stop id or reaches its own limit. The
+  step reads and writes only fixed tensors, so on a GPU it is captured as a CUDA graph (one per batch
+  size) and replayed. The host looks every SYNC_EVERY steps; a row finished in between steps on, uncounted.
+- retire: finished rows are copied out and their slots freed; `compact` moves the rows in use onto
+  the first slots, and the step runs on the smallest batch of B, ..., 32, 16, 8 that holds them: once
+  nothing waits, the tail runs at small-batch cost.
+A completion depends on its prompt, seed and limit only, not on its slot or neighbours: the static
+batch (every prompt admitted at once, nothing refilled) gives the same completions.
+
+Attention reads each row's own filled slots (FlexAttention on a GPU, kvcache.py). On a GPU each
+layer's norms, RoPE and activation run as torch.compile'd kernels, as do the sampler's passes over the
+vocabulary; the inference copy fuses its q/k/v and gate/up projections (fused.py).
 
 Every sampled token comes with its log-prob under the distribution it was drawn from, the one
 `process_logits` defines (temperature, top-k, top-p). The trainer scores with the same function, so
-the two log-probs differ only by numerics (bf16 vs fp32, kernels), which is what importance sampling
-has to correct.
+the two log-probs differ only by numerics (bf16 vs fp32, kernels), which importance sampling corrects.
 """
 
 import functools
 import random
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from minirl.backend import Completion, SamplingParams, check_request, checked_weights
+from minirl.backend import Completion, SamplingParams, check_limits, check_request, checked_weights
+from minirl.fused import fuse_projections
 from minirl.logprobs import compiled, process_logits
-from minirl.model import MLP, Attention, Block, KVCache, ModelConfig, Transformer
+from minirl.kvcache import FLEX_BLOCK, KVCache, free_memory, rows_for_memory
+from minirl.model import Block, ModelConfig, Transformer
 
 SYNC_EVERY = 16  # decode steps between two looks (host syncs) at which rows have finished
+MIN_BATCH = 8  # the smallest batch a shrinking tail steps at: a smaller step costs about the same
+CPU_BATCH_SIZE = 64  # rows on a CPU when no batch size is given
+
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """logits [B, V] (the head's dtype) -> probabilities [B, V] fp32 of the processed distribution."""
@@ -65,65 +76,69 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
 
 
 def draw_uniforms(rngs: list[random.Random], steps: int) -> torch.Tensor:
-    """[B, steps] float64 in (0, 1]: row b's number for decode step t is the t-th draw of rngs[b]."""
+    """[B, steps] float64 in (0, 1]: row b's number for its token t is the t-th draw of rngs[b]."""
     return torch.tensor([[1.0 - rng.random() for _ in range(steps)] for rng in rngs], dtype=torch.float64)
 
 
 @dataclass
-class DecodeState:
-    """Everything a decode step reads and writes, as fixed device tensors updated in place.
+class Rows:
+    """The decode state of the cache's B rows, device tensors updated in place.
 
-    Nothing leaves the device between steps, so on a GPU the whole step (model, sampling and
-    bookkeeping) is captured once as a CUDA graph and replayed.
+    A CUDA graph replays a step on fixed memory: the graph for batch b is captured on `first(b)`, a
+    view of rows 0..b-1. A row has finished once it is `stopped` or `t` reached its `limit`; a free
+    slot holds limit 0. Column T of the per-token tensors takes the writes of finished rows.
     """
 
-    cur: torch.Tensor  # [B] the token each row feeds next
+    cur: torch.Tensor  # [B] the token the row feeds next
     pos: torch.Tensor  # [B] its position
-    t: torch.Tensor  # [1] index of the step
-    uniforms: torch.Tensor  # [B, T] float64, see draw_uniforms
-    tokens: torch.Tensor  # [B, T] sampled tokens
-    logprobs: torch.Tensor  # [B, T] their log-probs
-    n_new: torch.Tensor  # [B] tokens a row really generated (finished rows keep decoding, uncounted)
-    done: torch.Tensor  # [B] the row has sampled an EOS id
+    t: torch.Tensor  # [B] tokens sampled so far
+    limit: torch.Tensor  # [B] the row's own max_new_tokens
+    stopped: torch.Tensor  # [B] bool: it sampled a stop id (EOS or one of params.stop_token_ids)
+    uniforms: torch.Tensor  # [B, T + 1] float64, see draw_uniforms
+    tokens: torch.Tensor  # [B, T + 1] sampled tokens
+    logprobs: torch.Tensor  # [B, T + 1] fp32, their log-probs
 
     @classmethod
-    def empty(cls, B: int, T: int, device) -> "DecodeState":
+    def empty(cls, B: int, T: int, device) -> "Rows":
         long = dict(dtype=torch.long, device=device)
-        return cls(torch.zeros(B, **long), torch.zeros(B, **long), torch.zeros(1, **long),
-                   torch.zeros(B, T, dtype=torch.float64, device=device), torch.zeros(B, T, **long),
-                   torch.zeros(B, T, device=device), torch.zeros(B, **long),
-                   torch.zeros(B, dtype=torch.bool, device=device))
+        return cls(torch.zeros(B, **long), torch.zeros(B, **long), torch.zeros(B, **long), torch.zeros(B, **long),
+                   torch.zeros(B, dtype=torch.bool, device=device),
+                   torch.zeros(B, T + 1, dtype=torch.float64, device=device), torch.zeros(B, T + 1, **long),
+                   torch.zeros(B, T + 1, device=device))
 
-    def reset(self, cur: torch.Tensor, pos: torch.Tensor, uniforms: torch.Tensor):
-        self.cur.copy_(cur)
-        self.pos.copy_(pos)
-        self.uniforms.copy_(uniforms)
-        for x in (self.t, self.n_new, self.done):
-            x.zero_()
+    def first(self, b: int) -> "Rows":
+        return Rows(*(getattr(self, f.name)[:b] for f in fields(self)))
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor):
+        """Rows src -> rows dst (index tensors of the same length, disjoint)."""
+        for f in fields(self):
+            x = getattr(self, f.name)
+            x[dst] = x[src]
 
 
-def decode_step(model: Transformer, state: DecodeState, cache: KVCache, kv_len: int, params: SamplingParams,
-                eos: torch.Tensor, block_step):
-    """Feed each row's current token, sample the next one and record it. Attention reads `kv_len` slots."""
-    logits = model.forward_step(state.cur[:, None], state.pos[:, None], cache, kv_len, block_step)[:, 0]  # [B, V]
-    u = state.uniforms.index_select(1, state.t).squeeze(1)  # [B]
-    tokens, logprobs = sample(logits, params, u)  # [B], [B]
-    state.tokens.index_copy_(1, state.t, tokens[:, None])
-    state.logprobs.index_copy_(1, state.t, logprobs[:, None])
-    state.n_new += ~state.done
-    state.done |= torch.isin(tokens, eos)
-    state.cur.copy_(tokens)
-    state.pos += 1
-    state.t += 1
+def decode_step(model: Transformer, rows: Rows, cache: KVCache, params: SamplingParams, stops: torch.Tensor,
+                block_step):
+    """Feed each row's current token, sample its next one and record it. `stops` [V] bool marks the ids
+    that end a row (a table lookup: any number of ids, and no host sync, which graph capture forbids)."""
+    live = ~rows.stopped & (rows.t < rows.limit)  # [b]
+    logits = model.forward_step(rows.cur[:, None], rows.pos[:, None], cache, block_step=block_step)[:, 0]  # [b, V]
+    u = rows.uniforms.gather(1, rows.t[:, None]).squeeze(1)  # [b]
+    tokens, logprobs = sample(logits, params, u)  # [b], [b]
+    rows.tokens.scatter_(1, rows.t[:, None], tokens[:, None])
+    rows.logprobs.scatter_(1, rows.t[:, None], logprobs[:, None])
+    rows.stopped |= live & stops[tokens]
+    rows.t += live
+    rows.pos += live  # a finished row stays where it is, rewriting one slot of its own
+    rows.cur.copy_(tokens)
 
 
 def cuda_graph(fn, reset, pool):
     """Capture fn() once as a CUDA graph; returns the function that replays it.
 
     A graph replays fixed kernels on fixed memory, one launch for the whole step instead of one per
-    kernel. Capture must not see lazy initialisation (cuBLAS handles, workspaces), so fn first
-    runs for real once, on a side stream; reset() puts the state back after that run (the capture
-    itself runs nothing).
+    kernel. Capture must not see lazy initialisation (cuBLAS handles, workspaces, compilation), so
+    fn first runs for real once, on a side stream; reset() puts the state back after that run (the
+    capture itself runs nothing).
     Graphs that never run at the same time can share one memory `pool` for their temporaries.
     """
     stream = torch.cuda.Stream()
@@ -138,172 +153,175 @@ def cuda_graph(fn, reset, pool):
     return graph.replay
 
 
+def batch_sizes(B: int) -> list[int]:
+    """The batches a call steps at: the powers of two from MIN_BATCH up to B, and B (a CUDA graph and a
+    FlexAttention compile each; calls of another B share the powers of two)."""
+    sizes, b = [], MIN_BATCH
+    while b < B:
+        sizes.append(b)
+        b *= 2
+    return sizes + [B]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int],
-             pad_id: int, max_batch_size: int = 64, cuda_graphs: bool = True, prefill_tokens: int = 8192,
-             progress=None, seeds: list[int] | None = None, stop=None) -> list[Completion]:
+             pad_id: int, max_batch_size: int = 0, cuda_graphs: bool = True, prefill_tokens: int = 8192,
+             progress=None, seeds: list[int] | None = None, stop=None, limits: list[int] | None = None,
+             follow_up=None, max_context: int | None = None) -> list[Completion]:
     """Complete every prompt (a list of token ids); returns one Completion per prompt, in order.
 
-    Prompts are generated `max_batch_size` rows at a time. Pick it from the KV cache a batch needs:
-        2 * layers * kv_heads * head_dim * bytes * (longest prompt + max_new_tokens) per row,
-    e.g. Qwen2.5-7B in bf16 (28 layers, 4 KV heads of 128) is 56 KiB a token, so 1.5k tokens take
-    84 MiB a row and 64 rows 5.3 GiB; add the decode step's [B, V] logits and fp32 sampling buffers.
-    Prefill runs at most `prefill_tokens` rows x positions per forward, which bounds its activations
-    (the MLP's [tokens, intermediate] tensors and the attention mask). `progress` is anything with
-    tqdm's `update(n)`; it counts finished completions. `stop`, a function of no arguments, is asked
-    before each batch after the first; once it returns True the rest is left out (fewer Completions).
+    At most `max_batch_size` rows decode at once; 0 sizes the batch by memory on a GPU
+    (`rows_for_memory`: MEMORY_FRACTION of the free memory, e.g. 230 rows of Qwen3-0.6B with 2k
+    tokens in 60 GiB) and takes CPU_BATCH_SIZE on a CPU. Every row holds a cache of `max_context`
+    slots (default: the longest prompt + max_new_tokens). Prefill runs at most `prefill_tokens` rows x
+    positions per forward, which bounds its activations. `progress` is anything with tqdm's
+    `update(n)`; it counts finished completions. `stop`, a function of no arguments, is asked whenever
+    the host looks at the rows; once it returns True the call returns the completions finished before
+    the first unfinished one (fewer Completions). `limits[i]` is prompt i's own max_new_tokens.
+    `follow_up(i, completion)` is called as each request finishes (i counts the prompts given, then
+    the requests it added) and may return one more request, (prompt, seed, limit), which joins the
+    queue: a multi-turn episode's next turn (its prompt + limit must fit in max_context).
     Each prompt samples from its own random stream: `seeds[i]` if given (one per prompt), else
-    `sample_seed(params.seed, 0, i, 0)` (see backend.py). A completion thus depends on its prompt and
-    seed only, not on max_batch_size or its neighbours. Reruns are exact on CPU.
-    On GPU some kernels are not bitwise deterministic (memory-efficient attention splits the keys), so
-    a near-tie between two tokens can flip from run to run; torch.use_deterministic_algorithms(True)
-    makes reruns exact, at a cost in speed.
-    The host looks at the finished rows every SYNC_EVERY steps (a sync): a batch whose rows have
-    all stopped is noticed at most that many steps late.
+    `sample_seed(params.seed, 0, i, 0)` (see backend.py). A completion thus depends on its prompt,
+    seed and limit only, not on max_batch_size or its neighbours. Reruns are exact on CPU.
+    On GPU some kernels are not bitwise deterministic, and a row's numbers depend on its batch size
+    through the kernels chosen, so a near-tie between two tokens can flip from run to run.
     """
     seeds = check_request(prompts, params, model.cfg.vocab_size, seeds)
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    rngs = [random.Random(seed) for seed in seeds]
-    use_graph = cuda_graphs and model.embed_tokens.weight.device.type == "cuda"
-    completions = []
-    for start in range(0, len(prompts), max_batch_size):
-        if start and stop is not None and stop():
-            break
-        end = start + max_batch_size
-        completions += _generate_batch(model, prompts[start:end], params, eos_ids, pad_id,
-                                       rngs[start:end], use_graph, prefill_tokens, progress)
-    return completions
-
-
-def _generate_batch(model, prompts, params, eos_ids, pad_id, rngs, use_graph, prefill_tokens,
-                    progress):
+    T, limits = params.max_new_tokens, check_limits(limits, len(prompts), params.max_new_tokens)
+    if max_batch_size < 0:
+        raise ValueError(f"max_batch_size must be >= 0 (0 = sized by memory), got {max_batch_size}")
+    if not prompts:
+        return []
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-    B, S, T = len(prompts), max(len(p) for p in prompts), params.max_new_tokens
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # [B]
-    tokens = torch.full((B, S), pad_id, dtype=torch.long)  # [B, S] right-padded
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = torch.tensor(p)
-    tokens = tokens.to(device)
-
-    # The last token ever fed back sits at position len_b - 1 + T - 1 <= S + T - 2. Lengths read by
-    # attention are kept multiples of 64 slots, which the attention kernels' masks want.
-    max_len = -(-(S + T - 1) // 64) * 64
-    cache = KVCache.empty(model.cfg, B, max_len, dtype, device)
-    state = DecodeState.empty(B, T, device)
-    # Each row's LAST prompt token is fed by the first decode step, at its own position, which yields
-    # the logits of its first new token (prefill computes no logits).
-    uniforms = draw_uniforms(rngs, T) if params.temperature > 0 else torch.zeros(B, T, dtype=torch.float64)
-    first = (tokens.gather(1, (lens - 1)[:, None]).squeeze(1), lens - 1, uniforms.to(device))
-    eos = torch.tensor([*eos_ids, *params.stop_token_ids], dtype=torch.long, device=device)  # ids that end a row
-    # Step t reads cache slots 0..S-1+t at most. Instead of the whole cache, attention reads one of a
-    # few lengths (multiples of `width`, the last one max_len) that covers them: a graph each.
-    width = -(-max_len // 4 // 64) * 64  # at most 4 lengths
-    lengths = [min(max_len, width * (i + 1)) for i in range((S - 1) // width, (max_len - 1) // width + 1)]
+    # A row feeds positions up to len - 1 + limit (the last one once finished); a multiple of FLEX_BLOCK
+    # slots, as FlexAttention's block mask wants.
+    max_context = max_context or max(len(p) for p in prompts) + T
+    width = -(-max_context // FLEX_BLOCK) * FLEX_BLOCK
+    B = max_batch_size or (rows_for_memory(model.cfg, width, T, free_memory(device), dtype.itemsize)
+                           if device.type == "cuda" else CPU_BATCH_SIZE)
+    B = min(B, len(prompts))  # a follow-up takes the slot of the request it follows
+    cache, rows = KVCache.empty(model.cfg, B, width, dtype, device), Rows.empty(B, T, device)
+    stops = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)  # [V]
+    stops[[i for i in (*eos_ids, *params.stop_token_ids) if 0 <= i < model.cfg.vocab_size]] = True
     # On a GPU a decode step is a chain of small, latency-bound kernels: inductor fuses each layer's norms,
     # RoPE, activation and residual adds (model.cached_attention stays eager); dynamic shapes, so one
     # compile serves every batch size and cache length.
     block_step = compiled(Block.forward_step) if device.type == "cuda" else Block.forward_step  # one layer
-    steps = {n: functools.partial(decode_step, model, state, cache, n, params, eos, block_step) for n in lengths}
-    state.reset(*first)
-    if use_graph:
-        # Warm-up runs write junk into cache slot len_b - 1 only, the slot the first real step writes.
-        pool = torch.cuda.graph_pool_handle()
-        steps = {n: cuda_graph(step, lambda: state.reset(*first), pool) for n, step in steps.items()}
+    prompts, rngs = list(prompts), [random.Random(seed) for seed in seeds]
+    pool = torch.cuda.graph_pool_handle() if cuda_graphs and device.type == "cuda" else None
 
-    # Prefill positions 0..S-2 (the padding of short rows writes junk above their prompt, which is
-    # harmless: a query at position p reads slots 0..p only, and slot p is written by the step that reads it).
-    positions = torch.arange(S, device=device).expand(B, S)  # [B, S]
-    chunk = max(1, prefill_tokens // B)
-    for s in range(0, S - 1, chunk):
+    held: list[int | None] = [None] * B  # the request each slot holds (None: free)
+    out: list[Completion | None] = [None] * len(prompts)
+    waiting, steps, sizes, given = deque(range(len(prompts))), {}, batch_sizes(B), len(prompts)
+    left = 0  # the most tokens a row in use may still sample (known at each look)
+    while waiting or any(r is not None for r in held):
+        if stop is not None and stop():
+            break
+        n = compact(rows, cache, held)
+        new = [waiting.popleft() for _ in range(min(len(waiting), B - n))]
+        if new:
+            admit(model, [prompts[i] for i in new], [limits[i] for i in new], [rngs[i] for i in new], n,
+                  rows, cache, params, pad_id, prefill_tokens, block_step)
+            held[n:n + len(new)] = new
+            left = max(left, *(limits[i] for i in new))
+        b = min(s for s in sizes if s >= n + len(new))
+        if b not in steps:
+            steps[b] = make_step(model, rows.first(b), cache.rows(0, b), params, stops, block_step, pool)
+        for _ in range(min(SYNC_EVERY, left)):
+            steps[b]()
+        finished, left = retire(rows, held, out)
+        if progress is not None and finished:
+            progress.update(len(finished))
+        for i in finished if follow_up is not None else ():
+            if (request := follow_up(i, out[i])) is None:
+                continue
+            prompt, seed, limit = request
+            check_request([prompt], params, model.cfg.vocab_size, [seed])
+            if not 1 <= limit <= T or len(prompt) + limit > max_context:
+                raise ValueError(f"a follow-up of {len(prompt)} + {limit} tokens does not fit: max_new_tokens {T}, "
+                                 f"max_context {max_context}")
+            waiting.append(len(prompts))
+            prompts.append(prompt)
+            rngs.append(random.Random(seed))
+            limits.append(limit)
+            out.append(None)
+    done = next((i for i, c in enumerate(out[:given]) if c is None), given)
+    return out[:done]
+
+
+def admit(model: Transformer, prompts: list[list[int]], limits: list[int], rngs: list[random.Random], start: int,
+          rows: Rows, cache: KVCache, params: SamplingParams, pad_id: int, prefill_tokens: int, block_step):
+    """Requests take the slots start, start + 1, ...: prefill their prompts into those rows of the cache
+    (all but the last token, which the row's first decode step feeds at its own position, giving the
+    logits of its first new token) and set the rows' state."""
+    device, k, S = cache.k.device, len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((k, S), pad_id, dtype=torch.long)  # [k, S] right-padded
+    for j, p in enumerate(prompts):
+        tokens[j, :len(p)] = torch.tensor(p)
+    tokens, lens = tokens.to(device), torch.tensor([len(p) for p in prompts], device=device)  # [k, S], [k]
+    view, positions = cache.rows(start, start + k), torch.arange(S, device=device).expand(k, S)  # [k, S]
+    chunk = max(1, prefill_tokens // k)
+    for s in range(0, S - 1, chunk):  # positions 0..S-2, each chunk reading the slots filled so far
         e = min(s + chunk, S - 1)
-        model.fill_cache(tokens[:, s:e], positions[:, s:e], cache, e, block_step)
-
-    n_done = 0
-    for t in range(T):
-        steps[next(n for n in lengths if n >= S + t)]()
-        if (t + 1) % SYNC_EVERY == 0 or t == T - 1:
-            now = int(state.done.sum())  # a host sync
-            if progress is not None:
-                progress.update(now - n_done)
-            n_done = now
-            if n_done == B:
-                break
-    if progress is not None:
-        progress.update(B - n_done)
-
-    out_tokens, out_logprobs, n_new, done = (x.tolist() for x in (state.tokens, state.logprobs, state.n_new,
-                                                                   state.done))
-    return [Completion(out_tokens[b][:n_new[b]], out_logprobs[b][:n_new[b]], "stop" if done[b] else "length")
-            for b in range(B)]
+        model.fill_cache(tokens[:, s:e], positions[:, s:e], view, e, block_step)
+    sl = slice(start, start + k)
+    rows.cur[sl] = tokens.gather(1, (lens - 1)[:, None]).squeeze(1)
+    rows.pos[sl] = lens - 1
+    rows.t[sl] = 0
+    rows.limit[sl] = torch.tensor(limits, device=device)
+    rows.stopped[sl] = False
+    if params.temperature > 0:  # each row draws the numbers of its own tokens only
+        uniforms = torch.zeros(k, rows.uniforms.shape[1], dtype=torch.float64)  # [k, T + 1]
+        for j, (rng, n) in enumerate(zip(rngs, limits)):
+            uniforms[j, :n] = draw_uniforms([rng], n)[0]
+        rows.uniforms[sl] = uniforms.to(device)
 
 
-class FusedLinear(nn.Module):
-    """Several nn.Linear on the same input as one matmul, for an inference copy: their weights stacked
-    into one [sum of out_features, in_features] tensor (biases likewise), the output split back.
-
-    Each original parameter becomes a view into the stack, so writing a parameter by name (a weight
-    sync) writes what the matmul reads. The stacks are non-persistent buffers: no new names in
-    named_parameters() or state_dict().
-    """
-
-    def __init__(self, *linears: nn.Linear):
-        super().__init__()
-        self.sizes = [lin.out_features for lin in linears]
-        self.register_buffer("weight", torch.cat([lin.weight.detach() for lin in linears]), persistent=False)
-        has_bias = linears[0].bias is not None
-        self.register_buffer("bias", torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None,
-                             persistent=False)
-        for lin, w in zip(linears, self.weight.split(self.sizes)):
-            lin.weight = nn.Parameter(w, requires_grad=False)
-        if has_bias:
-            for lin, b in zip(linears, self.bias.split(self.sizes)):
-                lin.bias = nn.Parameter(b, requires_grad=False)
-
-    def forward(self, x) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+def make_step(model: Transformer, rows: Rows, cache: KVCache, params, stops, block_step, pool):
+    """One decode step on `rows` (the first b rows) as a function; with a graph `pool`, captured as a
+    CUDA graph right away, its warm-up run undone."""
+    step = functools.partial(decode_step, model, rows, cache, params, stops, block_step)
+    if pool is None:
+        return step
+    state = (rows.cur, rows.pos, rows.t, rows.stopped)  # what the warm-up run changes for good
+    saved = [x.clone() for x in state]
+    return cuda_graph(step, lambda: [x.copy_(y) for x, y in zip(state, saved)], pool)
 
 
-class FusedAttention(Attention):
-    """An inference copy's attention: the same submodules, with q/k/v projected by one matmul."""
-
-    def __init__(self, attn: Attention, cfg: ModelConfig):
-        with torch.device("meta"):  # the fresh submodules are replaced right away: allocate nothing
-            super().__init__(cfg)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
-        self.qkv_proj = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
-
-    def project(self, x):
-        return self.qkv_proj(x)
-
-
-class FusedMLP(MLP):
-    """An inference copy's MLP: the same submodules, with gate and up projected by one matmul."""
-
-    def __init__(self, mlp: MLP, cfg: ModelConfig):
-        with torch.device("meta"):
-            super().__init__(cfg)
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.gate_up_proj = FusedLinear(self.gate_proj, self.up_proj)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+def compact(rows: Rows, cache: KVCache, held: list[int | None]) -> int:
+    """Move the rows in use onto slots 0..n-1 and return n: the free slots are then the last ones.
+    A moved row takes its state and its cache row along (one layer at a time: a small temporary)."""
+    n = sum(r is not None for r in held)
+    src = [s for s in range(n, len(held)) if held[s] is not None]
+    dst = [s for s in range(n) if held[s] is None][:len(src)]
+    if src:
+        src_t, dst_t = (torch.tensor(x, device=cache.k.device) for x in (src, dst))
+        rows.move(src_t, dst_t)
+        for x in (cache.k, cache.v):
+            for layer in x:  # [B, Hkv, S_max, D]
+                layer[dst_t] = layer[src_t]
+        for s, d in zip(src, dst):
+            held[d], held[s] = held[s], None
+    rows.limit[n:] = 0  # a free slot never counts as live
+    return n
 
 
-def fuse_projections(model: Transformer):
-    """One matmul for q/k/v and one for gate/up in every layer, for an inference copy (no training:
-    the fused parameters are views that autograd and FSDP know nothing of).
-
-    A decode step's matmuls are small and bound by launches and tile overheads rather than bytes:
-    seven a layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs
-    (bench/RESULTS.md, section 4). Each layer's attention and MLP are swapped for fused versions that
-    hold the same submodules: parameter names and shapes are unchanged.
-    """
-    for layer in model.layers:
-        layer.self_attn = FusedAttention(layer.self_attn, model.cfg)
-        layer.mlp = FusedMLP(layer.mlp, model.cfg)
+def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> tuple[list[int], int]:
+    """Copy the finished rows out as Completions and free their slots; returns the requests finished and
+    the most tokens a row still in use may sample."""
+    n = max((s + 1 for s, r in enumerate(held) if r is not None), default=0)
+    t, limit, stopped = torch.stack([rows.t[:n], rows.limit[:n], rows.stopped[:n].long()]).tolist()  # a host sync
+    finished = [s for s in range(n) if held[s] is not None and (stopped[s] or t[s] >= limit[s])]
+    if finished:
+        idx = torch.tensor(finished, device=rows.t.device)
+        tokens, logprobs = rows.tokens[idx].tolist(), rows.logprobs[idx].tolist()
+        for j, s in enumerate(finished):
+            out[held[s]] = Completion(tokens[j][:t[s]], logprobs[j][:t[s]], "stop" if stopped[s] else "length")
+    done = sorted(held[s] for s in finished)
+    for s in finished:
+        held[s] = None
+    return done, max((limit[s] - t[s] for s in range(n) if held[s] is not None), default=0)
 
 
 class Generator:
@@ -313,11 +331,12 @@ class Generator:
     streams the full parameters in with `update_weights`, one tensor at a time, so the sync costs one
     gathered tensor of extra memory, not a second full model. Between rollouts `release()` drops the
     copy so that training gets the memory back; the next `update_weights` rebuilds it.
-    `keep_resident=True` keeps it instead (no rebuild, if memory allows).
+    `keep_resident=True` keeps it instead (no rebuild, if memory allows). `max_batch_size` 0 sizes the
+    rows in flight by the memory free when a rollout starts (see generate).
     """
 
     def __init__(self, cfg: ModelConfig, eos_ids: list[int], pad_id: int, device="cpu", dtype=torch.bfloat16,
-                 max_batch_size: int = 64, cuda_graphs: bool = True, keep_resident: bool = False):
+                 max_batch_size: int = 0, cuda_graphs: bool = True, keep_resident: bool = False):
         self.cfg, self.eos_ids, self.pad_id = cfg, list(eos_ids), pad_id
         self.device, self.dtype = torch.device(device), dtype
         self.max_batch_size, self.cuda_graphs, self.keep_resident = max_batch_size, cuda_graphs, keep_resident
@@ -357,8 +376,10 @@ class Generator:
         self.model = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None, stop=None) -> list[Completion]:
+                 seeds: list[int] | None = None, stop=None, limits: list[int] | None = None, follow_up=None,
+                 max_context: int | None = None) -> list[Completion]:
         if self.model is None:
             raise RuntimeError("the generator holds no weights: call update_weights first")
         return generate(self.model, prompts, params, self.eos_ids, self.pad_id, self.max_batch_size,
-                        self.cuda_graphs, progress=progress, seeds=seeds, stop=stop)
+                        self.cuda_graphs, progress=progress, seeds=seeds, stop=stop, limits=limits,
+                        follow_up=follow_up, max_context=max_context)

@@ -1,14 +1,9 @@
-"""Read and write Hugging Face checkpoint directories (config.json + safetensors).
-
-A directory written here is an ordinary HF model directory: transformers, vLLM and minirl itself load
-it back. Parameter names differ from HF's only by the `model.` prefix (see model.py), so the mapping
-is a prefix strip on load and a prefix add on save; `lm_head.weight` keeps its name, and is absent
-when the embeddings are tied.
-
-Loading checks the checkpoint against the parameter shapes the config implies (computed on the meta
-device, so for free) and fails with one error listing every missing, unexpected or mis-shaped name,
-instead of a half-loaded model. Saving takes an iterator of (name, tensor), so a sharded (FSDP) model
-can hand over one gathered parameter at a time and never holds the whole model in one place.
+"""Read and write Hugging Face checkpoint directories (config.json + safetensors), which transformers,
+vLLM and minirl load alike. Our parameter names are HF's without the `model.` prefix (`lm_head.weight`
+keeps its name, and is absent when the embeddings are tied). Loading checks every name and shape
+against the config (on the meta device: free) and fails with one error listing all that is wrong,
+instead of a half-loaded model; saving takes (name, tensor) one at a time, so a sharded model never
+gathers whole.
 """
 
 import json
@@ -26,11 +21,9 @@ CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Everything besides the weights that a model directory needs for tokenising and generating.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "generation_config.json", "chat_template.jinja", "chat_template.json",
-    "vocab.json", "merges.txt", "tokenizer.model",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "tokenizer.model")
 
 
 def _names(names, limit: int = 8) -> str:
@@ -45,6 +38,7 @@ def ours_to_hf(name: str) -> str:
 
 
 def read_config(model_dir: str) -> ModelConfig:
+    """The ModelConfig of `model_dir`'s config.json."""
     path = os.path.join(model_dir, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG} in {model_dir!r}: not a Hugging Face model directory")
@@ -73,11 +67,8 @@ def check_state_dict(shapes: dict[str, torch.Size], expected: dict[str, torch.Si
 
 
 def _shard_files(model_dir: str) -> list[str]:
-    """The safetensors files of a checkpoint: the single file, else every shard the index names.
-
-    The single file wins when both exist, as in transformers (`save_pretrained` can leave a stale
-    index behind when it rewrites a sharded directory as one file).
-    """
+    """The safetensors files of a checkpoint: the single file (it wins over a stale index, as in
+    transformers), else every shard the index names."""
     if os.path.isfile(os.path.join(model_dir, SINGLE_FILE)):
         return [SINGLE_FILE]
     index = os.path.join(model_dir, INDEX_FILE)
@@ -134,11 +125,7 @@ def load_state_dict_from_dir(model_dir: str) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_dir: str, device="cpu", dtype=torch.float32) -> Transformer:
-    """Build the model an HF directory describes and load its weights, cast to `dtype` on `device`.
-
-    The model is created on the meta device and materialised with `to_empty`, so parameters are
-    allocated once, straight on `device`, and never randomly initialised only to be overwritten.
-    """
+    """The model of an HF directory with its weights, cast to `dtype`, allocated once, on `device`."""
     cfg = read_config(model_dir)
     state = load_state_dict_from_dir(model_dir)
     with torch.device("meta"):
@@ -150,14 +137,10 @@ def load_model(model_dir: str, device="cpu", dtype=torch.float32) -> Transformer
 
 def save_model(out_dir: str, cfg: ModelConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
                tokenizer_dir: str | None = None, max_shard_bytes: int = 5 * 2**30):
-    """Write an HF model directory: config.json, safetensors shards (+ index), tokenizer files.
-
-    `named_tensors` yields (our name, tensor) one at a time and is consumed once; at most one
-    shard's worth of tensors is held in memory. Tensors are stored in the dtype given. Everything is
-    written to a temporary sibling directory first and renamed into place at the end, so `out_dir`
-    never holds a half-written checkpoint. An existing model directory at `out_dir` is replaced.
-    With `tokenizer_dir`, the tokenizer and generation files found there are copied alongside.
-    """
+    """Write an HF model directory: config.json, safetensors shards (+ index), and the tokenizer files
+    of `tokenizer_dir`. `named_tensors` (our name, tensor in the dtype to store) is consumed once,
+    holding at most one shard; a temporary sibling is renamed into place at the end, so `out_dir` (an
+    existing model directory there is replaced) never holds a half-written checkpoint."""
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, CONFIG)):
         raise FileExistsError(f"{out_dir!r} exists and is not a model directory; refusing to replace it")
@@ -197,6 +180,7 @@ def _shards(named_tensors, max_shard_bytes: int):
 
 
 def _write_checkpoint(out_dir: str, cfg: ModelConfig, named_tensors, max_shard_bytes: int):
+    """The shards under HF's file names (+ the index when several), then config.json."""
     tensor_shapes, shard_of = {}, {}  # our name -> shape; HF name -> shard number
     total_bytes, dtype = 0, None
     for i, shard in enumerate(_shards(named_tensors, max_shard_bytes)):

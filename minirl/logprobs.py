@@ -33,10 +33,7 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
 @torch.compiler.disable
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p; the others become -inf.
-
-    Runs eagerly even inside a compiled caller: inductor (torch 2.11) fails to generate the cumsum
-    over a 150k-token vocabulary.
-    """
+    Eager even inside a compiled caller: inductor cannot generate the cumsum over a 150k-token vocabulary."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     # Drop a token if the mass before it already reaches top_p.
@@ -56,9 +53,8 @@ def _chunk_logprobs(h, weight, targets, temperature, top_k, top_p):
 
 @functools.cache
 def compiled(fn):
-    """torch.compile(fn, dynamic=True), created on first use (by a CUDA caller) and then reused. Created
-    lazily: torch.compile imports inductor's compiler, seconds of CPU that every process importing minirl
-    paid at import time before, CPU-only runs and tests included."""
+    """torch.compile(fn, dynamic=True), created on first use (by a CUDA caller) and then reused: compiling
+    imports inductor, seconds of CPU that processes that never compile (CPU runs, tests) do not pay."""
     return torch.compile(fn, dynamic=True)
 
 

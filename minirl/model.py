@@ -12,18 +12,21 @@ Two ways to run it:
   (`fill_cache` for prefill: the same without the logits).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from minirl.attention import AttnMeta, varlen_attention
+from minirl.attention import AttnMeta, kernel_ops, varlen_attention
+from minirl.kvcache import KVCache, cached_attention, decode_blocks, decode_mask
 from minirl.logprobs import token_logprobs
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+CHECKPOINTING = ("selective", "full", "none")  # what a decoder block keeps for backward (Block)
 
 
 @dataclass
@@ -165,34 +168,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-@dataclass
-class KVCache:
-    """Static per-layer key/value cache for generation: preallocated once, written in place.
-
-    Row b's token at absolute position p lives at [layer][b, :, p]. Fixed shapes keep the decode step
-    capturable by CUDA graphs.
-    """
-
-    k: torch.Tensor  # [L, B, Hkv, S_max, D]
-    v: torch.Tensor  # [L, B, Hkv, S_max, D]
-
-    @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-
-def decode_mask(input_pos: torch.Tensor, max_len: int, dtype) -> torch.Tensor:
-    """Additive attention mask of a cached step, built once for all layers: [B, 1, S, max_len].
-
-    A query at position p sees cache slots 0..p of its own row: every slot below p holds that row's
-    real tokens (prompt, then generated), and stale slots above p are masked out.
-    """
-    slots = torch.arange(max_len, device=input_pos.device)
-    allowed = slots[None, None, None, :] <= input_pos[:, None, :, None]  # [B, 1, S, max_len]
-    return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -239,23 +214,6 @@ class Attention(nn.Module):
         return self.o_proj(cached_attention(q, k, v, input_pos, k_cache, v_cache, mask))
 
 
-@torch.compiler.disable
-def cached_attention(q, k, v, input_pos, k_cache, v_cache, mask) -> torch.Tensor:
-    """Write a step's keys/values into the cache, then attend: q [B, S, H, Hd] -> [B, S, H * Hd].
-
-    Always runs eagerly, outside torch.compile's graph: compiled, the in-place cache writes and the
-    attention made a batch-256 decode step four times slower (bench/RESULTS.md, section 4).
-    """
-    B, S, Hkv, Hd = k.shape
-    idx = input_pos[:, None, :, None].expand(B, Hkv, S, Hd)  # [B, Hkv, S, Hd]
-    k_cache.scatter_(2, idx, k.transpose(1, 2))
-    v_cache.scatter_(2, idx, v.transpose(1, 2))
-    n = mask.shape[-1]  # slots read
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=mask,
-                                       enable_gqa=True)  # [B, H, S, Hd]
-    return o.transpose(1, 2).flatten(2)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -267,11 +225,32 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@functools.cache
+def _kept_ops() -> list:
+    return [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, *kernel_ops()]
+
+
+def keep_matmuls_and_attention():
+    """Selective checkpointing's contexts: the outputs of matmuls (nn.Linear is mm, or addmm with a bias)
+    and of the attention kernels are saved; every other op in the block is recomputed in backward."""
+    return create_selective_checkpoint_contexts(_kept_ops())
+
+
 class Block(nn.Module):
-    """One decoder layer. With `checkpoint=True` it recomputes its activations in backward.
+    """One decoder layer, with activation checkpointing by `self.checkpointing` (one of CHECKPOINTING):
+
+    - "none":      backward reads every activation forward saved (the most memory);
+    - "full":      forward keeps only the block's input and backward runs the block again (the least
+                   memory, a second forward of every matmul and of attention);
+    - "selective": forward keeps the outputs of the matmuls and of attention, backward recomputes only
+                   what lies between them (norms, RoPE, SwiGLU, residual adds): memory-bound work that
+                   costs a few % of the step, so the step runs near "none"'s speed in less memory.
 
     The checkpoint lives inside the block's own forward, so when FSDP2 wraps the block the checkpointed
-    region is inside the FSDP unit: recompute runs with parameters already unsharded and cast.
+    region is inside the FSDP unit: recompute runs with parameters already unsharded and cast. A
+    compiled block traces the checkpoint with its policy and partitions its graph by it; an eager one
+    (CPU, --no-compile) applies the policy op by op from Python, a cost that outweighs the saving when
+    the CPU path's per-document attention loop runs hundreds of tiny documents.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -280,16 +259,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.checkpoint = False
+        self.checkpointing = "none"
 
     def _forward(self, x, cos, sin, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, cos, sin, meta: AttnMeta):
-        if self.checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False)
-        return self._forward(x, cos, sin, meta)
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, meta)
+        keep = {"context_fn": keep_matmuls_and_attention} if self.checkpointing == "selective" else {}
+        return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False, **keep)
 
     def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
         x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache, mask)
@@ -344,20 +324,26 @@ class Transformer(nn.Module):
         Returns the last layer's hidden states [B, S, D] (before the final norm). Prefill needs only
         the cache: its logits, [B, S, V], would take GBs for a batch of long prompts.
         Attention reads the first `kv_len` cache slots (default: all), which must cover every position
-        in input_pos: a decode step need not read the unfilled end of the cache. `block_step` runs one
-        layer (`Block.forward_step`, or the generator's compiled version of it).
+        in input_pos; without kv_len, a one-token step on a GPU reads each row's own slots up to its
+        position instead (FlexAttention; the cache's width must then be a multiple of FLEX_BLOCK).
+        `block_step` runs one layer (`Block.forward_step`, or the generator's compiled version of it).
         """
         h = self.embed_tokens(tokens)  # [B, S, D]
         cos, sin = rope_cos_sin(self.cfg, input_pos, h.dtype)  # [B, S, Hd]
-        mask = decode_mask(input_pos, kv_len or cache.k.shape[3], h.dtype)  # [B, 1, S, kv_len]
+        if kv_len is None and tokens.is_cuda and tokens.shape[1] == 1:
+            mask = decode_blocks(input_pos, cache.k.shape[3])  # ([B, 1, 1], [B, 1, 1, blocks])
+        else:
+            mask = decode_mask(input_pos, kv_len or cache.k.shape[3], h.dtype)  # [B, 1, S, kv_len]
         for i, layer in enumerate(self.layers):
             h = block_step(layer, h, cos, sin, input_pos, cache.k[i], cache.v[i], mask)
         return h
 
-    def set_checkpointing(self, enabled: bool):
-        """Activation checkpointing on every decoder block (recompute in backward)."""
+    def set_checkpointing(self, policy: str):
+        """Activation checkpointing of every decoder block: "selective", "full" or "none" (see Block)."""
+        if policy not in CHECKPOINTING:
+            raise ValueError(f"unknown checkpointing {policy!r}: one of {', '.join(CHECKPOINTING)}")
         for layer in self.layers:
-            layer.checkpoint = enabled
+            layer.checkpointing = policy
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None):

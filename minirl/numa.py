@@ -1,21 +1,11 @@
 """Bind each rank's CPU threads and host memory to the NUMA node nearest its GPU.
 
-On multi-socket GPU hosts, a rank whose dataloader, pinned-memory copies and
-Python threads run on the far socket pays a cross-socket hop on every
-host<->device transfer. The fix is to run the rank on the CPUs of its GPU's
-NUMA node and prefer that node's memory.
-
-Two parts, kept apart so the interesting one can be tested without a GPU:
-
-* `choose_node` is a pure function over a sysfs tree: given the GPU's PCI
-  address it decides which node to use and says why.
-* `bind_to_gpu_node` gathers the inputs (libnuma, the GPU's PCI address from
-  torch), calls `choose_node`, applies the choice and logs one line.
-
-We use libnuma's integer API only (`numa_run_on_node`, `numa_set_preferred`).
-Its bitmask API hands out `struct bitmask *` pointers that are easy to get
-wrong through ctypes (wrong restype truncates them to 32 bits), which shows up
-as segfaults far from the cause.
+On multi-socket GPU hosts, a rank whose Python threads and pinned-memory copies run on the far
+socket pays a cross-socket hop on every host<->device transfer. `choose_node` decides the node from a
+sysfs tree (a pure function, tested without a GPU); `bind_to_gpu_node` gathers its inputs, applies
+the choice and logs one line. Only libnuma's integer API is used (`numa_run_on_node`,
+`numa_set_preferred`): its bitmask API hands out pointers that ctypes easily truncates to 32 bits,
+which shows up as segfaults far from the cause.
 """
 
 import ctypes
@@ -31,15 +21,10 @@ _BDF = re.compile(r"[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 @dataclass(frozen=True)
 class NumaChoice:
-    """The node a rank runs on (None when skipped) and which rule picked it.
-
-    reason is one of: "pci" (the GPU's own numa_node), "local_cpulist"
-    (node of the first CPU the kernel lists as local to the GPU), "fallback"
-    (local ranks spread evenly over nodes, a guess), "skipped" (no binding).
-    """
+    """The node a rank runs on (None when skipped) and which rule of `choose_node` picked it."""
 
     node: int | None
-    reason: str
+    reason: str  # pci | local_cpulist | fallback | skipped
 
 
 def parse_cpulist(text: str) -> list[int]:
@@ -62,11 +47,7 @@ def _read(path: str) -> str | None:
 
 
 def cpu_nodes(sysfs_root: str = "/sys") -> dict[int, list[int]]:
-    """Map node id -> its CPUs, for nodes that have CPUs.
-
-    Memory-only nodes (GPU HBM exposed as NUMA memory on GB200, CXL memory)
-    have an empty cpulist: running a thread "on" them is impossible.
-    """
+    """Node id -> its CPUs, for nodes that have CPUs (not memory-only nodes: GB200's HBM, CXL memory)."""
     node_dir = os.path.join(sysfs_root, "devices", "system", "node")
     try:
         names = os.listdir(node_dir)
@@ -84,23 +65,13 @@ def cpu_nodes(sysfs_root: str = "/sys") -> dict[int, list[int]]:
 
 def choose_node(bdf: str | None, local_rank: int, local_world_size: int, max_node: int,
                 sysfs_root: str = "/sys") -> NumaChoice:
-    """Pick the NUMA node for the rank that drives the GPU at PCI address `bdf`.
-
-    Order, first usable answer wins:
+    """Pick the NUMA node for the rank that drives the GPU at PCI address `bdf`; the first usable answer:
       1. pci:           /sys/bus/pci/devices/<bdf>/numa_node
-      2. local_cpulist: node holding the first CPU in .../<bdf>/local_cpulist.
-         Needed when numa_node is -1 (firmware gave no affinity, common on
-         single-socket boxes and VMs) or names a CPU-less node (GB200 reports
-         the GPU's own memory node).
-      3. fallback:      local_rank * n // local_world_size over the n CPU-bearing
-         nodes. A rank-count guess: wrong whenever GPUs are not spread evenly,
-         which is why it comes last. With no node info in sysfs at all we
-         spread over libnuma's nodes 0..max_node.
-
-    A node is usable only if it has CPUs and is <= max_node (libnuma's
-    numa_max_node(); sysfs can list nodes libnuma will refuse).
-    Input is explicit so this runs against fake sysfs trees in tests; the
-    bdf already names the physical GPU, so CUDA_VISIBLE_DEVICES needs no care here.
+      2. local_cpulist: the node of the first CPU in .../<bdf>/local_cpulist, when numa_node is -1 (no
+         affinity from firmware: single-socket boxes, VMs) or names a CPU-less node (GB200);
+      3. fallback:      local_rank * n // local_world_size over the n CPU-bearing nodes (libnuma's
+         0..max_node without sysfs), a guess that is wrong whenever GPUs are not spread evenly.
+    A node is usable if it has CPUs and is <= max_node (numa_max_node(); sysfs may list more).
     """
     if local_world_size < 1 or not 0 <= local_rank < local_world_size:
         raise ValueError(f"need 0 <= local_rank < local_world_size, got {local_rank=} {local_world_size=}")
@@ -130,11 +101,7 @@ def choose_node(bdf: str | None, local_rank: int, local_world_size: int, max_nod
 
 
 def load_libnuma() -> ctypes.CDLL | None:
-    """Load libnuma with the integer-API functions typed; None if it is absent.
-
-    Every function we call gets argtypes/restype: ctypes otherwise guesses
-    `int` for everything, which is silently wrong for anything else.
-    """
+    """libnuma with the integer-API functions typed (ctypes would guess `int` for all); None if absent."""
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("numa") or "libnuma.so.1", use_errno=True)
     except OSError:
@@ -147,13 +114,8 @@ def load_libnuma() -> ctypes.CDLL | None:
 
 
 def apply_node(lib: ctypes.CDLL, node: int) -> None:
-    """Run the calling thread on `node`'s CPUs and prefer its memory.
-
-    Both calls act on the calling thread and are inherited by threads it
-    starts later, so call this early, before worker threads exist.
-    Preferred (not strict) memory policy: allocations spill to other nodes
-    instead of failing when the local node is full.
-    """
+    """Run the calling thread (and the threads it starts later: call it early) on `node`'s CPUs and
+    prefer its memory (preferred, not strict: allocations spill over instead of failing)."""
     if lib.numa_run_on_node(node) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"numa_run_on_node({node}) failed: {os.strerror(err)}")
@@ -166,11 +128,8 @@ def format_bdf(domain: int, bus: int, device: int) -> str:
 
 
 def gpu_pci_bdf(index: int) -> str:
-    """PCI address of visible CUDA device `index`.
-
-    The index is relative to CUDA_VISIBLE_DEVICES (with "4,5", index 0 is
-    physical GPU 4); torch's properties report the physical device's address.
-    """
+    """PCI address of visible CUDA device `index` (relative to CUDA_VISIBLE_DEVICES; the address is
+    the physical device's)."""
     count = torch.cuda.device_count()
     if not 0 <= index < count:
         raise ValueError(f"CUDA device index {index} out of range: {count} visible device(s)")
@@ -180,11 +139,8 @@ def gpu_pci_bdf(index: int) -> str:
 
 def bind_to_gpu_node(rank: int, local_rank: int, local_world_size: int, device: torch.device,
                      sysfs_root: str = "/sys") -> NumaChoice:
-    """Bind this process to the NUMA node of `device`; call once per rank at start-up.
-
-    Never fails the run over NUMA: no CUDA device, no libnuma, or a kernel
-    without NUMA all skip. Prints exactly one line saying what happened.
-    """
+    """Bind this process to the NUMA node of `device`; call once per rank at start-up. Never fails the
+    run over NUMA (no CUDA device, no libnuma, a kernel without NUMA: skipped); prints one line."""
     def skip(who: str, why: str) -> NumaChoice:
         print(f"numa: rank {rank} {who} -> skipped ({why})", flush=True)
         return NumaChoice(None, "skipped")

@@ -26,6 +26,7 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str):
+        """`with timer.phase("train"): ...` times the block."""
         self.marks[name] = [self._now()]
         yield
         self.marks[name].append(self._now())
@@ -38,6 +39,7 @@ class PhaseTimer:
         return time.perf_counter()
 
     def summary(self) -> dict[str, float]:
+        """{"time/<phase>": seconds} (a sync on CUDA: call it once per step)."""
         if self.cuda:
             torch.cuda.synchronize()
             return {f"time/{k}": a.elapsed_time(b) / 1000 for k, (a, b) in self.marks.items()}
@@ -52,11 +54,9 @@ class Interrupted(Exception):
 class Interrupt:
     """SIGTERM/SIGINT set a flag; the step checks it where every rank is in lockstep and ends early.
 
-    The handler only sets the flag (`requested()` reads this rank's): the ranks must agree on where
-    they stop, or one rank would enter a collective that the others never join. `check` is that
-    agreement, a one-float all_reduce(MAX) that the trainer runs once per micro-batch. On GPUs it goes
-    through a gloo group on a CPU tensor, so reading the result does not wait for the GPU's queued work.
-    """
+    The handler only sets this rank's flag (`requested()`): the ranks must agree on where they stop, or
+    one would enter a collective that the others never join. `check` is that agreement, a one-float
+    all_reduce(MAX) per micro-batch, on GPUs through a gloo group so it waits for no queued GPU work."""
 
     def __init__(self, device: torch.device):
         self._requested = False
@@ -72,6 +72,7 @@ class Interrupt:
         return self._requested
 
     def any_rank(self) -> bool:
+        """Whether any rank got a signal: a collective, on every rank together."""
         flag = torch.tensor([float(self._requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
@@ -84,11 +85,8 @@ class Interrupt:
 
 class MetricsLog:
     """One JSON line per row in out_dir/metrics.jsonl, and TensorBoard scalars when it is installed.
-
-    `start_step` is the step the run continues after: 0 for a fresh run, which removes an old file (the
-    caller has made sure it may, see checkpoint.check_out_dir); N for a resume, which keeps the rows up
-    to step N and drops later ones, because those steps run again and would otherwise be there twice.
-    """
+    `start_step` is the step the run continues after: 0 (fresh) removes an old file (checkpoint.check_out_dir
+    allowed it); N (resume) keeps the rows up to step N, as the later steps run again."""
 
     def __init__(self, out_dir: str, start_step: int):
         os.makedirs(out_dir, exist_ok=True)
@@ -132,6 +130,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
 
 
 def summary_line(row: dict) -> str:
+    """The step's console line: its main metrics, then the phase times."""
     keys = [("step", "{}"), ("reward_mean", "{:.3f}"), ("solved", "{:.2f}"), ("loss", "{:+.4f}"),
             ("entropy", "{:.3f}"), ("clip_frac", "{:.3f}"), ("approx_kl", "{:.2e}"), ("grad_norm", "{:.3f}"),
             ("response_len", "{:.1f}"), ("tokens_per_s", "{:.0f}")]

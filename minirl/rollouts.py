@@ -1,10 +1,9 @@
 """The rollout phase of a step: generate completions (or multi-turn episodes), score them, gather them.
 
-Every rank draws the same `prompts_per_step` prompts (same seeded order) and generates `n_samples`
-completions for its share (every world-th prompt; one share per vLLM tensor-parallel group), each
-from its own seed (`backend.sample_seed` of step, prompt and sample). The completions are then
-gathered so that every rank holds the whole step's samples in the same global order: advantages,
-mini-batches and the micro-batch plan are computed identically everywhere, with no further
+Every rank draws the same prompts and generates `n_samples` completions for its share (every
+world-th prompt; one share per vLLM tensor-parallel group), each from its own seed
+(`backend.sample_seed`). The gather gives every rank the whole step's samples in one global order,
+so advantages and the micro-batch plan are computed identically everywhere with no more
 communication. rollout.py runs `complete` on its own, batch by batch, with the same generator.
 """
 
@@ -15,10 +14,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minirl.algorithms import zero_variance_groups
+from minirl.advantages import select_groups, zero_variance_groups
 from minirl.backend import RolloutBackend, SamplingParams, sample_seed
 from minirl.config import Derived, RolloutConfig, TrainConfig
-from minirl.data import Prompt
+from minirl.data import Prompt, PromptDataset
 from minirl.dist import Dist, agree
 from minirl.episodes import Episode, run_episodes
 from minirl.generate import Generator
@@ -35,7 +34,6 @@ class Sample:
     gen_logprobs: list[float]
     finish_reason: str
     reward: float = 0.0
-    advantage: float = 0.0
     # Multi-turn (minirl/episodes.py): 1.0 on the policy's tokens, 0.0 on observations, one per
     # completion token; gen_logprobs hold 0.0 at observations. None: every token is the policy's.
     mask: list[float] | None = None
@@ -64,11 +62,8 @@ def make_generator(cfg: TrainConfig, model_cfg: ModelConfig, tok, device: torch.
 
 
 def generator_replicas(d: Dist, rc: RolloutConfig) -> tuple[int, int, bool]:
-    """(this rank's replica, number of replicas, whether this rank reports its replica's results).
-
-    The naive generator is one replica per rank. A vLLM engine with tensor parallelism spans `tp`
-    consecutive ranks that must all be given the same prompts; the first of them reports.
-    """
+    """(this rank's replica, number of replicas, whether this rank reports its replica's results): a
+    naive generator per rank, or a vLLM engine over `tp` consecutive ranks (same prompts; the first reports)."""
     tp = rc.tp if rc.backend == "vllm" else 1
     return d.rank // tp, d.world // tp, d.rank % tp == 0
 
@@ -112,7 +107,7 @@ def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist
     local, error = [], ""
     with tqdm(total=len(rows), desc="rollout", leave=False, disable=not progress, unit="seq") as bar:
         try:
-            local = complete(generator, rows, seeds, ds.sampling, ds, tok, bar, interrupt)
+            local = complete(generator, rows, seeds, ds.sampling, ds, tok, bar, interrupt) if rows else []
         except ValueError as e:
             error = str(e)
     if interrupt is not None:
@@ -129,6 +124,34 @@ def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist
         for j, sample in enumerate(replica_samples):
             samples[slots[j // n] * n + j % n] = sample
     return samples
+
+
+def rollout_groups(generator: RolloutBackend, data: PromptDataset, step: int, d: Dist, cfg: TrainConfig,
+                   ds: Derived, tok, progress: bool, interrupt: Interrupt | None = None) -> tuple[list[Sample], dict]:
+    """The step's samples, `prompts_per_step` groups of n drawn from `data`, and the draws' metrics.
+
+    With --dynamic-sampling K (DAPO), a group whose rewards are all equal carries no signal: as many
+    prompts as such groups are drawn again, at most K more times, and the step keeps the first
+    `prompts_per_step` groups of unequal rewards (`advantages.select_groups`; equal ones fill in when
+    the draws run out). Every rank draws the same prompts and sees the same rewards, so all decide
+    alike; the extra draws advance `data`, whose position the checkpoint saves.
+    """
+    n, need = cfg.rollout.n_samples, cfg.run.prompts_per_step
+    samples = rollout(generator, data.next_batch(need), step, d, cfg, ds, tok, progress, interrupt)
+    if not cfg.algo.dynamic_sampling:
+        return samples, {}
+    informative, draws = [], 0
+    while True:
+        rewards = torch.tensor([s.reward for s in samples[len(informative) * n:]])
+        informative += (~zero_variance_groups(rewards, n)).tolist()
+        if sum(informative) >= need or draws == cfg.algo.dynamic_sampling:
+            break
+        draws += 1
+        samples += rollout(generator, data.next_batch(need - sum(informative)), step, d, cfg, ds, tok, progress,
+                           interrupt)
+    groups = select_groups(informative, need)
+    return [samples[g * n + k] for g in groups for k in range(n)], {
+        "extra_draws": draws, "drawn_groups": len(informative), "filled_groups": need - min(need, sum(informative))}
 
 
 def evaluate(generator: RolloutBackend, prompts: list[Prompt], d: Dist, rc: RolloutConfig, ds: Derived,

@@ -1,17 +1,11 @@
 """Tokenizer and chat template, read straight from a Hugging Face model directory.
 
-Training a chat model with RL only works if the prompts look exactly like the ones the model
-was fine-tuned on, token for token. So this module reproduces what transformers does with the
-same files, without importing it:
-
-- the vocabulary and pre/post-processing come from `tokenizer.json`, run by the `tokenizers`
-  library (the same Rust code transformers' fast tokenizers wrap);
-- the chat template is a Jinja program shipped in `tokenizer_config.json` (or in a separate
-  `chat_template.jinja`), rendered in the environment transformers gives it;
-- the stop tokens are the union of the tokenizer's `eos_token` and the `eos_token_id` list of
-  `generation_config.json`: instruct models often end a turn with a token (Qwen's `<|im_end|>`,
-  Llama 3's `<|eot_id|>`) that differs from the end-of-text token, and generation has to stop
-  on either.
+RL on a chat model only works if the prompts are token for token the ones it was fine-tuned on, so
+this module does what transformers does with the same files, without importing it: `tokenizer.json`
+runs in the `tokenizers` library (the Rust code transformers wraps); the chat template (in
+`tokenizer_config.json` or `chat_template.jinja`) renders in transformers' Jinja environment; the
+stop tokens are the tokenizer's `eos_token` and generation_config.json's `eos_token_id` list, since
+instruct models end a turn with a token (`<|im_end|>`, `<|eot_id|>`) other than end-of-text.
 """
 
 import functools
@@ -60,6 +54,7 @@ class Tokenizer:
         special_tokens = _special_tokens(config, _read_json(path, "special_tokens_map.json"))
 
         def token_id(name: str) -> int | None:
+            """The id of special token `name` (eos_token, ...); None if the files name none."""
             token = special_tokens.get(name)
             if token is None:
                 return None
@@ -77,16 +72,9 @@ class Tokenizer:
             raise ValueError(f"no end-of-sequence token in {path}: expected eos_token in tokenizer_config.json or "
                              "special_tokens_map.json, or eos_token_id in generation_config.json")
         pad_id = token_id("pad_token")
-        return cls(
-            backend=backend,
-            chat_template=_chat_template(path, config),
-            special_tokens=special_tokens,
-            eos_ids=eos_ids,
-            pad_id=eos_ids[0] if pad_id is None else pad_id,
-            bos_id=token_id("bos_token"),
-            vocab_size=max(backend.get_vocab(with_added_tokens=True).values()) + 1,
-            path=path,
-        )
+        return cls(backend, _chat_template(path, config), special_tokens, eos_ids,
+                   eos_ids[0] if pad_id is None else pad_id, token_id("bos_token"),
+                   max(backend.get_vocab(with_added_tokens=True).values()) + 1, path)
 
     @property
     def has_chat_template(self) -> bool:
@@ -104,10 +92,8 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation to text the way transformers' apply_chat_template(tokenize=False) does.
-
-        add_generation_prompt appends the header of an assistant turn, so the model's
-        continuation is its reply."""
+        """Render a conversation to text as transformers' apply_chat_template(tokenize=False) does;
+        add_generation_prompt appends an assistant turn's header, so the continuation is the reply."""
         if self.chat_template is None:
             raise ValueError(f"{self.path} has no chat template (no chat_template.jinja, and none in "
                              f"tokenizer_config.json); {CHAT_TEMPLATE_HINT}")
@@ -125,14 +111,9 @@ class Tokenizer:
             raise ValueError(f"the chat template of {self.path} failed on these messages: {e}") from e
 
     def encode_prompt(self, prompt: str | list[dict], chat: bool) -> list[int]:
-        """Token ids to feed the model for one prompt.
-
-        chat=True: a string becomes one user message; the conversation is rendered with the
-        generation prompt and encoded without adding special tokens, because templates write
-        their own BOS (transformers' apply_chat_template(tokenize=True) does the same, so Llama
-        gets one BOS, not two).
-        chat=False: the string is encoded as is, plus whatever the tokenizer's post-processor adds.
-        """
+        """Token ids to feed the model for one prompt. chat=True: a string becomes one user message, and
+        the rendered conversation is encoded without special tokens (templates write their own BOS, as
+        in transformers); chat=False: the string as is, plus what the tokenizer's post-processor adds."""
         if chat:
             if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]

@@ -1,11 +1,9 @@
-"""One RL step, top to bottom (`rl_step`): rollout -> advantages -> packing -> old/ref log-probs ->
-micro-batched PPO updates -> weight sync -> a metrics row. train.py sets up and loops over steps.
+"""One RL step, top to bottom (`rl_step`): rollout -> packing -> old/ref log-probs -> advantages ->
+micro-batched policy updates -> weight sync -> a metrics row. train.py sets up and loops over steps.
 
-Every rank holds the whole step's samples (minirl/rollouts.py) and plans the same micro-batches
-(minirl/packing.py). Every rank's loss is its exact share of the mini-batch loss (weights normalised by
-mini-batch counts), and FSDP sums the gradients, so the update equals a single process's update on
-the whole mini-batch. No `.item()` or logging inside the micro-batch loop: metrics stay on the device
-and are reduced once per step, phase times come from events read once per step.
+Every rank's loss is its exact share of the mini-batch loss (weights normalised by mini-batch counts)
+and FSDP sums the gradients, so the update equals a single process's on the whole mini-batch. No
+`.item()` or logging inside the micro-batch loop: metrics and phase times are read once per step.
 """
 
 import time
@@ -15,22 +13,25 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from minirl.algorithms import Sequences, group_advantages, policy_loss, token_weights, zero_variance_groups
+from minirl import lora
+from minirl.advantages import AdvantageConfig, advantages, zero_variance_groups
+from minirl.algorithms import Sequences, policy_loss, token_weights
 from minirl.backend import RolloutBackend
-from minirl.config import Derived, TrainConfig
-from minirl.data import Prompt
+from minirl.config import AlgoConfig, Derived, TrainConfig
+from minirl.data import PromptDataset
 from minirl.dist import Dist
 from minirl.fsdp import clip_grad_norm_, iter_full_params
 from minirl.model import Transformer
-from minirl.packing import MicroBatch, micro_logprobs, pack_mini_batch, split_mini_batches
+from minirl.packing import MicroBatch, completion_coords, micro_logprobs, pack_mini_batch, split_mini_batches
 from minirl.report import Interrupt, PhaseTimer
-from minirl.rollouts import Sample, rollout, rollout_stats
+from minirl.rollouts import Sample, rollout_groups, rollout_stats
 
 
 @dataclass
 class Policy:
     """The trained model (FSDP2-sharded) with its optimizer and lr schedule, the attention kernel it runs
-    with (attention.pick_backend), and the frozen reference model when a KL penalty needs one."""
+    with (attention.pick_backend), and the frozen reference model when a KL penalty needs one (with LoRA:
+    the trained model itself, its adapters switched off)."""
 
     model: Transformer
     optimizer: torch.optim.Optimizer
@@ -39,9 +40,9 @@ class Policy:
     attn_backend: str = "sdpa"
 
 
-def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, cfg: TrainConfig,
+def rl_step(policy: Policy, generator: RolloutBackend, data: PromptDataset, step: int, d: Dist, cfg: TrainConfig,
             ds: Derived, tok, progress: bool, interrupt: Interrupt | None = None) -> dict[str, float]:
-    """One RL step on this step's prompts; returns its metrics row (a line of metrics.jsonl).
+    """One RL step on prompts drawn from `data`; returns its metrics row (a line of metrics.jsonl).
 
     With `interrupt`, a signal ends the step early: `Interrupted` on every rank together, at the end of
     the rollout or at a micro-batch before the step's first optimizer step, so nothing of the step has
@@ -50,26 +51,28 @@ def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], st
     """
     timer, t0, n = PhaseTimer(d.device), time.perf_counter(), cfg.rollout.n_samples
     with timer.phase("rollout"):
-        samples = rollout(generator, prompts, step, d, cfg, ds, tok, progress, interrupt)
+        samples, draws = rollout_groups(generator, data, step, d, cfg, ds, tok, progress, interrupt)
     generator.release()  # training gets the memory back (unless --keep-generator)
-    set_advantages(samples, n, cfg.algo.std_norm, cfg.algo.advantage)
 
-    minis = split_mini_batches(len(samples), cfg.algo.mini_batches)
-    if cfg.algo.skip_zero_var:  # their advantages are 0: out of the normalisers, and no backward for them
-        flat = zero_variance_groups(torch.tensor([s.reward for s in samples]), n).repeat_interleave(n).tolist()  # [N]
-        minis = [[i for i in mb if not flat[i]] for mb in minis]
+    trained = trained_samples(samples, n, cfg.algo)
+    minis = [[i for i in mb if trained[i]] for mb in split_mini_batches(len(samples), cfg.algo.mini_batches)]
     batches = [pack_mini_batch(samples, mb, d, cfg.parallel.micro_batch_tokens, tok.pad_id, policy.attn_backend)
                for mb in minis]
+    # The KL in the reward needs the log-probs of every sample, those left out of the loss too.
+    kl_in_reward, left_out = ds.advantage.kl_coef != 0.0, [i for i, t in enumerate(trained) if not t]
+    scored = batches + ([pack_mini_batch(samples, left_out, d, cfg.parallel.micro_batch_tokens, tok.pad_id,
+                                         policy.attn_backend)] if kl_in_reward and left_out else [])
     with timer.phase("logprobs"):
-        logprobs_before_update(policy, batches, old_logprobs_needed(len(minis), cfg.algo.ppo_epochs),
+        logprobs_before_update(policy, scored, kl_in_reward or old_logprobs_needed(len(minis), cfg.algo.ppo_epochs),
                                ds.sampling.temperature, progress, interrupt)
+    shaping = set_advantages(samples, batches, ds.advantage, scored if kl_in_reward else None)
     with timer.phase("train"):
         sums = update(policy, samples, minis, batches, d, ds, cfg.optim.grad_clip, cfg.algo.ppo_epochs, progress,
                       interrupt)
     with timer.phase("weight_sync"):
-        generator.update_weights(iter_full_params(policy.model, generator.dtype))  # a collective
+        sync_weights(policy, generator)
 
-    row = {"step": step + 1, **rollout_stats(samples, n), **{k: v.item() for k, v in sums.items()},
+    row = {"step": step + 1, **rollout_stats(samples, n), **draws, **shaping, **{k: v.item() for k, v in sums.items()},
            "lr": policy.scheduler.get_last_lr()[0], **timer.summary()}
     tokens = sum(len(s.prompt.token_ids) + len(s.completion_ids) for s in samples)
     row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
@@ -78,12 +81,56 @@ def rl_step(policy: Policy, generator: RolloutBackend, prompts: list[Prompt], st
     return row
 
 
-def set_advantages(samples: list[Sample], n_samples: int, std_norm: bool, estimator: str):
-    """GRPO/RLOO advantages: rewards relative to each prompt's group of n completions."""
-    adv = group_advantages(torch.tensor([s.reward for s in samples]), n_samples, std_norm=std_norm,
-                           estimator=estimator)
-    for s, a in zip(samples, adv.tolist()):
-        s.advantage = a
+def trained_samples(samples: list[Sample], n: int, algo: AlgoConfig) -> list[bool]:
+    """Which samples the loss and its normalisers count: all but, with --skip-zero-var, the groups whose
+    rewards are all equal and, with --overlong-filter (DAPO), the completions cut off by the length
+    limit. The others still count in their group's baseline and the batch's statistics."""
+    keep = [True] * len(samples)
+    if algo.skip_zero_var:
+        zero = zero_variance_groups(torch.tensor([s.reward for s in samples]), n).repeat_interleave(n)  # [N]
+        keep = [k and not z for k, z in zip(keep, zero.tolist())]
+    if algo.overlong_filter:
+        keep = [k and s.finish_reason != "length" for k, s in zip(keep, samples)]
+    return keep
+
+
+def set_advantages(samples: list[Sample], batches: list[list[MicroBatch]], ac: AdvantageConfig,
+                   scored: list[list[MicroBatch]] | None = None) -> dict[str, float]:
+    """Set each micro-batch's per-token advantages from the step's rewards (`advantages.advantages`);
+    returns the reward shaping's metrics. With the KL in the reward, `scored` are micro-batches holding
+    every sample's old and reference log-probs (`completion_logprobs`)."""
+    device = batches[0][0].mask.device
+    prompt_lens = torch.tensor([len(s.prompt.token_ids) for s in samples], device=device)  # [N]
+    width = max(len(s.completion_ids) for s in samples)
+    mask = torch.zeros(len(samples), width)  # [N, L]
+    for i, s in enumerate(samples):
+        mask[i, :len(s.completion_ids)] = torch.tensor(s.mask or [1.0] * len(s.completion_ids))
+    lps = completion_logprobs(scored, prompt_lens, width) if scored is not None else (None, None)
+    lengths = torch.tensor([len(s.completion_ids) for s in samples])
+    adv, stats = advantages(torch.tensor([s.reward for s in samples]), lengths, mask, ac, *lps)
+    adv = adv.to(device)
+    for mb in (mb for mbs in batches for mb in mbs):
+        rows, cols = completion_coords(mb, prompt_lens, width)
+        mb.advantages = torch.where(mb.mask > 0, adv[rows, cols].to(mb.mask.dtype), 0.0)
+    return stats
+
+
+@torch.no_grad()
+def completion_logprobs(scored: list[list[MicroBatch]], prompt_lens: torch.Tensor,
+                        width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The old and reference log-probs of every sample's completion tokens, [N, width] each, on every rank.
+
+    Each rank holds its own tokens' (its dp share, its sp slice): it writes them into zeros, and one
+    all-reduce over the world sums the parts, each token living on exactly one rank.
+    """
+    micro = [mb for mbs in scored for mb in mbs]
+    out = torch.zeros(2, len(prompt_lens), width, dtype=micro[0].old_logprobs.dtype, device=prompt_lens.device)
+    for mb in micro:
+        rows, cols = completion_coords(mb, prompt_lens, width)
+        for k, lp in enumerate((mb.old_logprobs, mb.ref_logprobs)):
+            out[k].index_put_((rows, cols), torch.where(mb.mask > 0, lp, 0.0), accumulate=True)
+    dist.all_reduce(out)
+    return out[0].cpu(), out[1].cpu()
 
 
 def old_logprobs_needed(n_minis: int, epochs: int) -> bool:
@@ -106,7 +153,8 @@ def logprobs_before_update(policy: Policy, batches: list[list[MicroBatch]], need
         if need_old:
             mb.old_logprobs = micro_logprobs(policy.model, mb, temperature)[0]
         if policy.ref_model is not None:
-            mb.ref_logprobs = micro_logprobs(policy.ref_model, mb, temperature)[0]
+            with lora.adapters_off(policy.ref_model):  # LoRA: the base model (a no-op for a frozen copy)
+                mb.ref_logprobs = micro_logprobs(policy.ref_model, mb, temperature)[0]
 
 
 def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batches: list[list[MicroBatch]], d: Dist,
@@ -163,3 +211,8 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
     out["grad_norm"] = out["grad_norm"] / d.world  # replicated values, summed over ranks
     out["skipped_updates"] = out.get("skipped_updates", torch.zeros((), device=d.device)) / d.world
     return out
+
+
+def sync_weights(policy: Policy, generator: RolloutBackend):
+    """Stream the policy's full weights into the generator, LoRA adapters merged (a collective)."""
+    generator.update_weights(lora.merged(policy.model, iter_full_params(policy.model, generator.dtype)))

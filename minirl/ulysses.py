@@ -17,8 +17,19 @@ position_ids inside every attention call, re-run in recompute, lives in scripts/
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions, varlen_attention
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Block j of x (dim 0, sp equal blocks) goes to rank j; block j of the result came from rank j.
+
+    Differentiable (the gradient takes the reverse trip) and asynchronous: the result is waited for
+    where it is first used, so transfers started together run while the GPU computes what comes
+    before that use (`attention`'s head chunks).
+    """
+    return funcol.all_to_all_single_autograd(x.contiguous(), None, None, group)
 
 
 def _seq_to_head(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
@@ -31,50 +42,28 @@ def _seq_to_head(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
     t, D = xs[0].shape[0], xs[0].shape[-1]
     heads = [x.shape[1] // sp for x in xs]
     send = torch.cat([x.reshape(t, sp, h, D).transpose(0, 1) for x, h in zip(xs, heads)], dim=2)  # [sp, t, sum h, D]
-    recv = torch.empty_like(send)  # [sp, t, sum h, D]: block j holds rank j's tokens
-    dist.all_to_all_single(recv, send, group=group)
-    return list(recv.reshape(sp * t, sum(heads), D).split(heads, dim=1))  # views [T, h_i, D]
+    recv = _all_to_all(send, group)  # [sp, t, sum h, D]: block j holds rank j's tokens
+    return list(recv.reshape(sp * t, sum(heads), D).split(heads, dim=1))  # [T, h_i, D]
 
 
-def _head_to_seq(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """[T, h_i, D] (all tokens, my heads) -> [t, h_i*sp, D] (my tokens, all heads); the reverse move."""
+def _head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[T, h, D] (all tokens, my heads) -> [t, h*sp, D] (my tokens, all heads); the reverse move."""
     sp = dist.get_world_size(group)
-    T, D = xs[0].shape[0], xs[0].shape[-1]
-    heads = [x.shape[1] for x in xs]
-    packed = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)  # [T, sum h, D]; one tensor needs no copy
-    send = packed.reshape(sp, T // sp, sum(heads), D)  # [sp, t, sum h, D]: block j = rank j's tokens
-    recv = torch.empty_like(send)  # [sp, t, sum h, D]: block j holds head group j of my tokens
-    dist.all_to_all_single(recv, send, group=group)
-    return [r.transpose(0, 1).reshape(T // sp, sp * h, D) for r, h in zip(recv.split(heads, dim=2), heads)]
-
-
-class SeqToHead(torch.autograd.Function):
-    """The all-to-all as an autograd op: it only moves numbers, so its backward is the reverse move."""
-
-    @staticmethod
-    def forward(ctx, group, *xs):
-        ctx.group = group
-        return tuple(_seq_to_head(list(xs), group))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return None, *_head_to_seq(list(grads), ctx.group)
-
-
-class HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, *xs):
-        ctx.group = group
-        return tuple(_head_to_seq(list(xs), group))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return None, *_seq_to_head(list(grads), ctx.group)
+    T, h, D = x.shape
+    recv = _all_to_all(x.reshape(sp, T // sp, h, D), group)  # [sp, t, h, D]: block j holds head group j of my tokens
+    return recv.transpose(0, 1).reshape(T // sp, sp * h, D)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    """Causal attention for this rank's slice. q [t, H, D], k/v [t, Hkv, D] -> [t, H, D]."""
-    group = meta.sp_group
+    """Causal attention for this rank's slice. q [t, H, D], k/v [t, Hkv, D] -> [t, H, D].
+
+    meta.sp_head_chunks > 1 splits each rank's share of the heads into that many chunks and starts every
+    chunk's all-to-all at once: chunk c's attention then computes while chunk c+1's q/k/v and chunk
+    c-1's output are in flight, instead of the GPU waiting for one whole transfer before attention
+    and another after it. It needs the chunks to divide each rank's kv heads. (Forward and recompute
+    only: backward waits for each gradient's transfer where autograd issues it.)
+    """
+    group, head_chunks = meta.sp_group, meta.sp_head_chunks
     sp = dist.get_world_size(group)
     H, Hkv = q.shape[1], k.shape[1]
     if H % sp or (Hkv % sp and sp % Hkv):
@@ -85,10 +74,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta)
         # query heads j*H/sp .. (j+1)*H/sp - 1 use.
         k = k.repeat_interleave(sp // Hkv, dim=1)  # [t, sp, D]
         v = v.repeat_interleave(sp // Hkv, dim=1)
-    q, k, v = SeqToHead.apply(group, q, k, v)  # [T, H/sp, D], [T, max(Hkv/sp, 1), D]
-    o = varlen_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, meta.backend)  # [T, H/sp, D]
-    (o,) = HeadToSeq.apply(group, o)
-    return o  # [t, H, D]
+    if (k.shape[1] // sp) % head_chunks:
+        raise ValueError(f"{head_chunks} head chunks do not divide the {k.shape[1] // sp} kv heads of a rank")
+    # Chunk c of every rank's share: [t, sp, heads per rank, D] -> [t, sp * heads per chunk, D]
+    chunks = [x.unflatten(1, (sp, head_chunks, -1)).unbind(2) for x in (q, k, v)]
+    moved = [_seq_to_head([qc.flatten(1, 2), kc.flatten(1, 2), vc.flatten(1, 2)], group)
+             for qc, kc, vc in zip(*chunks)]  # every transfer started: [T, H/sp/chunks, D], ...
+    outs = [_head_to_seq(varlen_attention(qc, kc, vc, meta.cu_seqlens, meta.max_seqlen, meta.backend), group)
+            for qc, kc, vc in moved]  # [t, sp * H/sp/chunks, D] each
+    return torch.stack([o.unflatten(1, (sp, -1)) for o in outs], dim=2).flatten(1, 3)  # [t, H, D]
 
 
 def local_slice(x: torch.Tensor, sp_rank: int, sp_size: int, fill=0) -> torch.Tensor:

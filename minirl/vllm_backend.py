@@ -1,8 +1,6 @@
 """Rollouts with vLLM, colocated in the trainer's own torchrun processes (`--backend vllm`).
 
-The same interface as the naive `generate.Generator` (`backend.RolloutBackend`: update_weights,
-generate, release, close), with vLLM doing the sampling:
-
+The same interface as the naive `generate.Generator` (`backend.RolloutBackend`), vLLM sampling:
 - One engine per process, built with `distributed_executor_backend="external_launcher"`: vLLM does not
   start workers or an engine process of its own, it runs inside this process and joins the process
   group torchrun (and the trainer) already set up. Consecutive blocks of `tp` ranks form one tensor-
@@ -15,7 +13,6 @@ generate, release, close), with vLLM doing the sampling:
   repacks, which is why a plain `load_weights` on the model is not enough there).
 - With sleep mode (GPU only), `release` frees the weights and the KV cache while the trainer runs;
   `update_weights` reallocates the weights, and the next `generate` the KV cache.
-
 vLLM is imported here and nowhere else, so the rest of minirl runs without it.
 """
 
@@ -27,7 +24,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from minirl.backend import Completion, SamplingParams, check_request, checked_weights
+from minirl.backend import Completion, SamplingParams, check_limits, check_request, checked_weights
 from minirl.hf import expected_shapes, ours_to_hf, read_config
 
 INSTALL_HINT = ("--backend vllm needs vLLM in this environment: `pip install vllm` on a CUDA machine, "
@@ -126,37 +123,45 @@ class VLLMGenerator:
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
-                 seeds: list[int] | None = None, stop=None) -> list[Completion]:
-        """One Completion per prompt, in order, as the naive generator returns (one engine call: `stop`
-        is not asked, a stop signal takes effect after it). Each request samples
-        from its own seed (`backend.check_request`), not from the batch it was scheduled in nor the
-        process-wide RNG; each token comes with its log-prob under the processed distribution it was
-        sampled from (temperature, top-k, top-p), comparable with the trainer's `process_logits`."""
+                 seeds: list[int] | None = None, stop=None, limits: list[int] | None = None, follow_up=None,
+                 max_context: int | None = None) -> list[Completion]:
+        """One Completion per prompt, in order, as the naive generator returns: one engine call for the
+        prompts, then one for the follow-ups their completions asked for, and so on (`stop` is not
+        asked: a stop signal takes effect after the call). Each request samples from its own seed
+        (`backend.check_request`), not from the batch it was scheduled in nor the process-wide RNG;
+        each token comes with its log-prob under the processed distribution it was sampled from
+        (temperature, top-k, top-p), comparable with the trainer's `process_logits`."""
         seeds = check_request(prompts, params, self.vocab_size, seeds)
+        limits = check_limits(limits, len(prompts), params.max_new_tokens)
         if not self.has_weights:
             raise RuntimeError("the vLLM engine holds no valid weights (released or a failed update): "
                                "call update_weights first")
         self._wake(["kv_cache"])
-        requests = [self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        sampling = [self._SamplingParams(
-            max_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=seed % 2**63,
-            stop_token_ids=[*self.eos_ids, *params.stop_token_ids],  # vLLM keeps the stop id in the output
-            logprobs=0,  # 0 extra candidates: only the sampled token's log-prob
-            detokenize=False,
-        ) for seed in seeds]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        done, requests = [], list(zip(prompts, seeds, limits))
+        while requests:
+            outs = self._complete(requests, params)
+            if progress is not None:
+                progress.update(len(outs))
+            start, done = len(done), done + outs
+            requests = [r for i, c in enumerate(outs, start)
+                        if follow_up is not None and (r := follow_up(i, c)) is not None]
+        return done[:len(prompts)]
+
+    def _complete(self, requests: list[tuple[list[int], int, int]], params: SamplingParams) -> list[Completion]:
+        """One engine call: a Completion for each (prompt, seed, limit)."""
+        # logprobs=0: no extra candidates, only the sampled token's log-prob; vLLM keeps the stop id in the output.
+        sampling = [self._SamplingParams(max_tokens=limit, temperature=params.temperature, top_p=params.top_p,
+                                         top_k=params.top_k, seed=seed % 2**63, logprobs=0,
+                                         stop_token_ids=[*self.eos_ids, *params.stop_token_ids], detokenize=False)
+                    for _, seed, limit in requests]
+        outputs = self.llm.generate([self._TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], sampling,
+                                    use_tqdm=False)
         completions = []
         for out in outputs:
             sample = out.outputs[0]
             tokens = list(sample.token_ids)
             logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, tokens)]
             completions.append(Completion(tokens, logprobs, sample.finish_reason))
-        if progress is not None:
-            progress.update(len(completions))
         return completions
 
     @torch.no_grad()
@@ -181,10 +186,8 @@ class VLLMGenerator:
         self.has_weights = True
 
     def release(self):
-        """Free the engine's weights and KV cache for training (sleep level 2); no-op without sleep mode.
-
-        Level 2 discards the weights rather than offloading them: the trainer sends new ones anyway.
-        """
+        """Free the engine's weights and KV cache for training (sleep level 2: the weights are discarded, not
+        offloaded, since the trainer sends new ones anyway); no-op without sleep mode."""
         if not self.sleep_mode or self.asleep:
             return
         self.llm.sleep(level=2)

@@ -57,7 +57,7 @@ def main():
         if args.compile:
             for block in model.layers:
                 block.compile()
-        shard_model(model, d.fsdp_mesh, mixed_precision=gpu, cpu_offload=False, checkpointing=True)
+        shard_model(model, d.fsdp_mesh, mixed_precision=gpu, cpu_offload=False, checkpointing="full")
         g = torch.Generator().manual_seed(d.dp_rank)
         ids = torch.randint(0, cfg.vocab_size, (tokens,), generator=g)
         pos = torch.cat([torch.arange(n) for n in (tokens // 2, tokens // 4, tokens - tokens // 2 - tokens // 4)])

@@ -188,7 +188,7 @@ def run(args, d: mdist.Dist, ledger: Ledger, state=None):
     naive = args.mode == "naive"
     model = build_model(args.scenario, run_idle=args.all_experts, gather_in_layer=naive)
     # As training runs: bf16 compute on GPUs (torch's varlen kernel takes 16-bit inputs only), fp32 on CPU.
-    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing=True)
+    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing="full")
     if args.reduce_unused:
         model.set_reduce_scatter_unused_params(True)
     ids, pos = (x.to(d.device) for x in micro_batch(args.scenario))

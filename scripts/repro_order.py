@@ -3,10 +3,11 @@ because of what differs between them (scripts/README.md): `compile_reorder`, `re
 `rank_metrics`. Each has a naive mode that fails and a fixed mode that completes.
 
 - compile_reorder: minirl's model with compiled blocks and operator-based (selective) checkpointing
-  that keeps the Ulysses all-to-all's output, naming the op as the compiled graph calls it. The rank
+  that keeps the Ulysses all-to-all's output, naming the op as a compiled graph calls it. The rank
   that holds the padding reads it on the host inside the block, which breaks its graph: that rank
-  runs its blocks eagerly, where the all-to-all is another op, so its checkpoint recomputes the
-  all-to-all while the compiled rank goes on to the backward all-to-alls and FSDP's reduce-scatter.
+  runs its blocks eagerly, where the peers' all-to-all (c10d) is another op, so its checkpoint
+  recomputes the all-to-all while the compiled rank goes on to the backward all-to-alls and FSDP's
+  reduce-scatter. minirl's all-to-all is the functional op in eager code too: the same decision.
 - recompute_order: two expert-parallel MoE layers (an all_to_all each way) in checkpoints of their
   own, one per modality; each rank backpropagates its per-modality losses one at a time, in the order
   the modalities first appear in its batch, so the ranks recompute the two layers in opposite orders.
@@ -14,8 +15,6 @@ because of what differs between them (scripts/README.md): `compile_reorder`, `re
   shape of minirl's trainer.update), and one rank has no sample of a task this step: its vector is
   shorter.
 """
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -26,62 +25,62 @@ from torch.distributed.nn.functional import all_to_all_single
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from minirl import dist as mdist
+from minirl import ulysses
 from minirl.attention import AttnMeta
+from minirl.config import ParallelConfig
 from minirl.fsdp import shard_model
 from minirl.ledger import Ledger
 from minirl.model import MLP, Attention, Block, Transformer, init_weights
-from minirl.ulysses import HeadToSeq, SeqToHead, shard_micro_batch
+from minirl.ulysses import shard_micro_batch
 from repro_checkpoint import tiny_config
 from repro_launch import Scenario
 
 # ---------------------------------------------------------------------------------------------------
 # compile_reorder
 
-
-@torch.library.custom_op("minirl_repro::all_to_all", mutates_args=())
-def all_to_all_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """all_to_all_single with equal splits as one op, the same in eager and compiled code."""
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=dist.distributed_c10d._resolve_process_group(group_name))
-    return out
+CHECKPOINTING = ParallelConfig().checkpointing  # minirl's default ("selective")
 
 
-@all_to_all_op.register_fake
-def _(x, group_name):
-    return torch.empty_like(x)
+class PeersAllToAll(torch.autograd.Function):
+    """The all-to-all as the peers write it (an autograd Function around c10d's `dist.all_to_all_single`,
+    minirl's own before it moved to functional collectives): eager code issues c10d's `alltoall_base_`,
+    while dynamo turns the call into the functional `all_to_all_single` in a compiled graph."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # [sp, ...]: block j goes to rank j
+        ctx.group = group
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # equal blocks: the move is its own adjoint
+        return PeersAllToAll.apply(grad, ctx.group), None
 
 
-def _all_to_all_setup(ctx, inputs, output):
-    ctx.group_name = inputs[1]
-
-
-def _all_to_all_backward(ctx, grad):
-    return all_to_all_op(grad, ctx.group_name), None  # equal chunks: the move is its own adjoint
-
-
-all_to_all_op.register_autograd(_all_to_all_backward, setup_context=_all_to_all_setup)
-
-
-def to_heads(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """[t, h_i, D] -> [T, h_i/sp, D] through all_to_all_op: minirl's SeqToHead, as one custom op."""
+def to_heads(xs: list[torch.Tensor], group, exchange: str) -> list[torch.Tensor]:
+    """[t, h_i, D] -> [T, h_i/sp, D], q, k and v in one all-to-all: minirl's own (`functional`) or the
+    same packing through PeersAllToAll (`c10d`)."""
+    if exchange == "functional":
+        return ulysses._seq_to_head(xs, group)
     sp, t, D = dist.get_world_size(group), xs[0].shape[0], xs[0].shape[-1]
     heads = [x.shape[1] // sp for x in xs]
     send = torch.cat([x.reshape(t, sp, h, D).transpose(0, 1) for x, h in zip(xs, heads)], dim=2)  # [sp, t, sum h, D]
-    recv = all_to_all_op(send, group.group_name)
-    return list(recv.reshape(sp * t, sum(heads), D).split(heads, dim=1))
+    return list(PeersAllToAll.apply(send, group).reshape(sp * t, sum(heads), D).split(heads, dim=1))
 
 
-def to_tokens(x: torch.Tensor, group) -> torch.Tensor:
-    """[T, h, D] -> [t, h*sp, D]: HeadToSeq through all_to_all_op."""
+def to_tokens(x: torch.Tensor, group, exchange: str) -> torch.Tensor:
+    """[T, h, D] -> [t, h*sp, D], the reverse move."""
+    if exchange == "functional":
+        return ulysses._head_to_seq(x, group)
     sp, (T, h, D) = dist.get_world_size(group), x.shape
-    recv = all_to_all_op(x.reshape(sp, T // sp, h, D), group.group_name)  # [sp, t, h, D]
+    recv = PeersAllToAll.apply(x.reshape(sp, T // sp, h, D), group)  # [sp, t, h, D]
     return recv.transpose(0, 1).reshape(T // sp, sp * h, D)
 
 
 class DenseUlyssesAttention(Attention):
     """minirl's Ulysses attention for one causal sequence, SDPA over all of it. torch.compile traces it
-    on CPUs (minirl's CPU path, SDPA per document, reads the lengths on the host and breaks the graph).
-    `exchange`: "autograd" moves heads with minirl's SeqToHead/HeadToSeq, "op" with all_to_all_op."""
+    on CPUs (minirl's CPU path, SDPA per document, reads the lengths on the host and breaks the graph)."""
 
     def __init__(self, cfg, exchange: str):
         super().__init__(cfg)
@@ -92,46 +91,39 @@ class DenseUlyssesAttention(Attention):
         sp = dist.get_world_size(meta.sp_group)
         if k.shape[1] < sp:  # as ulysses.attention does: repeat kv heads up to one per rank
             k, v = k.repeat_interleave(sp // k.shape[1], dim=1), v.repeat_interleave(sp // v.shape[1], dim=1)
-        if self.exchange == "op":
-            q, k, v = to_heads([q, k, v], meta.sp_group)
-        else:
-            q, k, v = SeqToHead.apply(meta.sp_group, q, k, v)  # [T, H/sp, Dh], [T, Hkv/sp, Dh]
+        q, k, v = to_heads([q, k, v], meta.sp_group, self.exchange)  # [T, H/sp, Dh], [T, Hkv/sp, Dh]
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                                           enable_gqa=True).transpose(0, 1).contiguous()  # [T, H/sp, Dh]
-        o = to_tokens(o, meta.sp_group) if self.exchange == "op" else HeadToSeq.apply(meta.sp_group, o)[0]
-        return self.o_proj(o.flatten(-2))  # [t, D]
+                                           enable_gqa=True).transpose(0, 1)  # [T, H/sp, Dh]
+        return self.o_proj(to_tokens(o, meta.sp_group, self.exchange).flatten(-2))  # [t, D]
 
 
 class PaddedMeta(AttnMeta):
     """AttnMeta plus this rank's padding rows, [t] bool (none on most ranks)."""
 
     def __init__(self, meta: AttnMeta, pad_rows: torch.Tensor):
-        super().__init__(meta.cu_seqlens, meta.max_seqlen, meta.backend, meta.sp_group)
+        super().__init__(meta.cu_seqlens, meta.max_seqlen, meta.backend, meta.sp_group, meta.sp_head_chunks)
         self.pad_rows = pad_rows
         self.has_pad = bool(pad_rows.any())  # a Python bool: torch.compile specialises on it
 
 
-# What operator-based checkpointing keeps (the rest is recomputed). naive names the all-to-all as a
-# compiled graph calls it; fixed uses an all-to-all that is one op in both eager and compiled code.
-KEEP = {"naive": ("aten.mm", "aten.addmm", "_c10d_functional.all_to_all_single"),
-        "fixed": ("aten.mm", "aten.addmm", "minirl_repro.all_to_all")}
-
-
-def keep_contexts(mode: str):
-    ops = [getattr(getattr(getattr(torch.ops, name.split(".")[0]), name.split(".")[1]), "default")
-           for name in KEEP[mode]]
-    return create_selective_checkpoint_contexts(ops)
+def keep_matmuls_and_all_to_all():
+    """Operator-based checkpointing's contexts: keep the matmuls' outputs and the all-to-all's, as a
+    compiled graph calls it (the functional op); recompute the rest."""
+    aten = torch.ops.aten
+    return create_selective_checkpoint_contexts([aten.mm.default, aten.addmm.default,
+                                                 torch.ops._c10d_functional.all_to_all_single.default])
 
 
 class ReorderBlock(Block):
     """minirl's decoder layer with DenseUlyssesAttention. The rank holding padding zeroes its rows,
     reading their count on the host (`int(...)`): inside a compiled block that is a graph break, so
-    on that rank alone the block runs eagerly. naive/fixed: operator-based checkpointing (KEEP);
-    minirl: the Block's own checkpointing."""
+    on that rank alone the block runs eagerly. naive: the peers' all-to-all, operator-based
+    checkpointing; fixed: minirl's all-to-all, the same checkpointing; minirl: minirl's all-to-all
+    and the Block's own checkpointing (minirl's default)."""
 
     def __init__(self, cfg, mode: str):
         super().__init__(cfg)
-        self.self_attn = DenseUlyssesAttention(cfg, exchange="op" if mode == "fixed" else "autograd")
+        self.self_attn = DenseUlyssesAttention(cfg, exchange="c10d" if mode == "naive" else "functional")
         self.mode = mode
 
     def _forward(self, x, cos, sin, meta):
@@ -144,7 +136,7 @@ class ReorderBlock(Block):
         if self.mode == "minirl":
             return super().forward(x, cos, sin, meta)
         return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False,
-                          context_fn=functools.partial(keep_contexts, self.mode))
+                          context_fn=keep_matmuls_and_all_to_all)
 
 
 def compile_reorder_step(model, T: int, d: mdist.Dist, ledger: Ledger | None = None):
@@ -169,7 +161,8 @@ def prepare_compile_reorder(args, d: mdist.Dist):
     init_weights(model, std=0.1, seed=0)
     for block in model.layers:  # as fsdp.build_sharded does: compiled inside its FSDP unit
         block.compile(backend=args.compile_backend)
-    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing=True)
+    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False,
+                checkpointing=CHECKPOINTING)  # the training default; only minirl's mode uses it
     compile_reorder_step(model, 4 * d.sp_size, d)
     return model
 
@@ -273,7 +266,7 @@ def run_rank_metrics(args, d: mdist.Dist, ledger: Ledger, state=None):
     cfg = tiny_config(n_layers=1)
     model = Transformer(cfg)
     init_weights(model, std=0.1, seed=0)
-    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing=False)
+    shard_model(model, d.fsdp_mesh, mixed_precision=d.device.type == "cuda", cpu_offload=False, checkpointing="none")
     g = torch.Generator().manual_seed(d.rank)
     for step in (1, 2):
         ids = torch.randint(2, cfg.vocab_size, (8,), generator=g).to(d.device)

@@ -73,6 +73,9 @@ def task(tmp_path_factory):
 # default job alone: 119 s of wall time for 143 s of CPU.
 BACKGROUND = {  # name -> (the test that checks it, torchrun's train.py arguments but --out-dir)
     "default_job": ("test_default_job.py::test_default_job_learns", []),
+    "lora_job": ("test_lora.py::test_lora_run_of_the_default_task_learns",
+                 ["--lora-rank", "8", "--lr", "1e-3", "--prompts-per-step", "16", "--steps", "5", "--eval-every", "0",
+                  "--kl-coef", "1e-3"]),
     "tools_task": ("test_tools_task.py::test_tools_task_learns_to_use_the_tool",
                    ["--task", "tools", "--steps", "10", "--eval-every", "0", "--lr", "1e-4", "--no-export"]),
 }

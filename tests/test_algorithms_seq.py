@@ -162,3 +162,11 @@ def test_sequence_modes_across_ranks(layout):
     on 2 dp ranks: the ranks' summed losses, metrics and gradients equal one process's."""
     failed = failures(run_worker("algorithms_worker.py", 2), "seq/")
     assert [f for f in failed if f"/{layout}/" in f or "/nontrivial" in f] == []
+
+
+@pytest.mark.parametrize("layout", ["sp2", "dp2"])
+def test_kl_in_the_reward_across_ranks(layout):
+    """With the KL in the reward every rank gathers every sample's old and reference log-probs from the
+    ranks holding them, and each micro-batch gets its own tokens' advantages (the same launch)."""
+    failed = failures(run_worker("algorithms_worker.py", 2), "adv/")
+    assert [f for f in failed if f"/{layout}/" in f or "adv/per_token" in f] == []

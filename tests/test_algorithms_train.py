@@ -1,4 +1,4 @@
-"""train.py end to end with the algorithm flags of issue 19, on the built-in default task, 2 ranks.
+"""train.py end to end with the algorithm flags, on the built-in default task, 2 ranks.
 
 Step 1 of a run starts from the same weights and rollouts on any layout (per-completion seeds), so
 its metrics check the plumbing of each mode:
@@ -6,18 +6,32 @@ its metrics check the plumbing of each mode:
   sp ranks through an all-reduce, forward and backward);
 - --skip-zero-var only renormalises: zero-variance groups have zero advantages, so without it the
   seq-mean loss's gradient is the same times the share of groups kept;
-- --ppo-epochs counts its optimizer steps in the lr schedule.
+- --ppo-epochs counts its optimizer steps in the lr schedule;
+- one run with the second round's flags together (REINFORCE++-baseline, CISPO, the KL in the reward,
+  DAPO's dynamic sampling, overlong filter and penalty) under sp2.
+Also in process: each algorithm flag's published defaults, dynamic sampling's draws (the same on a
+rerun, and after a resume), and the errors of bad combinations.
 """
 
 import json
+import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from helpers_dist import torchrun
 
 import train
+from minirl.config import derive, parse_config
+from minirl.data import PromptDataset
+from minirl.dist import build_dist
+from minirl.hf import load_state_dict_from_dir, read_config
+from minirl.rollouts import make_generator, rollout_groups
+from minirl.tokenizer import Tokenizer
 
 LR = 1e-5
 SEQUENCE_MODES = ["--advantage", "rloo", "--no-std-norm", "--loss-agg", "seq-mean-token-mean",
@@ -53,6 +67,10 @@ RUNS = {
     "ppo": (2, ["--steps", "2", "--sp", "2", "--ppo-epochs", "2", "--mini-batches", "8", "--skip-zero-var",
                 "--schedule", "cosine", "--ratio-level", "sequence-token", "--tis-cap", "2", "--tis-mode", "mask",
                 "--tis-low", "0.5"]),
+    # 3 new tokens: 3-digit answers (and rambling wrong ones) are cut off, so the filter and penalty act
+    "second_round": (2, ["--steps", "2", "--sp", "2", "--max-new-tokens", "3", "--advantage", "reinforce++-baseline",
+                         "--policy-loss", "cispo", "--kl-coef", "0.01", "--kl-placement", "reward",
+                         "--dynamic-sampling", "3", "--overlong-filter", "--overlong-buffer", "2"]),
 }
 
 
@@ -104,12 +122,106 @@ def test_ppo_epochs_and_gspo_token(runs):
     assert rows[1]["approx_kl"] > 0  # later passes see a policy that moved since the old log-probs
 
 
+def test_second_round_flags_together(runs):
+    rows = rows_of(runs, "second_round")
+    assert sorted(rows) == [1, 2]
+    for r in rows.values():
+        assert r["truncated"] > 0 and r["overlong_penalty"] < 0  # some completions cut off, shaped and filtered
+        assert 0 <= r["extra_draws"] <= 3 and r["drawn_groups"] >= 8
+        assert r["filled_groups"] == round(8 * r["zero_var_groups"])  # only fill-ins have equal rewards
+        assert r["grad_norm"] > 0 and math.isfinite(r["loss"]) and r["skipped_updates"] == 0
+    # the KL to the initial policy, in the reward: none before the first update, some after
+    assert abs(rows[1]["kl_penalty"]) < 1e-6 and rows[2]["kl_penalty"] != 0 and rows[2]["kl_ref"] != 0
+    assert sum(r["extra_draws"] for r in rows.values()) > 0  # dynamic sampling redrew
+
+
+# ---- in process ----
+
+
+def test_published_defaults_from_the_flags():
+    """A flag that names an algorithm brings that algorithm's published defaults; explicit settings stay."""
+    gspo = derive(parse_config(["--ratio-level", "sequence"]), None)
+    assert (gspo.loss.agg, gspo.loss.clip_eps_low, gspo.loss.clip_eps_high) == ("seq-mean-token-mean", 3e-4, 4e-4)
+    kept = derive(parse_config(["--ratio-level", "sequence-token", "--loss-agg", "token-mean", "--clip-eps-low",
+                                "0.1", "--clip-eps-high", "0.3"]), None)
+    assert (kept.loss.agg, kept.loss.clip_eps_low, kept.loss.clip_eps_high) == ("token-mean", 0.1, 0.3)
+    grpo = derive(parse_config([]), None)
+    assert (grpo.loss.agg, grpo.loss.clip_eps_low, grpo.advantage.std_norm) == ("token-mean", 0.2, True)
+    assert derive(parse_config(["--advantage", "rloo"]), None).advantage.std_norm is False
+    assert derive(parse_config(["--advantage", "rloo", "--std-norm"]), None).advantage.std_norm is True
+    assert derive(parse_config(["--no-std-norm"]), None).advantage.std_norm is False
+    cispo = derive(parse_config(["--policy-loss", "cispo"]), None).loss
+    assert (cispo.policy_loss, cispo.clip_eps_low, cispo.clip_eps_high) == ("cispo", 1.0, 3.0)
+    rpp = derive(parse_config(["--advantage", "reinforce++", "--kl-coef", "0.1"]), None)
+    assert (rpp.advantage.kl_coef, rpp.advantage.kl_estimator, rpp.loss.kl_coef) == (0.1, "k1", 0.0)  # in the reward
+    in_loss = derive(parse_config(["--advantage", "reinforce++", "--kl-coef", "0.1", "--kl-placement", "loss"]), None)
+    assert (in_loss.advantage.kl_coef, in_loss.loss.kl_coef, in_loss.loss.kl_estimator) == (0.0, 0.1, "k3")
+
+
+def test_gspo_with_token_mean_warns(tmp_path, capsys):
+    train.load_inputs(parse_config(["--out-dir", str(tmp_path), "--ratio-level", "sequence", "--loss-agg",
+                                    "token-mean"]))
+    err = capsys.readouterr().err
+    assert "warning: --loss-agg token-mean under GSPO" in err and len(err.strip().splitlines()) == 1
+    train.load_inputs(parse_config(["--out-dir", str(tmp_path), "--ratio-level", "sequence"]))
+    assert "GSPO" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def gloo_rank():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield build_dist(1)
+    dist.destroy_process_group()
+
+
+def test_dynamic_sampling_draws_are_reproducible_and_resume_exactly(gloo_rank):
+    """Dynamic sampling on the default task's model: the step holds the requested groups, those of equal
+    rewards only as fill-ins; the draws advance the data order, so a run resumed from the saved position
+    draws what a straight run draws."""
+    cfg = parse_config(["--prompts-per-step", "8", "--n-samples", "4", "--dynamic-sampling", "2"])
+    tok = Tokenizer.from_dir(cfg.data.model)
+    ds = derive(cfg, tok)
+    generator = make_generator(cfg, read_config(cfg.data.model), tok, gloo_rank.device)
+    generator.update_weights(load_state_dict_from_dir(cfg.data.model).items())
+
+    def dataset():
+        return PromptDataset(cfg.data.data, tok, chat=False, seed=cfg.run.seed)
+
+    def step(data, k):
+        samples, draws = rollout_groups(generator, data, k, gloo_rank, cfg, ds, tok, progress=False)
+        return [(s.prompt.index, s.completion_ids, s.reward) for s in samples], draws
+
+    data = dataset()
+    first, draws = step(data, 0)
+    assert data.state_dict() == {"epoch": 0, "pos": draws["drawn_groups"]}  # every drawn prompt is used up
+    saved = data.state_dict()
+    second, draws2 = step(data, 1)
+    assert draws["extra_draws"] + draws2["extra_draws"] > 0
+    for samples, d in ((first, draws), (second, draws2)):
+        rewards = torch.tensor([r for _, _, r in samples]).view(8, 4)
+        assert int((rewards.amax(1) == rewards.amin(1)).sum()) == d["filled_groups"]
+    assert step(dataset(), 0) == (first, draws)  # a rerun draws the same
+    resumed = dataset()
+    resumed.load_state_dict(saved)
+    assert step(resumed, 1) == (second, draws2)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--tis-level", "sequence"], "error: tis_level, tis_mode and tis_low need tis_cap"),
     (["--tis-cap", "2", "--tis-low", "0.5"], "error: tis_low is the lower bound of tis_mode mask"),
     (["--ratio-level", "seq"], "error: ratio_level must be one of"),
     (["--advantage", "rloo", "--n-samples", "1"], "error: rloo advantages need a group of at least 2"),
     (["--ppo-epochs", "0"], "error: --prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1"),
+    (["--advantage", "reinforce++-baseline", "--n-samples", "1"],
+     "error: reinforce++-baseline advantages need a group of at least 2"),
+    (["--advantage", "ppo"], "error: advantage must be one of"),
+    (["--policy-loss", "cispo", "--ratio-level", "sequence"], "error: policy_loss cispo weights each token"),
+    (["--policy-loss", "cispo", "--dual-clip-c", "3"], "error: policy_loss cispo weights each token"),
+    (["--kl-placement", "reward"], "error: --kl-placement and --kl-estimator need --kl-coef > 0"),
+    (["--kl-coef", "0.1", "--kl-estimator", "k4"], "error: --kl-placement is one of"),
+    (["--dynamic-sampling", "2", "--n-samples", "1"], "error: --dynamic-sampling K redraws groups of equal rewards"),
+    (["--overlong-buffer", "9"], r"error: --overlong-buffer must be in [1, 8]"),
+    (["--clip-eps-low", "-0.1"], "error: clip_eps_low and clip_eps_high must be > 0"),
 ])
 def test_bad_combination_is_one_clear_line(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -124,5 +236,9 @@ def test_flags_in_help(capsys):
         train.main(["--help"])
     out = capsys.readouterr().out
     for flag in ("--advantage", "--skip-zero-var", "--ratio-level", "--tis-level", "--tis-mode", "--tis-low",
-                 "--ppo-epochs"):
+                 "--ppo-epochs", "--policy-loss", "--kl-estimator", "--kl-placement", "--dynamic-sampling",
+                 "--overlong-filter", "--overlong-buffer", "--overlong-penalty", "--std-norm, --no-std-norm"):
         assert flag in out, flag
+    text = re.sub(r"-\s+", "-", " ".join(out.split()))  # argparse wraps lines at hyphens too
+    for auto in ("GSPO 3e-4", "GSPO 4e-4", "GSPO seq-mean-token-mean", "off for rloo", "reward for reinforce++"):
+        assert auto in text, auto  # --help says what auto means

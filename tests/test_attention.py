@@ -1,13 +1,13 @@
 """Packed causal attention against a dense float64 reference, and backend selection."""
 
 import importlib
-import sys
 
 import pytest
 import torch
 from helpers_dist import gpus
+from helpers_flash import REFERENCE_KERNELS, fake_flash_attn  # noqa: F401  (a fixture)
 
-from minirl.attention import _flash_varlen_func, cu_seqlens_from_positions, pick_backend, varlen_attention
+from minirl.attention import _flash_kernels, cu_seqlens_from_positions, flash_varlen_attn, pick_backend, varlen_attention
 
 
 def dense_reference(q, k, v, lengths):
@@ -73,7 +73,7 @@ def test_varlen_backend_matches_dense_reference_with_gqa():
 
 
 @gpus(1)
-@pytest.mark.skipif(_flash_varlen_func() is None, reason="flash-attn-4 is not installed (docs/flash_attn.md)")
+@pytest.mark.skipif(_flash_kernels() is None, reason="flash-attn-4 is not installed (docs/flash_attn.md)")
 def test_flash_backend_matches_dense_reference_with_gqa():
     check_cuda_backend_against_dense_reference("flash")
 
@@ -117,34 +117,9 @@ def test_pick_backend_honours_env_var(monkeypatch):
     assert pick_backend(cpu, "sdpa") == "sdpa"  # an explicit argument wins over the variable
 
 
-def forget_flash_attn():
-    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
-        del sys.modules[name]
-
-
-@pytest.fixture
-def fake_flash_attn(tmp_path, monkeypatch):
-    """A throwaway `flash_attn` on sys.path, laid out as flash-attn-4 installs it: a namespace
-    package (no __init__.py) holding the `cute` subpackage. Returns a function that writes
-    `cute/__init__.py`; imported modules are forgotten before each write and at the end (a real
-    flash-attn already imported comes back then)."""
-    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
-        monkeypatch.delitem(sys.modules, name)
-    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    def write_cute(source: str):
-        forget_flash_attn()
-        (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text(source)
-        importlib.invalidate_caches()
-
-    yield write_cute
-    forget_flash_attn()
-
-
-def test_pick_backend_skips_a_flash_attn_without_the_varlen_kernel(fake_flash_attn, monkeypatch):
-    """`flash_attn` importable but `flash_attn.cute.flash_attn_varlen_func` not: the automatic choice
-    on a GPU must pass over "flash" (the choice is made without touching the device, so it runs here)."""
+def test_pick_backend_skips_a_flash_attn_without_its_kernels(fake_flash_attn, monkeypatch):
+    """`flash_attn` importable but flash-attn-4's two kernels not: the automatic choice on a GPU must
+    pass over "flash" (the choice is made without touching the device, so it runs here)."""
     monkeypatch.delenv("MINIRL_ATTN", raising=False)
     cuda = torch.device("cuda")
     fake_flash_attn("import cutlass.cute  # the CuTe DSL, missing here\n")
@@ -152,9 +127,32 @@ def test_pick_backend_skips_a_flash_attn_without_the_varlen_kernel(fake_flash_at
     assert pick_backend(cuda) == "varlen"
     with pytest.raises(ValueError, match="'flash' is not available"):
         pick_backend(cuda, "flash")
-    fake_flash_attn("")  # cute without the function
+    fake_flash_attn("def _flash_attn_fwd(*args, **kwargs):\n    pass\n")  # no backward
     assert pick_backend(cuda) == "varlen"
-    fake_flash_attn("def flash_attn_varlen_func(*args, **kwargs):\n    return 'called'\n")
-    assert pick_backend(cuda) == "flash"  # the automatic choice once the kernel imports
+    fake_flash_attn(REFERENCE_KERNELS)
+    assert pick_backend(cuda) == "flash"  # the automatic choice once the kernels import
     assert pick_backend(cuda, "flash") == "flash"
-    assert _flash_varlen_func()() == "called"
+
+
+def test_flash_op_passes_torch_library_checks_and_matches_the_reference(fake_flash_attn):
+    """The `minirl::flash_varlen_attn` op around stand-in kernels (tests/helpers_flash.py, float64):
+    torch.library.opcheck (schema, fake shapes, autograd registration, dynamo/AOT tracing) and output
+    and q/k/v gradients equal to the dense reference -- the op's plumbing, not flash-attn-4's numbers
+    (those are checked on the GPU above)."""
+    fake_flash_attn(REFERENCE_KERNELS)
+    lengths = [5, 1, 8, 3]
+    T, H, Hkv, D = sum(lengths), 4, 2, 8
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(T, n, D, generator=g, dtype=torch.float64).requires_grad_() for n in (H, Hkv, Hkv))
+    grad_out = torch.randn(T, H, D, generator=g, dtype=torch.float64)
+    cu_seqlens, max_seqlen = cu_seqlens_from_positions(torch.cat([torch.arange(n) for n in lengths]))
+    torch.library.opcheck(flash_varlen_attn, (q, k, v, cu_seqlens, max_seqlen))
+
+    out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend="flash")
+    (out * grad_out).sum().backward()
+    q64, k64, v64 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    ref = dense_reference(q64, k64, v64, lengths)
+    (ref * grad_out).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for ours, theirs in ((q, q64), (k, k64), (v, v64)):  # backward reads the fp32 lse, as flash-attn-4 keeps it
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-6)

@@ -5,8 +5,10 @@ random init, resume from it and must reproduce the losses of steps 4 and 5 and t
 for bit. Fallback: copies with a broken newest checkpoint resume from step 2 and reproduce steps
 3 to 5. Failed saves (a NaN parameter or a full disk on one rank) fail on every rank and leave the
 previous checkpoint as `latest`. Export: the HF directory written from the sharded model loads in
-transformers and gives the log-probs the sharded model gave. The out-dir check before start-up
-runs in this process, on copies of the checkpoints the workers wrote.
+transformers and gives the log-probs the sharded model gave. The same with LoRA adapters on a frozen
+base: the checkpoints hold the adapters alone and resume bit for bit, and the PEFT-format adapters
+load onto the base in transformers + peft. The out-dir check before start-up runs in this process,
+on copies of the checkpoints the workers wrote.
 """
 
 import errno
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from helpers_dist import run_worker_in
 from transformers import AutoModelForCausalLM
 
@@ -42,11 +45,11 @@ def runs(tmp_path_factory):
 def test_resume_is_bit_exact(runs):
     _, out = runs
     for train, resume in zip(out["train"], out["resume"]):
-        assert resume["checks"] == {"resume/step": ""}
+        assert resume["checks"] == {"resume/step": "", "lora/resume/step": ""}
         assert {s: train["data"]["losses"][s] for s in ("4", "5")} == resume["data"]["losses"]
         assert train["data"]["digest"] == resume["data"]["digest"]
         assert train["data"]["data_state"] == resume["data"]["data_state"] == {"batches": 5}
-    assert out["train"][0]["checks"] == {"resume/empty_dir": ""}
+    assert out["train"][0]["checks"] == {"resume/empty_dir": "", "lora/resume/empty_dir": ""}
 
 
 def test_checkpoint_layout(runs):
@@ -57,12 +60,12 @@ def test_checkpoint_layout(runs):
     assert {"rank0.pt", "rank1.pt"} <= set(os.listdir(ckpt / "step_3"))
 
 
-def test_export_loads_in_transformers(runs):
-    shared, out = runs
-    score = out["train"][0]["data"]["score"]
+def assert_export_scores(export_dir, score):
+    """The HF model in export_dir, loaded by transformers, gives the log-probs the worker's sharded model
+    gave (`score`), document by document; returns the model."""
     ids = torch.tensor(score["ids"])
     want = torch.tensor(score["logprobs"])
-    hf = AutoModelForCausalLM.from_pretrained(shared / "export", dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     got, start = [], 0
     for n in score["lengths"]:  # the worker's packed documents, one by one
         doc = ids[start:start + n]
@@ -72,7 +75,51 @@ def test_export_loads_in_transformers(runs):
         got.append(logp.gather(-1, targets[:, None]).squeeze(-1))
         start += n
     torch.testing.assert_close(torch.cat(got), want, rtol=0, atol=1e-5)
+    return hf
+
+
+def test_export_loads_in_transformers(runs):
+    shared, out = runs
+    assert_export_scores(shared / "export", out["train"][0]["data"]["score"])
     assert json.loads((shared / "export" / "config.json").read_text())["model_type"] == "qwen3"
+
+
+def test_lora_resume_is_bit_exact(runs):
+    _, out = runs
+    for train, resume in zip(out["train"], out["resume"]):
+        train, resume = train["data"]["lora"], resume["data"]["lora"]  # (its checks: test_resume_is_bit_exact)
+        assert {s: train["losses"][s] for s in ("4", "5")} == resume["losses"]
+        assert train["digest"] == resume["digest"]
+        assert train["losses"]["5"] != out["train"][0]["data"]["losses"]["5"]  # not the full fine-tuning run
+
+
+def test_lora_checkpoint_holds_the_adapters_alone(runs):
+    shared, _ = runs
+    keys = dcp.FileSystemReader(str(shared / "lora_ckpt" / "step_3")).read_metadata().state_dict_metadata
+    model = {k for k in keys if k.startswith("model.")}
+    assert model and all(k.endswith((".lora_A", ".lora_B")) for k in model)
+    assert len(model) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    optim = {k for k in keys if k.startswith("optim.state.")}  # optim.state.<param>.<exp_avg|exp_avg_sq|step>
+    assert optim and all(".lora_" in k for k in optim)
+    full = dcp.FileSystemReader(str(shared / "ckpt" / "step_3")).read_metadata().state_dict_metadata
+    assert "model.layers.0.mlp.up_proj.weight" in full  # while full fine-tuning saves every weight
+
+
+def test_lora_export_loads_in_transformers_and_peft(runs):
+    """The merged export gives the sharded LoRA model's log-probs; the adapter dir on the base, loaded
+    by peft, gives the merged export's logits."""
+    from peft import PeftModel
+
+    shared, out = runs
+    merged = assert_export_scores(shared / "lora_export", out["train"][0]["data"]["lora"]["score"])
+    ids = torch.tensor(out["train"][0]["data"]["lora"]["score"]["ids"])[None]
+    base = AutoModelForCausalLM.from_pretrained(shared / "lora_base", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, shared / "lora_adapter").eval()
+    with torch.no_grad():
+        want = merged(ids).logits
+        torch.testing.assert_close(peft_model(ids).logits, want, rtol=0, atol=1e-5)
+        with peft_model.disable_adapter():
+            assert (peft_model(ids).logits - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("case, warning", [

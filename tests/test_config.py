@@ -35,6 +35,7 @@ def test_a_model_without_the_default_job():
     (["--steps", "0"], "must be >= 1"),
     (["--prompts-per-step", "4", "--n-samples", "3", "--mini-batches", "5"],
      "prompts_per_step x n_samples = 12 samples do not split into --mini-batches 5"),
+    (["--mini-batches", "0"], "--mini-batches must be >= 1"),
     (["--backend", "sglang"], "unknown --backend 'sglang'"),
     (["--schedule", "linear"], "unknown --schedule 'linear'"),
     (["--loss-agg", "mean"], "agg must be one of"),
@@ -77,3 +78,13 @@ def test_sample_budget_is_the_episode_budget_with_an_env():
     assert sample_budget(rc) == 30  # max_turns x max_new_tokens
     rc.episode_tokens = 25
     assert sample_budget(rc) == 25
+
+
+def test_help_shows_what_a_bare_run_uses(capsys):
+    """A bare `train.py` runs the built-in task with its train_config.json: --help names those values."""
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 80 from the built-in task's train_config.json, 100 with --model)" in text
+    assert "(default: 1e-05 from the built-in task's train_config.json, 1e-06 with --model)" in text
+    assert "to 10% of lr) (default: 'constant')" in text  # --schedule: not in the task's file

@@ -120,4 +120,4 @@ def test_single_process_without_torchrun(started):
 @pytest.mark.parametrize("nproc, layout", [(2, "dp2-sp1"), (2, "dp1-sp2"), (4, "dp2-sp2"), (4, "dp1-sp4")])
 def test_grid(started, nproc, layout):
     """Ranks of one sp group are adjacent: rank = dp_rank * sp + sp_rank; only rank 0 is main."""
-    assert failures(started[nproc].result(), f"equiv/{layout}-ckpt0/grid") == []
+    assert failures(started[nproc].result(), f"equiv/{layout}-ckpt_none/grid") == []

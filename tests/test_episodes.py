@@ -144,6 +144,23 @@ def test_trajectory_holds_sampled_ids_and_tokenised_observations(task, parts):
     assert redone > 0, "no turn that re-tokenising would change: the raw-ids check means nothing"
 
 
+def test_turns_through_two_slots_make_the_same_episodes(task, parts):
+    """With two slots, an episode's next turn waits for a free one and decodes beside other episodes'
+    turns of other numbers (continuous batching); with 64, every first turn starts at once. The
+    episodes are the same, the third turn's limit (what is left of the budget) included: each turn
+    samples from its own seed."""
+    tok, model, gen, prompts = parts
+    two = Generator(gen.cfg, tok.eos_ids, tok.pad_id, dtype=torch.float32, max_batch_size=2)
+    two.update_weights(model.named_parameters())
+    wide, _ = rollout(task, parts, episode_tokens=22)
+    narrow, _ = rollout(task, (tok, model, two, prompts), episode_tokens=22)
+    assert all(s.turns == 3 and s.finish_reason == "length" and len(s.completion_ids) == 22 for s in wide)
+    for a, b in zip(wide, narrow):
+        assert (a.completion_ids, a.mask, a.turns, a.finish_reason, a.reward) == \
+            (b.completion_ids, b.mask, b.turns, b.finish_reason, b.reward)
+        torch.testing.assert_close(torch.tensor(a.gen_logprobs), torch.tensor(b.gen_logprobs), rtol=0, atol=1e-5)
+
+
 def test_trainer_logprobs_match_the_generator_across_turns(task, parts):
     tok, model, _, _ = parts
     samples, _ = rollout(task, parts)
@@ -166,8 +183,6 @@ def test_observation_tokens_have_no_weight_and_no_gradient(task, parts, agg):
     samples, _ = rollout(task, parts, max_turns=2)
     assert all(s.finish_reason == "max_turns" and s.mask[-1] == 0.0 for s in samples)
     d = types.SimpleNamespace(sp_rank=0, sp_size=1, sp_group=None, device=torch.device("cpu"))
-    for i, s in enumerate(samples):
-        s.advantage = float(i) - 2.5
 
     def loss_and_grads(last_token: int, mask_observations: bool):
         for s in samples:
@@ -177,6 +192,7 @@ def test_observation_tokens_have_no_weight_and_no_gradient(task, parts, agg):
             for s in samples:
                 s.mask = None
         mb = pack(samples, list(range(len(samples))), tok.pad_id, d, "sdpa")
+        mb.advantages = mb.seq_ids.float() - 2.5  # sample i: i - 2.5
         lens = torch.tensor([float(s.n_policy) for s in samples])
         for s, m in zip(samples, saved):
             s.mask = m
@@ -240,7 +256,7 @@ def check(proc):
 # serial, and a one-rank run leaves a core idle): train.py (ranks, extra flags) and rollout.py (env, flags).
 RUNS = {"w1": (1, []), "dp2": (2, []), "sp2": (2, ["--sp", "2"]), "env_error": (1, ["--env", "{root}/envs.py:Raises"])}
 ROLLOUTS = {"rollout_echo": ("Echo", ["--check-logprobs", "--gen-batch-size", "5"]),
-            "rollout_raises": ("RaisesOnPrompt3", ["--gen-batch-size", "2"])}
+            "rollout_raises": ("RaisesOnPrompt3", ["--gen-batch-size", "1"])}
 
 
 @pytest.fixture(scope="module")

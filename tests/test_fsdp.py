@@ -18,21 +18,22 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("checkpointing", [0, 1])
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
 @pytest.mark.parametrize("nproc, layout", LAYOUTS)
 @pytest.mark.parametrize("quantity", ["loss", "grads", "grad_norm", "clipped", "updated"])
 def test_matches_single_process(nproc, layout, checkpointing, quantity):
-    name = f"equiv/{layout}-ckpt{checkpointing}/{quantity}"
+    name = f"equiv/{layout}-ckpt_{checkpointing}/{quantity}"
     assert failures(run_worker("parallel_worker.py", nproc), name) == []
 
 
 def test_cpu_offload_matches():
-    assert failures(run_worker("parallel_worker.py", 2), "equiv/dp1-sp2-ckpt1-offload/") == []
+    assert failures(run_worker("parallel_worker.py", 2), "equiv/dp1-sp2-ckpt_full-offload/") == []
 
 
 def test_bf16_mixed_precision_close():
-    """bf16 compute with fp32 gradient reduction: within bf16 rounding (5e-2) of the fp32 reference."""
-    assert failures(run_worker("parallel_worker.py", 2), "equiv/dp1-sp2-ckpt1-bf16/") == []
+    """bf16 compute with fp32 gradient reduction, selective checkpointing: within bf16 rounding (5e-2) of
+    the fp32 reference."""
+    assert failures(run_worker("parallel_worker.py", 2), "equiv/dp1-sp2-ckpt_selective-bf16/") == []
 
 
 @pytest.mark.parametrize("what", ["names", "fp32", "bf16"])
@@ -49,3 +50,12 @@ def test_cuda_nccl():
     for name, rel in sorted(reports[0]["data"].items()):
         print(f"{name}: relative error {rel:.2e}")
     assert failures(reports, "") == []
+
+
+@pytest.mark.parametrize("layout", ["dp2-sp1", "dp1-sp2"])
+@pytest.mark.parametrize("quantity", ["loss", "grads", "frozen", "grad_norm", "clipped", "updated"])
+def test_lora_matches_single_process(layout, quantity):
+    """With LoRA adapters (minirl/lora.py) the frozen base gets no gradient, and the adapters' loss,
+    gradients and update equal the single-process ones: FSDP2 shards frozen and trainable parameters
+    of one unit together."""
+    assert failures(run_worker("parallel_worker.py", 2), f"equiv/lora-{layout}-ckpt_full/{quantity}") == []

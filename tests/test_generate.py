@@ -1,6 +1,8 @@
 """Generation against transformers' greedy search, and sampled log-probs against the trainer's packed forward."""
 
 import random
+import types
+from dataclasses import fields
 
 import pytest
 import torch
@@ -8,11 +10,14 @@ from helpers_dist import gpus, run_worker
 from helpers_models import FAMILIES, VOCAB, hf_model, minirl_model, save_hf_model
 
 from minirl.attention import AttnMeta, cu_seqlens_from_positions
-from minirl.generate import (Completion, Generator, SamplingParams, draw_uniforms, fuse_projections, generate,
-                             sample)
+from minirl.backend import sample_seed
+from minirl.fused import fuse_projections
+from minirl.generate import (Completion, Generator, Rows, SamplingParams, batch_sizes, compact, draw_uniforms,
+                             generate, sample)
 from minirl.hf import load_model
+from minirl.kvcache import KVCache, rows_for_memory
 from minirl.logprobs import process_logits
-from minirl.model import KVCache
+from minirl.model import ModelConfig
 
 PROMPT_LENS = [5, 1, 9, 3]
 
@@ -144,33 +149,114 @@ def test_max_new_tokens_and_eos(model):
     assert {o.finish_reason for o in outs} == {"stop", "length"}
 
 
-@pytest.mark.parametrize("params", [SamplingParams(10, temperature=0), SamplingParams(10, temperature=0.9, seed=3)])
-def test_batches_of_prompts_match_one_batch(model, params):
-    prompts = random_prompts([3, 8, 1, 5, 2, 7, 4], seed=12)
-    one = generate(model, prompts, params, [0], 0)
+class Counter:
+    n = 0
 
-    class Counter:
-        n = 0
-
-        def update(self, k):
-            self.n += k
-
-    progress = Counter()
-    chunked = generate(model, prompts, params, [0], 0, max_batch_size=3, prefill_tokens=4, progress=progress)
-    assert progress.n == len(prompts)
-    assert [o.token_ids for o in chunked] == [o.token_ids for o in one]
-    assert [o.finish_reason for o in chunked] == [o.finish_reason for o in one]
-    for a, b in zip(chunked, one):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    def update(self, k):
+        self.n += k
 
 
-def test_stop_leaves_out_the_batches_after_it(model):
-    """`stop` is asked before each batch after the first; the batches done are those of a full run."""
-    prompts, params = random_prompts([3, 8, 1, 5, 2, 7, 4], seed=12), SamplingParams(6, temperature=0.9, seed=3)
+def assert_same(outs, ref):
+    """The same tokens and finish reasons, and log-probs equal to fp32 rounding (not bitwise: a CPU
+    matmul of fewer than 4 rows takes another kernel, and SDPA's CPU kernel rounds with the width it
+    reads; both measured)."""
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert [o.finish_reason for o in outs] == [r.finish_reason for r in ref]
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(r.logprobs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(24, temperature=0), SamplingParams(24, temperature=0.9, seed=3)])
+def test_continuous_batching_matches_each_prompt_alone(model, params):
+    """Rows end at varied positions (EOS ids, per-prompt limits); with 3 slots the finished rows' slots
+    take waiting prompts, with 16 the batch first refills, then shrinks to 8 rows (its live rows moved
+    onto the first slots). Every completion is the one its prompt gets alone, or in one static batch."""
+    prompts = random_prompts([3, 8, 1, 5, 2, 7, 4, 6, 9, 2, 5, 3, 7, 1, 4, 8, 6, 2, 5, 9, 3], seed=12)
+    limits = [24, 5, 17, 24, 1, 12, 20, 8, 24, 3, 14, 24, 9, 24, 2, 24, 11, 24, 6, 24, 16]
+    eos = list(range(0, VOCAB, 16))  # 7 of 97 ids
+    seeds = [sample_seed(params.seed, 0, i, 0) for i in range(len(prompts))]
+    alone = [generate(model, [p], params, eos, 0, seeds=[s], limits=[n])[0]
+             for p, s, n in zip(prompts, seeds, limits)]
+    assert {o.finish_reason for o in alone} == {"stop", "length"}
+    assert len({len(o.token_ids) for o in alone if o.finish_reason == "stop"}) >= 3  # EOS at varied positions
+    for batch in (3, 16, len(prompts)):
+        progress = Counter()
+        outs = generate(model, prompts, params, eos, 0, max_batch_size=batch, prefill_tokens=4, progress=progress,
+                        limits=limits)
+        assert progress.n == len(prompts)
+        assert_same(outs, alone)
+
+
+def test_limits_cut_the_same_completion(model):
+    """A prompt's own limit ends its completion where max_new_tokens would: a prefix of the longer one."""
+    prompts, params = random_prompts([3, 8, 1, 5], seed=14), SamplingParams(20, temperature=1.0, seed=15)
+    full = generate(model, prompts, params, [], 0)
+    cut = generate(model, prompts, params, [], 0, limits=[1, 7, 20, 13])
+    assert [len(o.token_ids) for o in cut] == [1, 7, 20, 13] and {o.finish_reason for o in cut} == {"length"}
+    assert all(c.token_ids == f.token_ids[:len(c.token_ids)] for c, f in zip(cut, full))
+    with pytest.raises(ValueError, match="limits"):
+        generate(model, prompts, params, [], 0, limits=[1, 2, 3, 21])
+
+
+def test_stop_returns_the_completions_before_the_first_unfinished(model):
+    """`stop` is asked whenever the host looks at the rows; once True the call returns the completions
+    finished before the first unfinished one, those of a full run."""
+    prompts, params = random_prompts([3, 8, 1, 5, 2, 7, 4], seed=12), SamplingParams(40, temperature=0.9, seed=3)
+    limits = [2, 1, 40, 40, 40, 40, 40]
     asked = []
-    done = generate(model, prompts, params, [0], 0, max_batch_size=3, stop=lambda: asked.append(1) or len(asked) == 2)
-    assert len(asked) == 2 and len(done) == 6  # asked before batches 2 and 3; batch 3 left out
-    assert [o.token_ids for o in done] == [o.token_ids for o in generate(model, prompts, params, [0], 0)][:6]
+    done = generate(model, prompts, params, [], 0, max_batch_size=3, limits=limits,
+                    stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and len(done) == 2  # rows 0 and 1 finish at the first look; row 2 does not
+    assert_same(done, generate(model, prompts, params, [], 0, limits=limits)[:2])
+
+
+def test_compact_moves_rows_with_their_cache():
+    """Rows in use at slots 1, 4, 5 of 6 (slots 0, 2, 3 free) end up on slots 0..2, each with its own
+    state and cache row; the slots left free hold no live row."""
+    cfg = types.SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=4)
+    cache, rows = KVCache.empty(cfg, 6, 8, torch.float32, "cpu"), Rows.empty(6, 5, "cpu")
+    for b in range(6):
+        cache.k[:, b], cache.v[:, b] = b, -b
+        for f in fields(rows):
+            getattr(rows, f.name)[b] = b + 1 if f.name != "stopped" else b % 2
+    held = [None, 11, None, None, 14, 15]
+    assert compact(rows, cache, held) == 3
+    assert held == [14, 11, 15, None, None, None]  # slot 4 moved to 0, slot 5 to 2
+    for slot, was in ((0, 4), (1, 1), (2, 5)):
+        assert torch.all(cache.k[:, slot] == was) and torch.all(cache.v[:, slot] == -was)
+        assert rows.pos[slot] == was + 1 and rows.stopped[slot] == was % 2
+        assert torch.all(rows.uniforms[slot] == was + 1) and torch.all(rows.tokens[slot] == was + 1)
+    assert rows.limit[3:].tolist() == [0, 0, 0]
+
+
+def test_many_stop_ids(model):
+    """Any number of stop ids end a row (a [V] table, not torch.isin; the GPU tier runs 64 under CUDA
+    graphs): each completion ends at its first stop id."""
+    prompts, params = random_prompts([3, 8, 1, 5], seed=16), SamplingParams(30, temperature=1.0, seed=17)
+    free = generate(model, prompts, params, [], 0)
+    stop_ids = sorted({t for o in free for t in o.token_ids[5:]} | set(range(90, 97)))[:64]
+    outs = generate(model, prompts, SamplingParams(30, temperature=1.0, seed=17, stop_token_ids=tuple(stop_ids)), [], 0)
+    for o, f in zip(outs, free):
+        end = next(i for i, t in enumerate(f.token_ids) if t in stop_ids) + 1
+        assert o.token_ids == f.token_ids[:end] and o.finish_reason == "stop"
+
+
+def test_rows_for_memory_is_the_cache_and_step_buffers_a_row_needs():
+    """Qwen3-0.6B's shape in bf16, a 2,176-slot cache (128 + 2,048 rounded to 64), 60 GiB free: by hand,
+    2 x 28 layers x 8 kv heads x 128 x 2,176 x 2 bytes = 249,561,088 bytes of cache, 151,936 x 14 =
+    2,127,104 of vocabulary buffers, 2,049 x 20 = 40,980 of per-token state: 251,729,172 a row, and
+    0.9 x 60 GiB holds 230 of them."""
+    cfg = ModelConfig("qwen3", 151936, 1024, 3072, 28, 16, 8, 128)
+    assert rows_for_memory(cfg, 2176, 2048, 60 * 2**30) == 230
+    assert rows_for_memory(cfg, 2176, 2048, 120 * 2**30) == 460
+    assert rows_for_memory(cfg, 4224, 4096, 60 * 2**30) == 119  # twice the tokens: about half the rows
+    assert rows_for_memory(cfg, 2176, 2048, 2**20) == 1  # never fewer than one row
+
+
+def test_batch_sizes_are_shared_powers_of_two():
+    assert batch_sizes(230) == [8, 16, 32, 64, 128, 230]
+    assert batch_sizes(128) == [8, 16, 32, 64, 128]
+    assert batch_sizes(5) == [5]
 
 
 def perturbed(model, seed):
@@ -269,10 +355,15 @@ def test_bad_input_is_a_clear_error(model):
         generate(model, [[1]], SamplingParams(0), [0], 0)
 
 
+def cuda_copy(model, dtype=torch.float32):
+    gpu = type(model)(model.cfg).to(dtype).cuda()
+    gpu.load_state_dict(model.state_dict())
+    return gpu
+
+
 @gpus(1)
 def test_cuda_graph_decode_matches_eager(model):
-    gpu = type(model)(model.cfg).cuda()
-    gpu.load_state_dict(model.state_dict())
+    gpu = cuda_copy(model)
     prompts = random_prompts(PROMPT_LENS, seed=16)
     for params in (SamplingParams(12, temperature=0), SamplingParams(12, temperature=0.9, top_p=0.95, seed=17)):
         eager = generate(gpu, prompts, params, [0], 0, cuda_graphs=False)
@@ -284,6 +375,52 @@ def test_cuda_graph_decode_matches_eager(model):
     outs = generate(gpu, prompts, SamplingParams(12, temperature=0.7, top_p=0.9, seed=18), [0], 0)
     for o, r in zip(outs, trainer_logprobs(model, prompts, outs, SamplingParams(temperature=0.7, top_p=0.9))):
         torch.testing.assert_close(torch.tensor(o.logprobs), r, rtol=0, atol=1e-4)
+
+
+@gpus(1)
+def test_continuous_batching_on_cuda_matches_static(model):
+    """On a GPU (CUDA graphs, FlexAttention's decoding kernel over each row's own length): in fp32 a
+    continuous batch (3 or 16 slots: refilled, then shrunk) gives each prompt alone's completions; in
+    bf16 it matches the static batch within bf16 (where a near-tie flips a token, the rows part) and
+    its log-probs are the fp32 trainer's within bf16."""
+    prompts = random_prompts([3, 8, 1, 5, 2, 7, 4, 6, 9, 2, 5, 3, 7, 1, 4, 8, 6, 2, 5, 9, 3], seed=12)
+    limits = [24, 5, 17, 24, 1, 12, 20, 8, 24, 3, 14, 24, 9, 24, 2, 24, 11, 24, 6, 24, 16]
+    params, eos = SamplingParams(24, temperature=0.9, seed=3), list(range(0, VOCAB, 16))
+    gpu = cuda_copy(model)
+    seeds = [sample_seed(params.seed, 0, i, 0) for i in range(len(prompts))]
+    alone = [generate(gpu, [p], params, eos, 0, seeds=[s], limits=[n])[0] for p, s, n in zip(prompts, seeds, limits)]
+    for batch in (3, 16):
+        outs = generate(gpu, prompts, params, eos, 0, max_batch_size=batch, limits=limits)
+        assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
+        for o, a in zip(outs, alone):
+            torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-4)
+    half = cuda_copy(model, torch.bfloat16)
+    static = generate(half, prompts, params, eos, 0, max_batch_size=len(prompts), limits=limits)
+    cont = generate(half, prompts, params, eos, 0, max_batch_size=3, limits=limits)
+    same = [c.token_ids == s.token_ids for c, s in zip(cont, static)]
+    assert sum(same) >= 0.8 * len(prompts), f"only {sum(same)} of {len(prompts)} completions equal"
+    for c, s in zip(cont, static):
+        n = next((i for i, (x, y) in enumerate(zip(c.token_ids, s.token_ids)) if x != y), min(len(c.token_ids),
+                                                                                              len(s.token_ids)))
+        torch.testing.assert_close(torch.tensor(c.logprobs[:n]), torch.tensor(s.logprobs[:n]), rtol=0, atol=0.05)
+    ref = trainer_logprobs(model, prompts, cont, params)
+    diffs = torch.cat([torch.tensor(c.logprobs) - r for c, r in zip(cont, ref)])
+    assert diffs.abs().mean() < 0.02 and diffs.abs().max() < 0.2
+
+
+@gpus(1)
+def test_64_stop_ids_under_cuda_graphs(model):
+    """torch.isin in a captured step failed with 32 or more ids; the [V] table takes any number."""
+    gpu, prompts = cuda_copy(model), random_prompts([3, 8, 1, 5], seed=16)
+    params = SamplingParams(30, temperature=1.0, seed=17)
+    free = generate(gpu, prompts, params, [], 0)
+    stop_ids = sorted({t for o in free for t in o.token_ids[5:]} | set(range(VOCAB - 64, VOCAB)))[:64]
+    assert len(stop_ids) == 64
+    outs = generate(gpu, prompts, SamplingParams(30, temperature=1.0, seed=17, stop_token_ids=tuple(stop_ids[1:])),
+                    [stop_ids[0]], 0)
+    for o, f in zip(outs, free):
+        end = next(i for i, t in enumerate(f.token_ids) if t in stop_ids) + 1
+        assert o.token_ids == f.token_ids[:end] and o.finish_reason == "stop"
 
 
 @gpus(1)

@@ -63,7 +63,7 @@ def test_bad_input_fails_before_start_up(task, tmp_path, capsys, case, message):
     out = tmp_path / "out"
     extra = {
         "lr": lambda: ["--lr=-1e-6"],
-        "gen_batch": lambda: ["--gen-batch-size", "0"],
+        "gen_batch": lambda: ["--gen-batch-size=-1"],
         "attn": lambda: ["--attn-backend", "bogus"],
         "keep": lambda: ["--keep-checkpoints=-1"],
         "micro_batch": lambda: ["--micro-batch-tokens", "4"],

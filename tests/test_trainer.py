@@ -21,6 +21,7 @@ from helpers_dist import REPO, free_port, torchrun
 
 import train
 from minirl import trainer
+from minirl.advantages import AdvantageConfig
 from minirl.config import TrainConfig, derive
 from minirl.data import Prompt
 from minirl.packing import pack_mini_batch, split_mini_batches
@@ -188,12 +189,12 @@ def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(one_
                               torch.randint(0, 50, (7,), generator=g).tolist(),
                               (-4 * torch.rand(7, generator=g, dtype=torch.float64)).tolist(), "length",
                               reward=float(i % 3)) for i in range(8)]
-    trainer.set_advantages(samples, 2, True, "grpo")
     minis = split_mini_batches(len(samples), 1)
     batches = [pack_mini_batch(samples, mb, one_rank, 40, 0, "sdpa") for mb in minis]
     for mbs in batches:  # the packed floats follow the model (float64)
         for mb in mbs:
-            mb.advantages, mb.gen_logprobs, mb.mask = (x.double() for x in (mb.advantages, mb.gen_logprobs, mb.mask))
+            mb.gen_logprobs, mb.mask = mb.gen_logprobs.double(), mb.mask.double()
+    trainer.set_advantages(samples, batches, AdvantageConfig(group_size=2))
     assert len(batches[0]) > 1  # several micro-batches, as in a real step
 
     def one_update(with_pass: bool):

@@ -7,6 +7,8 @@ steps 2 and 3, then exporting an HF directory and scoring a fixed sequence with 
 `--phase resume` (fresh processes, a different init seed): load the checkpoint and run steps 4 and 5.
 Each step's data comes from the data position (a dict the checkpoint stores for the caller) and
 from python's and torch's global RNGs, so a resume that forgot any of them shows in the losses.
+`--phase train` and `--phase resume` then do the same with LoRA adapters on a frozen base (DIR/lora_ckpt,
+DIR/lora_export with DIR/lora_adapter, its PEFT-format adapters for the base DIR/lora_base).
 `--phase faults`: copies of DIR/ckpt broken in one way each (BROKEN); each is resumed and trained to
 step 5, reporting where it resumed, its losses and rank 0's warnings. Then saves that must fail on
 every rank because rank 1 alone has a NaN parameter or a full disk, and pruning with `keep`.
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 from common import Report, full_meta, make_model, parse_args, packed, tiny_config
 
-from minirl import checkpoint
+from minirl import checkpoint, hf, lora
 from minirl import dist as mdist
 from minirl.fsdp import clip_grad_norm_, iter_full_params, shard_model
 
@@ -155,12 +157,20 @@ def run_faults(report: Report, d: mdist.Dist, model, optimizer, scheduler, share
     report.data["keep_1"] = sorted(os.listdir(ckpt_dir))
 
 
-def run(report: Report, d: mdist.Dist, shared: str, phase: str):
+def run(report: Report, d: mdist.Dist, shared: str, phase: str, adapters: bool = False):
+    """One phase; with `adapters`, the same on a frozen base (seed 0, as a model dir would give it) with
+    LoRA adapters, whose results go to report.data["lora"] and checkpoints to DIR/lora_ckpt."""
     cfg = tiny_config()
-    model = shard_model(make_model(cfg, seed=0 if phase == "train" else 123), d.fsdp_mesh, False, False, True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    seed = 0 if phase == "train" else 123
+    model = make_model(cfg, seed=0 if adapters else seed)
+    if adapters:
+        lora.add_adapters(model, lora.AdapterSpec(rank=4, alpha=8.0, seed=seed))
+        lora.freeze_base(model)
+    model = shard_model(model, d.fsdp_mesh, False, False, "full")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 5))
-    ckpt_dir = os.path.join(shared, "ckpt")
+    ckpt_dir = os.path.join(shared, "lora_ckpt" if adapters else "ckpt")
+    out, prefix = (report.data.setdefault("lora", {}), "lora/") if adapters else (report.data, "")
     random.seed(10 + d.rank if phase == "train" else 99)
     torch.manual_seed(20 + d.rank if phase == "train" else 99)
     if phase == "faults":
@@ -169,24 +179,33 @@ def run(report: Report, d: mdist.Dist, shared: str, phase: str):
     first = 1
     if phase == "resume":
         resumed = checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler)
-        report.check("resume/step", resumed is not None and resumed.step == SAVES[-1], f"resumed at {resumed}")
+        report.check(prefix + "resume/step", resumed is not None and resumed.step == SAVES[-1],
+                     f"resumed at {resumed}")
         data_state, first = resumed.data_state, resumed.step + 1
     else:
-        report.check("resume/empty_dir", checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler) is None)
+        report.check(prefix + "resume/empty_dir", checkpoint.load_latest(ckpt_dir, model, optimizer, scheduler) is None)
     losses = {}
     for step in range(first, STEPS + 1):
         losses[step] = train_step(model, optimizer, scheduler, data_state)
         if phase == "train" and step in SAVES:
             checkpoint.save(ckpt_dir, step, model, optimizer, scheduler, data_state)
-    report.data["losses"] = losses
-    report.data["digest"] = params_digest(model)
-    report.data["data_state"] = data_state
+    out["losses"] = losses
+    out["digest"] = params_digest(model)
+    out["data_state"] = data_state
     if phase == "train":
-        checkpoint.export_hf(model, cfg, os.path.join(shared, "export"), dtype=torch.float32)
+        export = os.path.join(shared, "lora_export" if adapters else "export")
+        if adapters:  # the base model directory the PEFT adapter refers to
+            if d.rank == 0:
+                hf.save_model(os.path.join(shared, "lora_base"), cfg, make_model(cfg, seed=0).named_parameters())
+            checkpoint.export_hf(model, cfg, export, dtype=torch.float32,
+                                 adapter_dir=os.path.join(shared, "lora_adapter"),
+                                 base_model=os.path.join(shared, "lora_base"))
+        else:
+            checkpoint.export_hf(model, cfg, export, dtype=torch.float32)
         ids, pos, tgt, _ = packed(SCORE_LENGTHS, seed=5)
         with torch.no_grad():
             lp, _ = model(ids, pos, full_meta(pos), targets=tgt)
-        report.data["score"] = {"lengths": SCORE_LENGTHS, "ids": ids.tolist(), "logprobs": lp.tolist()}
+        out["score"] = {"lengths": SCORE_LENGTHS, "ids": ids.tolist(), "logprobs": lp.tolist()}
 
 
 def main():
@@ -194,6 +213,8 @@ def main():
     with mdist.distributed(sp=1, timeout_s=60) as d:
         report = Report(args.out, d.rank)
         run(report, d, args.shared, args.phase)
+        if args.phase != "faults":
+            run(report, d, args.shared, args.phase, adapters=True)
         report.write()
     os._exit(0)
 

@@ -27,7 +27,7 @@ BF16_TOL = 3e-2
 
 def check_checkpoint_round_trip(report: Report, cfg, d: mdist.Dist, ckpt_dir: str):
     def build(seed):
-        model = shard_model(make_model(cfg, seed), d.fsdp_mesh, True, False, True)
+        model = shard_model(make_model(cfg, seed), d.fsdp_mesh, True, False, "full")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
@@ -54,9 +54,9 @@ def main():
         report = Report(args.out, d.rank)
         cfg = tiny_config(head_dim=64)  # a head size every flash kernel supports
         ref = reference_step(cfg, d.device)
-        check_layout(report, ref, cfg, d.world, checkpointing=True, tol=1e-4)
+        check_layout(report, ref, cfg, d.world, checkpointing="full", tol=1e-4)
         for sp, offload in dict.fromkeys(((1, False), (d.world, False), (d.world, True))):  # dpN, spN, + offload
-            check_layout(report, ref, cfg, sp, checkpointing=True, mixed_precision=True, cpu_offload=offload,
+            check_layout(report, ref, cfg, sp, checkpointing="selective", mixed_precision=True, cpu_offload=offload,
                          tol=BF16_TOL, backend="varlen")
         check_checkpoint_round_trip(report, cfg, d, os.path.join(args.out, "ckpt"))
         report.write()

@@ -23,10 +23,11 @@ from minirl import dist as mdist
 from minirl.config import TrainConfig, derive
 from minirl.data import Prompt
 from minirl.fsdp import shard_model
+from minirl.advantages import AdvantageConfig
 from minirl.packing import pack_mini_batch, split_mini_batches
 from minirl.report import Interrupt, Interrupted
 from minirl.rollouts import Sample
-from minirl.trainer import Policy, update
+from minirl.trainer import Policy, set_advantages, update
 
 N_SAMPLES, TOKEN_BUDGET = 8, 24  # 8 samples of 9-13 tokens: 2 micro-batches of 1-2 samples on each dp rank
 
@@ -37,9 +38,8 @@ def samples_of(vocab: int) -> list[Sample]:
     for i in range(N_SAMPLES):
         prompt = torch.randint(1, vocab, (4,), generator=g).tolist()
         completion = torch.randint(1, vocab, (5 + i % 5,), generator=g).tolist()
-        s = Sample(Prompt(i, f"p{i}", prompt, ""), completion, [-1.0] * len(completion), "length")
-        s.advantage = float(i % 4) - 1.5
-        out.append(s)
+        out.append(Sample(Prompt(i, f"p{i}", prompt, ""), completion, [-1.0] * len(completion), "length",
+                          reward=float(i % 4)))  # advantages i % 4 - 1.5 in groups of 4 (no std)
     return out
 
 
@@ -115,12 +115,13 @@ def run_case(report: Report, d, policy: Policy, batches, minis, samples, name: s
 
 def check_stop(report: Report, d):
     cfg = tiny_config()
-    model = shard_model(make_model(cfg, 0), d.fsdp_mesh, False, False, False)
+    model = shard_model(make_model(cfg, 0), d.fsdp_mesh, False, False, "none")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     policy = Policy(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)))
     samples = samples_of(cfg.vocab_size)
     minis = split_mini_batches(len(samples), 1)
     batches = [pack_mini_batch(samples, mb, d, TOKEN_BUDGET, 0, "sdpa") for mb in minis]
+    set_advantages(samples, batches, AdvantageConfig(group_size=4, std_norm=False))
     count = torch.tensor([float(len(batches[0]))])
     dist.all_reduce(count, op=dist.ReduceOp.MIN)
     report.check("stop/two_micro_batches", count.item() >= 2, f"{count.item()} micro-batches on some rank")

@@ -50,7 +50,7 @@ def main():
         want_lp, want_ids = scored(ref_gen)
 
         model = shard_model(make_model(cfg, seed=0), d.fsdp_mesh, mixed_precision=False, cpu_offload=False,
-                            checkpointing=True)
+                            checkpointing="full")
         gen = Generator(cfg, eos_ids=[], pad_id=0, dtype=torch.float32)
         gen.update_weights(iter_full_params(model, torch.float32))
         before_lp, _ = scored(gen)
