@@ -87,8 +87,9 @@ def kill_tree(pid: int):
 def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = False,
            extra: tuple[str, ...] = ()) -> Result:
     """Run one case with torchrun (output to OUT/torchrun.log); kill it 2x the collective timeout after
-    its ranks are up (their ledgers exist), or STARTUP_S after the launch if they never get there.
-    Ranks whose ledgers all ended by then get TEARDOWN_S more to exit. `extra`: more arguments for the script.
+    its ledgers last grew (once its ranks are up: their ledgers exist), or STARTUP_S after the launch
+    if they never get there. Ranks whose ledgers all ended by then get TEARDOWN_S more to exit.
+    `extra`: more arguments for the script.
 
     Result.seconds counts from the ranks being up, so start-up on a busy machine does not count. The
     outcome comes from the ledgers, not from torchrun's exit code, so it is the same whether the
@@ -101,13 +102,15 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
            f"--master-port={free_port()}", SCRIPT, "--scenario", case.scenario, "--mode", case.mode, *case.flags,
            *extra, "--timeout", str(timeout), "--out-dir", out_dir] + ["--detail"] * detail
     log_path = os.path.join(out_dir, "torchrun.log")
-    deadline, up, tearing_down = time.monotonic() + STARTUP_S, None, False
+    deadline, up, tearing_down, size = time.monotonic() + STARTUP_S, None, False, -1
+    paths = [os.path.join(ledger_dir, f"rank{r}.jsonl") for r in range(nproc)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            if up is None and all(os.path.exists(os.path.join(ledger_dir, f"rank{r}.jsonl")) for r in range(nproc)):
+            if up is None and all(os.path.exists(p) for p in paths):
                 up = time.monotonic()
-                deadline = up + 2 * timeout
+            if up is not None and not tearing_down and sum(map(_size, paths)) != size:  # progress (a batch)
+                size, deadline = sum(map(_size, paths)), time.monotonic() + 2 * timeout
             if time.monotonic() >= deadline:
                 ledgers = read_ledgers(ledger_dir)
                 if tearing_down or up is None or not all(ledger and "end" in ledger[-1] for ledger in ledgers):
@@ -135,6 +138,13 @@ def launch(case: Case, nproc: int, timeout: float, out_dir: str, detail: bool = 
                                     KILLED if killed else "other error (see torchrun.log)")
     code = COMPLETED if completed else FAILED if divergence else UNEXPLAINED
     return Result(case, code, seconds, killed, divergence, how, out_dir)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # not there (yet)
+        return 0
 
 
 def print_table(results: list[Result]):

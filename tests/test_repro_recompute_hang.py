@@ -34,8 +34,8 @@ TIMEOUT = 15.0  # the collective timeout of every launch
 COMPILE = ("--compile-backend", "aot_eager")
 LAYERS = repro.tiny_config(n_layers=2).num_hidden_layers
 DETAIL = repro.Case("tail_skew", "naive", (), repro.FAILED)  # once more, with --detail
-# The newer scenarios' cases that complete, in one launch; every other case alone.
-BATCHED = [c for c in repro.CASES if c.scenario in repro.ORDER_SCENARIOS and c.expect == repro.COMPLETED]
+# The cases that complete and take no flag run in one launch, one after the other; every other alone.
+BATCHED = [c for c in repro.CASES if c.expect == repro.COMPLETED and not c.flags]
 BATCH = repro.Case(",".join(c.scenario for c in BATCHED), ",".join(c.mode for c in BATCHED), (), repro.COMPLETED)
 CASES = {(c.scenario, c.name): c for c in repro.CASES if c not in BATCHED} | {("batch", BATCH.name): BATCH}
 
@@ -45,16 +45,41 @@ def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("repro")
     with pytest.MonkeyPatch.context() as mp, ThreadPoolExecutor(3) as pool:
         mp.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo, also on a GPU machine
-        # The slowest (compiling) launches first, so that the pool's other slots fill around them.
-        order = sorted(CASES, key=lambda key: "compile_reorder" not in CASES[key].scenario)
         futures = {key: pool.submit(repro.launch, CASES[key], 2, TIMEOUT, str(root / str(i)), extra=COMPILE)
-                   for i, key in enumerate(order)}
+                   for i, key in enumerate(sorted(CASES, key=launch_order))}
         futures["detail"] = pool.submit(repro.launch, DETAIL, 2, TIMEOUT, str(root / "detail"), detail=True)
         return {key: f.result() for key, f in futures.items()}
 
 
+def launch_order(key) -> int:
+    """The compiling launches first, then those that wait for the collective timeout (idle, they
+    overlap the others' start-up on the busy cores), then the rest."""
+    case = CASES[key]
+    return 0 if "compile_reorder" in case.scenario else 1 if case.expect == repro.FAILED and key[0] in (
+        "tail_skew", "rank_metrics") else 2
+
+
 def ledgers_of(r) -> list[list[dict]]:
     return read_ledgers(os.path.join(r.out_dir, "ledger"))
+
+
+def sections(ledger: list[dict]) -> dict[str, list[dict]]:
+    """A batch ledger's lines per case ("scenario mode"), from the note that starts each."""
+    out, current = {}, None
+    for e in ledger:
+        if e.get("note", "").startswith("scenario "):
+            current = e["note"].removeprefix("scenario ")
+            out[current] = []
+        elif current is not None:
+            out[current].append(e)
+    return out
+
+
+def case_ledgers(results, scenario: str, mode: str) -> list[list[dict]]:
+    """Each rank's lines of one case: its own launch's ledgers, or its section of the batch's."""
+    if (scenario, mode) in CASES:
+        return ledgers_of(results[scenario, mode])
+    return [sections(ledger)[f"{scenario} {mode}"] for ledger in ledgers_of(results["batch", BATCH.name])]
 
 
 def log_of(r) -> str:
@@ -86,19 +111,20 @@ def position_gathers(ledger: list[dict], phase: str) -> int:
 
 @pytest.mark.parametrize("mode", repro.MODES)
 def test_count_one_gather_per_layer_in_forward_and_recompute(results, mode):
-    ledgers = ledgers_of(results["count", mode])
+    ledgers = case_ledgers(results, "count", mode)
     assert len(ledgers) == 2 and without_time(ledgers[0]) == without_time(ledgers[1])
     want = LAYERS if mode == "naive" else 0
     for ledger in ledgers:
         assert [position_gathers(ledger, p) for p in repro.PHASES] == [want, want, 0]
         recompute = [e for e in ledger if e.get("phase") == "recompute"]
-        assert {e["op"] for e in recompute} == ({"all_to_all_single", "_allgather_base_"} if want else {"all_to_all_single"})
+        want_ops = {"all_to_all_single", "_allgather_base_"} if want else {"all_to_all_single"}
+        assert {e["op"] for e in recompute} == want_ops
 
 
 def test_count_naive_and_pregather_compute_the_same_loss(results):
     """The in-layer gather only finds the same document boundaries again: each rank's loss is the same."""
     def losses(mode):
-        return [e["note"] for ledger in ledgers_of(results["count", mode]) for e in ledger if "note" in e]
+        return [e["note"] for ledger in case_ledgers(results, "count", mode) for e in ledger if "note" in e]
     assert losses("naive") == losses("pregather") and len(losses("naive")) == 2
 
 
@@ -115,7 +141,7 @@ def test_tail_skew_rank0_recomputes_a_gather_that_rank1_skips(results):
 
 def test_tail_skew_fixes_recompute_the_same_collectives(results):
     for name in ("pregather", "naive --no-early-stop"):
-        ledgers = ledgers_of(results["tail_skew", name])
+        ledgers = case_ledgers(results, "tail_skew", name)
         recompute = [without_time(e for e in ledger if e.get("phase") == "recompute") for ledger in ledgers]
         assert recompute[0] == recompute[1] and recompute[0], name
 
@@ -141,18 +167,6 @@ def test_detail_reports_the_mismatch_without_waiting(results):
 
 # ---------------------------------------------------------------------------------------------------
 # The newer scenarios: compile_reorder, recompute_order, rank_metrics
-
-
-def sections(ledger: list[dict]) -> dict[str, list[dict]]:
-    """A batch ledger's lines per scenario ("name mode"), from the note that starts each."""
-    out, current = {}, None
-    for e in ledger:
-        if e.get("note", "").startswith("scenario "):
-            current = e["note"].removeprefix("scenario ")
-            out[current] = []
-        elif current is not None:
-            out[current].append(e)
-    return out
 
 
 def notes_of(ledger: list[dict]) -> list[str]:
@@ -181,17 +195,15 @@ def test_compile_reorder_the_compiled_rank_keeps_the_all_to_all_the_eager_rank_r
 
 
 def test_compile_reorder_fixes_issue_the_same_collectives_compiled_or_not(results):
-    per_rank = [sections(ledger) for ledger in ledgers_of(results["batch", BATCH.name])]
     for mode in ("fixed", "minirl"):
-        ops = [[e for e in sec[f"compile_reorder {mode}"] if "op" in e] for sec in per_rank]
+        ledgers = case_ledgers(results, "compile_reorder", mode)
+        ops = [[e for e in ledger if "op" in e] for ledger in ledgers]
         assert [signature(e) for e in ops[0]] == [signature(e) for e in ops[1]] and ops[0], mode
-        notes = [notes_of(sec[f"compile_reorder {mode}"]) for sec in per_rank]
+        notes = [notes_of(ledger) for ledger in ledgers]
         assert notes[0][-1] == "step 2: graph breaks so far 0" and notes[1][-1] != notes[0][-1], notes
-    # minirl's all-to-all is the functional op whether the block ran compiled (rank 0) or eagerly
-    # (rank 1): one op, so one checkpoint decision, on every rank.
-    for mode in ("fixed", "minirl"):
-        names = [{e["op"] for e in sec[f"compile_reorder {mode}"] if "op" in e and kind(e["op"]) == "alltoall"}
-                 for sec in per_rank]
+        # minirl's all-to-all is the functional op whether the block ran compiled (rank 0) or eagerly
+        # (rank 1): one op, so one checkpoint decision, on every rank.
+        names = [{e["op"] for e in rank if kind(e["op"]) == "alltoall"} for rank in ops]
         assert names == [{"all_to_all_single"}] * 2, (mode, names)
 
 
@@ -207,7 +219,7 @@ def test_recompute_order_ranks_recompute_the_two_layers_in_opposite_orders(resul
 
 
 def test_recompute_order_one_backward_recomputes_in_the_same_order(results):
-    per_rank = [sections(ledger)["recompute_order fixed"] for ledger in ledgers_of(results["batch", BATCH.name])]
+    per_rank = case_ledgers(results, "recompute_order", "fixed")
     assert without_time(per_rank[0]) == without_time(per_rank[1])
     assert [e["phase"] for e in per_rank[0] if "op" in e].count("recompute") == 2 * len(repro.ORDER_CAPACITY)
 
@@ -227,7 +239,7 @@ def test_rank_metrics_a_missing_key_shortens_one_ranks_reduction(results):
 
 
 def test_rank_metrics_agreed_keys_give_every_rank_the_same_means(results):
-    per_rank = [notes_of(sections(ledger)["rank_metrics fixed"]) for ledger in ledgers_of(results["batch", BATCH.name])]
+    per_rank = [notes_of(ledger) for ledger in case_ledgers(results, "rank_metrics", "fixed")]
     step2 = [reduced(next(n for n in notes if n.startswith("step 2 reduced"))) for notes in per_rank]
     assert step2[0] == step2[1]
     # By hand: code only on rank 0 (reward 1), math 1 and 0 on both ranks.
