@@ -76,16 +76,33 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
         if arg.split("=")[0] in RENAMED:
             p.error(f"{arg.split('=')[0]} is now {RENAMED[arg.split('=')[0]]}, as in train.py")
     args = vars(p.parse_args(argv))
-    mine = {k: args.pop(k) for k in ("out", "dtype", "kv_cache_gib", "check_logprobs", "check_dtype")}
+    # The parser leaves out a flag not given (build_parser's SUPPRESS default): None, as for --kv-cache-gib.
+    mine = {k: args.pop(k, None) for k in ("out", "dtype", "kv_cache_gib", "check_logprobs", "check_dtype")}
     try:
         cfg = config_from_args(args, base)
         cfg.rollout.keep_generator = True
         validate(cfg)
+        check_out(mine["out"], cfg)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if cfg.rollout.env and cfg.data.reward and "reward" in args:
         p.error("--env gives the rewards: leave out --reward")
     return cfg, mine
+
+
+def check_out(out: str, cfg: TrainConfig) -> None:
+    """--out must not be a file the run reads, under any name (a link): it is emptied before the prompts
+    are read on every rank, and under torchrun replaced at the end."""
+    if not os.path.exists(out):
+        return
+    model_files = [os.path.join(cfg.data.model, f) for f in os.listdir(cfg.data.model)] \
+        if os.path.isdir(cfg.data.model) else []
+    inputs = [(cfg.data.data, f"--data {cfg.data.data}"), *((f, f"{f} of --model") for f in model_files),
+              (cfg.data.reward.rpartition(":")[0], "--reward's module"),
+              (cfg.rollout.env.rpartition(":")[0], "--env's module")]
+    for path, what in inputs:
+        if path and os.path.isfile(path) and os.path.samefile(out, path):
+            raise ValueError(f"--out {out} is {what}: writing it would destroy it; choose another --out")
 
 
 @torch.no_grad()
@@ -197,7 +214,7 @@ def turns(s: Sample, tok) -> list[dict]:
 
 
 def interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signum)  # Ctrl-C's has no signal number
 
 
 def main(argv=None):
@@ -284,10 +301,10 @@ def run(cfg: TrainConfig, own: dict, d: Dist):
                              for s, (_, k), lp in zip(samples, batch, checked))
                 f.flush()
                 written += len(batch)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
         print(f"\ninterrupted: {written} completions were written to {path}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))  # 143 for SIGTERM, 130 for Ctrl-C
     bar.close()
 
     if error := agree(error):

@@ -17,11 +17,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from minirl import checkpoint, report
+from minirl import checkpoint, outdir, report
 from minirl.attention import pick_backend
 from minirl.config import Derived, TrainConfig, derive, parse_config, validate
 from minirl.data import PromptDataset
-from minirl.dist import Dist, check_parallel_or_exit, distributed
+from minirl.dist import Dist, agree, check_parallel_or_exit, distributed
 from minirl.fsdp import build_sharded
 from minirl.hf import check_weights, load_state_dict_from_dir, read_config
 from minirl.model import ModelConfig
@@ -39,12 +39,15 @@ QUIET_RANK_WAIT_S = 10
 
 
 def main(argv=None):
-    """Parse and check everything (one `error:` line and exit 2 on bad input, before any process group),
-    then train inside the process group; a stop signal exits 0 after saving, an agreed error exits 1."""
+    """Parse and check everything, then train inside the process group. Exit codes (each rank's; torchrun
+    exits 0 when all ranks did, else 1): 0 the run finished (or, resumed, had finished already);
+    1 it failed mid-run (an error agreed by every rank, one `error:` line); 2 bad input, found before
+    any process group started (one `error:` line); 130 / 143 (128 + SIGINT / SIGTERM) a signal stopped
+    it, after saving the last finished step."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:  # everything that can be wrong with the inputs fails here, before any process group or weights
         cfg = parse_config(argv, description=__doc__.splitlines()[0])
-        model_cfg, tok, data, test, ds = load_inputs(cfg)
+        inputs = load_inputs(cfg)
     except (ValueError, FileNotFoundError) as e:
         if not rank0:
             # Rank 0 reads the same inputs and speaks for all; when it fails, torchrun ends this rank. Leaving
@@ -53,6 +56,8 @@ def main(argv=None):
             time.sleep(QUIET_RANK_WAIT_S)
         print(f"error: {e}" if rank0 else f"error (rank {os.environ['RANK']}): {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if inputs is None:  # resumed a finished run: nothing to do (load_inputs said so)
+        return
     ledger_dir = os.path.join(cfg.run.out_dir, "ledger")
     if cfg.parallel.trace_collectives:
         from minirl import ledger  # a debugging tool: imported only when asked for
@@ -60,7 +65,7 @@ def main(argv=None):
     with (distributed(cfg.parallel.sp, cfg.parallel.timeout_s, cpu_collectives=cfg.parallel.cpu_offload) as d,
           trace_collectives(cfg, d, ledger_dir) as traced):
         try:
-            stopped = run(cfg, d, model_cfg, tok, data, test, ds, traced)
+            stopped = run(cfg, d, *inputs, traced)
         except (ValueError, OSError) as e:
             # Raised on every rank together (a reward error, non-finite steps, a failed checkpoint save or
             # load: each agreed through a collective), so rank 0 speaks for all.
@@ -70,23 +75,33 @@ def main(argv=None):
     if stopped:  # leave now: the interpreter's teardown of torch can take seconds of torchrun's grace
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(128 + stopped)  # a shell's code for a process ended by that signal: not finished, not failed
 
 
-def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset, PromptDataset | None, Derived]:
+def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset, PromptDataset | None, Derived] | None:
     """Check and read everything a run needs before it starts: the settings, the layout against the
-    model, the weights' files, the out dir, the tokenizer, the prompts, the reward and environment
-    (`config.derive`); rank 0 prints the notes and warnings. A problem is a ValueError or
-    FileNotFoundError naming it."""
+    model, the weights' files, the out dir (and a resumed run's settings against the saved run's), the
+    tokenizer, the prompts, the reward and environment (`config.derive`); rank 0 prints the notes and
+    warnings. A problem is a ValueError or FileNotFoundError naming it. None: --resume found the run
+    finished, with nothing left to do."""
     validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = read_config(cfg.data.model)
     check_parallel_or_exit(world, cfg.parallel.sp, model_cfg)
     check_weights(cfg.data.model)
-    note = checkpoint.check_out_dir(cfg.run.out_dir, cfg.run.resume, world)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    out = outdir.check_out_dir(cfg.run.out_dir, cfg.run.resume, world, lock=rank0)  # rank 0 holds its lock
+    if out.step > cfg.run.steps:
+        raise ValueError(f"--steps {cfg.run.steps} is below step {out.step}, the checkpoint --resume goes on from in "
+                         f"{cfg.run.out_dir}; pass --steps {out.step} or more")
+    if out.step == cfg.run.steps:
+        if rank0:
+            print(f"note: the run in {cfg.run.out_dir} finished its {out.step} steps: nothing to resume "
+                  f"(pass a larger --steps to train on)", flush=True)
+        return None
     tok = Tokenizer.from_dir(cfg.data.model)
     ds = derive(cfg, tok)
-    dc, notes = cfg.data, [note] if note else []
+    dc, notes = cfg.data, [out.note] if out.note else []
     if dc.chat_template and not tok.has_chat_template:
         notes.append(f"note: {dc.model} has no chat template; prompts are used as raw text")
     data, test = (PromptDataset(path, tok, dc.prompt_field, dc.answer_field, dc.chat_template and tok.has_chat_template,
@@ -103,8 +118,12 @@ def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset
     if cfg.algo.ratio_level != "token" and ds.loss.agg == "token-mean":
         notes.append("warning: --loss-agg token-mean under GSPO (--ratio-level sequence*) counts each sequence once "
                      "per token, so long ones weigh more; GSPO's objective is seq-mean-token-mean (its auto default)")
-    for line in notes if int(os.environ.get("RANK", "0")) == 0 else []:
-        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+    if out.step:  # a resume: the same run, or an error
+        notes.append(outdir.check_resume(cfg, data, out.step))
+    if rank0:
+        outdir.save_run(cfg, data)
+        for line in notes:
+            print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
     return model_cfg, tok, data, test, ds
 
 
@@ -117,8 +136,8 @@ def trace_collectives(cfg: TrainConfig, d: Dist, ledger_dir: str):
                          stall_s=0.75 * cfg.parallel.timeout_s)
 
 
-def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, traced=None) -> bool:
-    """Train; returns True when a stop signal ended the run early (after saving a checkpoint)."""
+def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, traced=None) -> int:
+    """Train; returns 0, or the signal that ended the run early (after saving a checkpoint)."""
     if cfg.parallel.numa and d.device.type == "cuda":
         local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         bind_to_gpu_node(d.rank, local_rank, local_world, d.device)
@@ -138,6 +157,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
             if state is not None:
                 start = state.step
                 data.load_state_dict(state.data_state)
+                set_peak_lr(policy, cfg.optim.lr)
                 log(f"resumed from step {start}")
         sync_weights(policy, generator)
 
@@ -145,8 +165,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
         if test is not None and start == 0:
             acc0 = evaluate(generator, test.prompts, d, cfg.rollout, ds, tok)
             log(f"held-out accuracy before training: {acc0:.1%}")
-            if d.is_main:
-                metrics.write({"step": 0, "test_accuracy": acc0})
+            write_row(metrics, {"step": 0, "test_accuracy": acc0}, d)
 
         interrupt, acc = report.Interrupt(d.device), None
         saved = start  # the newest checkpoint on disk (0: none needed, nothing has changed yet)
@@ -157,7 +176,7 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
             drawn = data.state_dict()  # the data order before this step's prompts: --resume redoes the step
             try:
                 row = rl_step(policy, generator, data, step, d, cfg, ds, tok, progress=d.is_main, interrupt=interrupt)
-            except report.Interrupted:  # on every rank together, before the step changed the model
+            except report.Interrupted as e:  # on every rank together, before the step changed the model
                 policy.optimizer.zero_grad(set_to_none=True)  # the micro-batches' gradients so far
                 if step > saved:
                     checkpoint.save(ckpt_dir, step, policy.model, policy.optimizer, policy.scheduler, drawn,
@@ -165,14 +184,14 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
                 log(f"stopped by signal during step {step + 1}; " + (
                     f"saved step {step}, the last finished one: --resume runs step {step + 1} again"
                     if step else "no step had finished: nothing to save"))
-                return True
+                return e.signum
             if traced is not None:  # every rank issued the same collectives this step, or fail here
                 traced.check_step(step + 1)
             acc = None
             if test is not None and cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                 acc = row["test_accuracy"] = evaluate(generator, test.prompts, d, cfg.rollout, ds, tok)
+            write_row(metrics, row, d)
             if d.is_main:
-                metrics.write(row)
                 step_bar.write(report.summary_line(row))
 
             skipped = skipped + 1 if row["skipped_updates"] else 0
@@ -188,13 +207,12 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
                 saved = step + 1
             if stopping:
                 log(f"stopped by signal after step {step + 1}; checkpoint saved, resume with --resume")
-                return True
+                return stopping
 
         if test is not None:
             if acc is None:  # not already evaluated at the last step
                 acc = evaluate(generator, test.prompts, d, cfg.rollout, ds, tok)
-                if d.is_main:
-                    metrics.write({"step": cfg.run.steps, "test_accuracy": acc})
+                write_row(metrics, {"step": cfg.run.steps, "test_accuracy": acc}, d)
             log(f"held-out accuracy after training: {acc:.1%}")
         if cfg.run.export:
             final, adapter_dir = (os.path.join(cfg.run.out_dir, name) for name in ("final", "adapter"))
@@ -203,7 +221,20 @@ def run(cfg: TrainConfig, d: Dist, model_cfg, tok, data, test, ds: Derived, trac
             log(f"exported {final}" + (f" and {adapter_dir}" if ds.adapters else ""))
         if d.is_main:
             report.plot_rewards(metrics.path, os.path.join(cfg.run.out_dir, "reward_curve.png"))
-    return False
+    return 0
+
+
+def write_row(metrics: report.MetricsLog | None, row: dict, d: Dist) -> None:
+    """Rank 0 appends `row` to metrics.jsonl; a write that fails there (a full disk) is raised on every
+    rank together (a collective), so that no rank is left waiting for rank 0."""
+    error = ""
+    if d.is_main:
+        try:
+            metrics.write(row)
+        except OSError as e:
+            error = str(e)
+    if error := agree(error):
+        raise OSError(error)
 
 
 def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, ds: Derived, d: Dist) -> Policy:
@@ -230,6 +261,16 @@ def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, ds: Derived, d: Dist)
 
     return Policy(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier), ref_model,
                   pick_backend(d.device, cfg.parallel.attn_backend or None))
+
+
+def set_peak_lr(policy: Policy, lr: float) -> None:
+    """This run's peak `lr`, at the position in the schedule a resumed checkpoint holds: the checkpoint
+    restores the saved run's lr into the optimizer and the schedule, and --resume may change it (and
+    the schedule's shape: --schedule, --warmup-steps, --steps, which `build_policy`'s multiplier reads)."""
+    scheduler = policy.scheduler
+    scheduler.base_lrs = [lr] * len(policy.optimizer.param_groups)
+    for group, multiplier in zip(policy.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * multiplier(scheduler.last_epoch)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ from typing import Protocol
 
 import torch
 
+# The lowest temperature that is not 0 (greedy). Logits divided by less overflow (1e-40 gives inf - inf
+# = NaN probabilities), and sampling that cold is greedy anyway; vLLM raises such values to it too.
+MIN_TEMPERATURE = 0.01
+
 
 @dataclass
 class SamplingParams:
@@ -27,8 +31,8 @@ class SamplingParams:
         """A ValueError naming the first setting out of range."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):  # NaN fails too
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, inf), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -1,4 +1,4 @@
-"""Training checkpoints (save, resume, pruning), the out-dir check before a run, and HF export.
+"""Training checkpoints (save, resume, pruning) and HF export.
 
 A checkpoint directory `step_N/` holds
 - the model's trainable parameters and the optimizer state, sharded, in torch.distributed.checkpoint
@@ -28,7 +28,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,6 @@ from minirl import hf, lora
 from minirl.dist import agree
 from minirl.fsdp import iter_full_params
 from minirl.model import ModelConfig
-from minirl.report import METRICS_FILE
 
 CHECKPOINTS = "checkpoints"  # out_dir/checkpoints holds step_N/ and `latest`
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # what a checkpoint holds of the model
@@ -155,48 +153,6 @@ def newest_complete(ckpt_dir: str, world_size: int) -> tuple[str | None, list[st
             return path, warnings
         warnings.append(why)
     return None, warnings
-
-
-def check_out_dir(out_dir: str, resume: bool, world_size: int) -> str:
-    """Before the process group starts: may a run write into `out_dir`? Raises ValueError if not.
-
-    - an out-dir that cannot be created or written to is an error;
-    - an out-dir holding a run's results (metrics, checkpoints, an exported model) without `resume`
-      is an error, so a rerun never overwrites another run's results;
-    - `resume` with results but no complete checkpoint is an error (starting fresh would overwrite them);
-    - `resume` where there is nothing at all (a first launch of a job script that always passes
-      --resume, or a mistyped dir) starts fresh: the returned note says so, for rank 0 to print.
-    Returns a note to print, or "". Every rank may call it (it only reads, and writes a probe file).
-    """
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out-dir {out_dir} exists and is not a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out-dir {out_dir} is not writable ({e.strerror or e})") from None
-    ckpt_dir = os.path.join(out_dir, CHECKPOINTS)
-    metrics = os.path.join(out_dir, METRICS_FILE)
-    results = [name for name, there in (
-        (METRICS_FILE, os.path.isfile(metrics) and os.path.getsize(metrics) > 0),
-        (CHECKPOINTS + "/", os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))),
-        ("final/", os.path.isdir(os.path.join(out_dir, "final"))),
-    ) if there]
-    if not resume:
-        if results:
-            raise ValueError(f"--out-dir {out_dir} already holds a run ({', '.join(results)}); pass --resume to "
-                             f"continue it, choose another --out-dir, or delete it")
-        return ""
-    if not results:
-        return f"note: nothing to resume in {out_dir} (no checkpoint): starting a fresh run"
-    path, warnings = newest_complete(ckpt_dir, world_size)
-    if path is None:
-        why = "; ".join(warnings) or f"no checkpoint in {ckpt_dir}"
-        raise ValueError(f"--resume: {out_dir} holds a run ({', '.join(results)}) but no complete checkpoint "
-                         f"({why}); choose another --out-dir, or delete it to start again")
-    return ""
 
 
 def _non_finite(model) -> list[str]:

@@ -1,25 +1,26 @@
 """The training configuration: one tree of small dataclasses, overridable by a JSON file and CLI flags.
 
-Every field is a flag of the same name (`--lr 1e-6`, `--no-numa`), grouped by section in `--help`,
-its help kept next to it; train.py takes them all, rollout.py the ones it uses. Precedence: dataclass
-default < `--config FILE` (without --model: the built-in task's) < flags. Values are type-checked; a
-bad file is one error naming it. `validate` checks the settings, `derive` works out once, before the
-first step, the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
+Every field is a flag of the same name (`--lr 1e-6`, `--no-numa`) in its section of `--help`, its help,
+range and whether --resume may change it next to it (`opt`); train.py takes all, rollout.py its own.
+Precedence: dataclass default < the built-in task's train_config.json (no --model) < `--config FILE` <
+flags. Values are type-checked, a bad file is one error naming it. `validate` checks the settings, `derive`
+works out once the forms the step uses them in (`Derived`). Nothing changes the config after parsing.
 """
 
 import argparse
 import importlib.util
-import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from minirl.advantages import AdvantageConfig, check_advantage
 from minirl.algorithms import KL_ESTIMATORS, KL_PLACEMENTS, LossConfig, auto_settings
 from minirl.attention import BACKENDS
-from minirl.backend import SamplingParams
+from minirl.backend import MIN_TEMPERATURE, SamplingParams
 from minirl.env import load_env, stop_token_id
 from minirl.episodes import EpisodeConfig
+from minirl.hf import read_json
 from minirl.lora import TARGETS, AdapterSpec
 from minirl.model import CHECKPOINTING
 from minirl.rewards import load_reward
@@ -30,42 +31,49 @@ TASKS = {"default": DEFAULT_TASK,  # 2-digit addition (scripts/make_default_mode
          "tools": os.path.join(os.path.dirname(DEFAULT_TASK), "tools_task")}  # a calculator tool, multi-turn
 
 
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, range: str = "", resume: bool = False):
+    return field(default=default, metadata={"help": help, "range": range, "resume": resume})
+
+
+def in_range(value, spec: str) -> bool:
+    """Whether `value` lies in `spec`: "[0, inf)", "(0, 1]", "0 or (1, inf)"... NaN and inf lie in none."""
+    zero, left, low, high, right = re.fullmatch(r"(0 or )?([\[(])(\S+), (\S+)([\])])", spec).groups()
+    above = float(low) < value if left == "(" else float(low) <= value
+    return bool(zero) and value == 0 or above and (value < float(high) if right == ")" else value <= float(high))
 
 
 @dataclass
 class DataConfig:
     task: str = opt("default", "built-in task used without --model: default (addition) or tools (a calculator "
-                    "tool over several turns); its train_config.json stands in for --config")
+                    "tool over several turns); its train_config.json comes before --config")
     model: str = opt("", "HF model dir (config.json, safetensors, tokenizer.json); empty = the built-in --task")
     data: str = opt("", "prompt dataset, .jsonl (or .parquet with pyarrow); empty = the default task's")
-    test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)")
+    test_data: str = opt("", "held-out prompts for accuracy evaluation (optional)", resume=True)
     prompt_field: str = opt("prompt", "field holding the prompt (a string or a list of chat messages)")
     answer_field: str = opt("answer", "field holding the reference answer handed to the reward")
     chat_template: bool = opt(True, "render prompts with the tokenizer's chat template (--no-chat-template: raw text)")
-    max_prompt_len: int = opt(1024, "prompts longer than this many tokens are dropped (the count is reported)")
+    max_prompt_len: int = opt(1024, "prompts of more tokens are dropped (the count is reported)", "[1, inf)")
     reward: str = opt("math", "reward: a built-in name (math, exact) or module:function")
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = opt("naive", "generator: naive (pure PyTorch) or vllm (colocated, needs vllm installed)")
-    n_samples: int = opt(8, "completions per prompt (the GRPO group size)")
-    temperature: float = opt(1.0, "sampling temperature (0 = greedy)")
-    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    max_new_tokens: int = opt(512, "completion length limit")
+    backend: str = opt("naive", "generator: naive (pure PyTorch) or vllm (colocated; pip install vllm)", resume=True)
+    n_samples: int = opt(8, "completions per prompt (the GRPO group size)", "[1, inf)")
+    temperature: float = opt(1.0, "sampling temperature (0 = greedy)", f"0 or [{MIN_TEMPERATURE}, inf)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1 = off)", "(0, 1]")
+    top_k: int = opt(0, "top-k sampling (0 = off)", "[0, inf)")
+    max_new_tokens: int = opt(512, "completion length limit", "[1, inf)")
     gen_batch_size: int = opt(0, "rows the naive generator decodes at once, refilled as rows finish (0 = as many as "
-                              "90%% of the free GPU memory holds, 64 on CPUs)")
-    tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)")
-    vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights + KV cache); leave room for training")
-    keep_generator: bool = opt(False, "keep the generator's weight copy resident during training")
+                              "90%% of the free GPU memory holds, 64 on CPUs)", "[0, inf)", resume=True)
+    tp: int = opt(1, "vLLM tensor-parallel size (one engine replica per group of tp ranks)", "[1, inf)", resume=True)
+    vllm_memory: float = opt(0.5, "vLLM's share of GPU memory (weights and KV cache)", "(0, 1]", resume=True)
+    keep_generator: bool = opt(False, "keep the generator's weight copy resident during training", resume=True)
     env: str = opt("", "multi-turn episodes with an environment, module:Name or file.py:Name (minirl/env.py); "
                    "it gives the rewards (--reward is unused)")
-    max_turns: int = opt(4, "with --env: policy turns per episode at most (finish_reason max_turns)")
+    max_turns: int = opt(4, "with --env: policy turns per episode at most (finish_reason max_turns)", "[1, inf)")
     episode_tokens: int = opt(0, "with --env: tokens after the prompt per episode, turns and observations "
-                              "(finish_reason length; 0 = max_turns x max_new_tokens)")
+                              "(finish_reason length; 0 = max_turns x max_new_tokens)", "[0, inf)")
 
 
 @dataclass
@@ -81,77 +89,79 @@ class AlgoConfig:
     skip_zero_var: bool = opt(False, "leave groups whose rewards are all equal out of the loss and its normalisers")
     dynamic_sampling: int = opt(0, "DAPO dynamic sampling: redraw the groups whose rewards are all equal, at most "
                                 "this many more draws a step, so the step holds --prompts-per-step groups that "
-                                "carry signal (0 = off)")
+                                "carry signal (0 = off)", "[0, inf)")
     overlong_filter: bool = opt(False, "DAPO: completions cut off by the length limit out of the loss and its "
                                 "normalisers")
-    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the reward falls linearly, by up to "
-                               "--overlong-penalty, over the last this many tokens before the length limit (0 = off)")
-    overlong_penalty: float = opt(1.0, "the most the soft overlong punishment takes off a reward")
+    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the reward falls linearly, by up to --overlong-"
+                               "penalty, over the last this many tokens before the length limit (0 = off)", "[0, inf)")
+    overlong_penalty: float = opt(1.0, "the most the soft overlong punishment takes off a reward", "[0, inf)")
     policy_loss: str = opt("ppo", "ppo (clipped surrogate: PPO, GRPO, DAPO, GSPO) | cispo (REINFORCE weighted by "
                            "a clipped, stop-gradient IS ratio)")
-    clip_eps_low: float = opt(0.0, "clip range below 1 (0 = auto: 0.2; GSPO 3e-4; cispo 1, no lower bound)")
-    clip_eps_high: float = opt(0.0, "clip range above 1 (0 = auto: 0.2; GSPO 4e-4; cispo 3, weights capped at 4)")
-    dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)")
-    kl_coef: float = opt(0.0, "weight of the KL to the frozen initial policy (0 = none, no reference model)")
+    clip_eps_low: float = opt(0.0, "clip range below 1 (0 = auto: 0.2; GSPO 3e-4; cispo 1: no lower bound)", "[0, 1]")
+    clip_eps_high: float = opt(0.0, "clip range above 1 (0 = auto: 0.2; GSPO 4e-4; cispo 3: weights <= 4)", "[0, inf)")
+    dual_clip_c: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0 = off)", "0 or (1, inf)")
+    kl_coef: float = opt(0.0, "weight of the KL to the frozen initial policy (0: none, no reference model)", "[0, inf)")
     kl_estimator: str = opt("", "k1 | k2 | k3 (empty = auto: k1 in the reward; in the loss k3, k2 for "
                             "reinforce++-baseline)")
     kl_placement: str = opt("", "loss (a loss term) | reward (a per-token penalty in the reward) (empty = auto: "
                             "reward for reinforce++, else loss)")
-    entropy_coef: float = opt(0.0, "entropy bonus coefficient")
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient", "[0, inf)")
     loss_agg: str = opt("", "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (empty = auto: "
                         "token-mean; GSPO seq-mean-token-mean)")
     ratio_level: str = opt("token", "PPO ratio: token | sequence (GSPO) | sequence-token (GSPO-token)")
-    tis_cap: float = opt(0.0, "importance sampling against generator log-probs: upper bound of the weight (0 = off)")
+    tis_cap: float = opt(0.0, "importance sampling against the generator's log-probs: weight cap (0 = off)", "[0, inf)")
     tis_level: str = opt("token", "importance ratio per token, or per sequence (product of its token ratios)")
     tis_mode: str = opt("truncate", "truncate: weight min(ratio, cap); mask: drop tokens/sequences outside [low, cap]")
-    tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask")
-    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into this many mini-batches)")
-    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)")
+    tis_low: float = opt(0.0, "lower bound of the importance ratio under --tis-mode mask", "[0, inf)")
+    mini_batches: int = opt(1, "optimizer steps per RL step (the rollout split into as many mini-batches)", "[1, inf)")
+    ppo_epochs: int = opt(1, "passes over the mini-batches of one rollout (old log-probs computed once)", "[1, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-6, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_steps: int = opt(0, "linear warm-up steps")
-    schedule: str = opt("constant", "after warm-up: constant or cosine (to 10%% of lr)")
-    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
+    lr: float = opt(1e-6, "peak learning rate (AdamW)", "(0, inf)", resume=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay", "[0, inf)")
+    warmup_steps: int = opt(0, "linear warm-up steps", "[0, inf)", resume=True)
+    schedule: str = opt("constant", "after warm-up: constant or cosine (to 10%% of lr)", resume=True)
+    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)", "[0, inf)", resume=True)
 
 
 @dataclass
 class ParallelConfig:
-    sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)")
-    micro_batch_tokens: int = opt(16384, "token budget of one packed micro-batch per data-parallel rank")
-    checkpointing: str = opt("selective", "recompute in backward: selective (not matmuls, attention), full or none")
-    compile: bool = opt(True, "torch.compile each decoder block on GPUs; ignored on CPUs")
-    cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state")
-    attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)")
-    timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)")
-    numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)")
+    sp: int = opt(1, "Ulysses sequence-parallel size (divides world size and attention heads)", "[1, inf)", resume=True)
+    micro_batch_tokens: int = opt(16384, "tokens in one micro-batch of a data-parallel rank", "[1, inf)", resume=True)
+    checkpointing: str = opt("selective", "recompute in backward: selective (not matmuls, attention), full or none",
+                             resume=True)
+    compile: bool = opt(True, "torch.compile each decoder block (GPUs)", resume=True)
+    cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state", resume=True)
+    attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)", resume=True)
+    timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)", "[1, inf)", resume=True)
+    numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)", resume=True)
     trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
                                   "check each step that the ranks issued the same ones, report where they parted "
-                                  "on a hang (minirl/ledger.py; compiled blocks stay compiled)")
+                                  "on a hang (minirl/ledger.py; compiled blocks stay compiled)", resume=True)
 
 
 @dataclass
 class LoRAConfig:
     lora_rank: int = opt(0, "train LoRA adapters of this rank on a frozen base model (0 = full fine-tuning); "
-                         "give it ~10x the full fine-tuning --lr (README: LoRA)")
-    lora_alpha: float = opt(32.0, "LoRA scale: the adapters' update B A is multiplied by alpha / rank")
+                         "give it ~10x the full fine-tuning --lr (README: LoRA)", "[0, inf)")
+    lora_alpha: float = opt(32.0, "LoRA scale: the adapters' update B A is multiplied by alpha / rank", "(0, inf)")
     lora_targets: str = opt(",".join(TARGETS), "comma-separated projections of every block that get adapters")
 
 
 @dataclass
 class RunConfig:
-    steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)")
-    prompts_per_step: int = opt(64, "prompts per step, over all ranks")
-    seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible")
+    steps: int = opt(100, "RL steps (one rollout + one or more optimizer steps each)", "[1, inf)", resume=True)
+    prompts_per_step: int = opt(64, "prompts per step, over all ranks", "[1, inf)")
+    seed: int = opt(0, "seed for data order, sampling and init: a run is reproducible", "[0, 2147483647]")
     out_dir: str = opt("runs/default", "metrics.jsonl, checkpoints, exported model, reward curve")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)")
-    resume: bool = opt(False, "resume from the newest complete checkpoint in out_dir (nothing there: a fresh run)")
-    keep_checkpoints: int = opt(0, "keep only the N newest checkpoints (0 = keep all)")
-    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = before and after only)")
-    export: bool = opt(True, "write an HF model dir to out_dir/final at the end")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM)", "[0, inf)", resume=True)
+    resume: bool = opt(False, "go on from the newest complete checkpoint in out_dir (none: a fresh run); settings "
+                       "marked 'may change on --resume' may differ from out_dir/run.json's, others may not")
+    keep_checkpoints: int = opt(0, "keep only the N newest checkpoints (0 = keep all)", "[0, inf)", resume=True)
+    eval_every: int = opt(0, "held-out greedy accuracy every N steps (0 = before and after)", "[0, inf)", resume=True)
+    export: bool = opt(True, "write an HF model dir to out_dir/final at the end", resume=True)
 
 
 @dataclass
@@ -210,9 +220,9 @@ def _typed(value, expected: type, what: str):
 
 def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, ...]] | None = None,
                  ) -> argparse.ArgumentParser:
-    """A flag per field of `cfg` (of the sections and fields in `only`, when given), its defaults as
-    `--help` shows them: where the built-in task's train_config.json sets a field, a bare run uses
-    that value, so help names it first."""
+    """A flag per field of `cfg` (of the sections and fields in `only`, when given), its range and its
+    default as `--help` shows them: where the built-in task's train_config.json sets a field, a bare run
+    uses that value, so help names it first."""
     bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
@@ -224,10 +234,12 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             default = getattr(section, f.name)
             shown = ("auto" if default is None else f"{default!r}") if f.name not in bare else (
                 f"{bare[f.name]!r} from the built-in task's train_config.json, {default!r} with --model")
+            notes = [f"range {f.metadata['range']}"] if f.metadata["range"] else []
+            notes += ["may change on --resume"] if f.metadata["resume"] else []
             yes_no = f.type in (bool, bool | None)
             kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
-                               help=f.metadata["help"] + f" (default: {shown})", **kind)
+                               help=f.metadata["help"] + f" ({'; '.join([*notes, f'default: {shown}'])})", **kind)
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none", help=argparse.SUPPRESS)
     return p
 
@@ -240,17 +252,18 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
 def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
     """`cfg` (default: the dataclass defaults), then --config FILE, then the flags given in `args`.
 
-    With neither --config nor --model, the built-in task's (--task) train_config.json stands in for
-    --config, and its model and data fill in what is left empty: that is how a bare `train.py` runs
-    the default task, and `train.py --task tools` the other.
+    Without --model (in the flags or the file), the built-in task's (--task, in the flags or the file)
+    train_config.json comes first, and its model and data fill in what is left empty: that is how a
+    bare `train.py` runs the default task, and `train.py --task tools` the other.
     """
     cfg = cfg or TrainConfig()
-    if args.get("task", "default") not in TASKS:
-        raise ValueError(f"unknown --task {args['task']!r}: one of {', '.join(TASKS)}")
-    task = TASKS[args.get("task", "default")]
-    config_file = args.pop("config", "") or ("" if "model" in args else os.path.join(task, "train_config.json"))
-    if config_file:
-        apply_overrides(cfg, read_config_file(config_file), config_file)
+    values = read_config_file(config_file) if (config_file := args.pop("config", "")) else {}
+    flat = {**values, **{k: v for part in values.values() if isinstance(part, dict) for k, v in part.items()}}
+    if (task := TASKS.get(name := args.get("task", flat.get("task", "default")))) is None:
+        raise ValueError(f"unknown --task {name!r}: one of {', '.join(TASKS)}")
+    if "model" not in args and "model" not in flat:
+        apply_overrides(cfg, read_config_file(os.path.join(task, "train_config.json")), f"--task {name}")
+    apply_overrides(cfg, values, config_file)
     apply_overrides(cfg, args, "command line")
     if not cfg.data.model:
         cfg.data.model = task
@@ -261,16 +274,9 @@ def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
 
 def read_config_file(path: str) -> dict:
     """The JSON object in `path`; a missing file, bad JSON or a non-object is one error naming the file."""
-    try:
-        with open(path) as fh:
-            values = json.load(fh)
-    except (FileNotFoundError, IsADirectoryError):
-        raise FileNotFoundError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
-    return values
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    return read_json(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,29 +284,25 @@ def read_config_file(path: str) -> dict:
 
 
 def validate(cfg: TrainConfig):
-    """Batch sizes and choices that would otherwise fail mid-run: one clear ValueError at start-up.
-    (`dist.check_parallel_or_exit` checks the parallel layout against the model.)"""
+    """Every number in its range (NaN and inf in none), and batch sizes and choices that would otherwise fail
+    or do harm mid-run: one clear ValueError at start-up. (`dist.check_parallel_or_exit`: the layout.)"""
+    for _, section in _sections(cfg):
+        for f in fields(section):
+            if (spec := f.metadata["range"]) and not in_range(value := getattr(section, f.name), spec):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be {'' if spec[0] == '0' else 'in '}{spec}, "
+                                 f"got {value!r}")  # "must be in [0, inf)", "must be 0 or (1, inf)"
     rc, algo, n = cfg.rollout, cfg.algo, cfg.run.prompts_per_step * cfg.rollout.n_samples
     for bad, message in [
         (not cfg.data.data, "--data is required with --model"),
-        (min(cfg.run.prompts_per_step, rc.n_samples, cfg.run.steps, algo.ppo_epochs) < 1,
-         "--prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1"),
-        (algo.mini_batches < 1, f"--mini-batches must be >= 1, got {algo.mini_batches}"),
-        (n % max(1, algo.mini_batches),
+        (n % algo.mini_batches,
          f"prompts_per_step x n_samples = {n} samples do not split into --mini-batches {algo.mini_batches}"),
-        (not 0 <= cfg.run.seed < 2**31, f"--seed must be in [0, 2**31), got {cfg.run.seed}"),
         (rc.backend not in ("naive", "vllm"), f"unknown --backend {rc.backend!r}: naive or vllm"),
         (rc.backend == "vllm" and importlib.util.find_spec("vllm") is None,
          "--backend vllm needs vLLM, which is not installed: pip install vllm"),
         (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
-        (not cfg.optim.lr > 0, f"--lr must be > 0, got {cfg.optim.lr}"),
-        (rc.gen_batch_size < 0, f"--gen-batch-size must be >= 0 (0 = sized by memory), got {rc.gen_batch_size}"),
-        (cfg.run.keep_checkpoints < 0, f"--keep-checkpoints must be >= 0 (0 = keep all), got {cfg.run.keep_checkpoints}"),
         (cfg.parallel.checkpointing not in CHECKPOINTING, f"--checkpointing: one of {', '.join(CHECKPOINTING)}"),
         (cfg.parallel.attn_backend not in ("", *BACKENDS),
-         f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}"),
-        (rc.max_turns < 1 or rc.episode_tokens < 0,
-         "--max-turns must be >= 1 and --episode-tokens >= 0 (0 = max_turns x max_new_tokens)")]:
+         f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")]:
         if bad:
             raise ValueError(message)
     if rc.env:
@@ -308,7 +310,6 @@ def validate(cfg: TrainConfig):
     adapter_spec(cfg)  # checks the --lora-* flags
     check_advantage(algo.advantage, rc.n_samples)
     validate_algo(algo, rc.n_samples, sample_budget(rc))
-    sampling_params(rc).check()
 
 
 def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
@@ -318,9 +319,8 @@ def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
                          f"got {algo.kl_placement!r} and {algo.kl_estimator!r}")
     if (algo.kl_placement or algo.kl_estimator) and not algo.kl_coef:
         raise ValueError("--kl-placement and --kl-estimator need --kl-coef > 0, the weight of the KL")
-    if algo.dynamic_sampling < 0 or (algo.dynamic_sampling and n_samples < 2):
-        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: it needs K >= 0 and "
-                         "--n-samples >= 2 (a group of one always has equal rewards)")
+    if algo.dynamic_sampling and n_samples < 2:
+        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: a group of one always has them")
     if algo.overlong_buffer and not (0 < algo.overlong_buffer <= budget and algo.overlong_penalty > 0):
         raise ValueError(f"--overlong-buffer must be in [1, {budget}] (the length limit) and --overlong-penalty "
                          f"> 0, got {algo.overlong_buffer} and {algo.overlong_penalty}")

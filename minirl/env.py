@@ -5,16 +5,14 @@ the environment answers with an observation (the tool's output, appended to the 
 and whether the episode is over. An environment is a class, named like a reward (`--env module:Name`
 or `path/to/file.py:Name`); one instance per episode keeps the episode's state, and the episode's
 reward is the sum of its steps'. Every call into it goes through `checked_start` / `checked_step`: an
-exception or a bad value becomes one ValueError naming the environment and the prompt, instead of a
-failure far from its cause (or a NaN in the weights).
+exception, a sys.exit() or a bad value (a reward that is not finite in float32) becomes one ValueError
+naming the environment and the prompt, instead of a failure far from its cause (or a NaN in the weights).
 """
 
 import functools
-import math
-import numbers
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from minirl.rewards import import_named
+from minirl.rewards import as_reward, call_user, import_named
 
 
 class EnvStep(NamedTuple):
@@ -41,10 +39,7 @@ def load_env(spec: str):
     """The environment class named by `spec` (`module:Name` or `file.py:Name`), checked by making one.
     Cached: a .py file is executed once (config.validate and config.derive both look it up)."""
     cls = import_named(spec, "env", "an env is 'module:Name' or 'file.py:Name' (see minirl/env.py)")
-    try:
-        env = cls()
-    except Exception as e:
-        raise ValueError(f"env {spec!r}: {spec.rpartition(':')[2]}() raised {type(e).__name__}: {e}") from e
+    env = call_user(cls, f"env {spec!r}: {spec.rpartition(':')[2]}()")
     if not isinstance(env, Env):
         raise ValueError(f"env {spec!r}: an env needs a `stop` string and `start` and `step` methods (minirl/env.py)")
     if not isinstance(env.stop, str) or not env.stop:
@@ -63,26 +58,20 @@ def stop_token_id(spec: str, tok) -> int:
 
 def checked_start(env: Env, spec: str, prompt_index: int, prompt: str, answer: str):
     """`env.start(prompt, answer)`, or a ValueError naming the env and the prompt."""
-    try:
-        env.start(prompt, answer)
-    except Exception as e:  # user code: say which env and prompt, keep the traceback as the cause
-        raise ValueError(f"env {spec!r} on prompt {prompt_index}: start raised {type(e).__name__}: {e}") from e
+    call_user(env.start, f"env {spec!r} on prompt {prompt_index}: start", prompt, answer)
 
 
 def checked_step(env: Env, spec: str, prompt_index: int, text: str, token_ids: list[int]) -> EnvStep:
     """`env.step(text, token_ids)` as an EnvStep with a float reward, or a ValueError saying what was wrong."""
     where = f"env {spec!r} on prompt {prompt_index}"
-    try:
-        out = env.step(text, list(token_ids))  # a copy: the env cannot edit the sampled ids
-    except Exception as e:
-        raise ValueError(f"{where}: step raised {type(e).__name__}: {e}") from e
+    out = call_user(env.step, f"{where}: step", text, list(token_ids))  # a copy: the env cannot edit the ids
     if not isinstance(out, tuple) or len(out) != 3:
         raise ValueError(f"{where}: step returned {out!r}; it must return (observation, reward, done)")
     observation, reward, done = out
     if observation is not None and not isinstance(observation, str):
         raise ValueError(f"{where}: observation {observation!r} ({type(observation).__name__}) is not a string or None")
-    if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
-        raise ValueError(f"{where}: reward {reward!r} ({type(reward).__name__}) is not a finite number")
+    if as_reward(reward) is None:
+        raise ValueError(f"{where}: reward {reward!r} ({type(reward).__name__}) is not a number finite in float32")
     if not isinstance(done, bool):
         raise ValueError(f"{where}: done {done!r} ({type(done).__name__}) is not a bool")
-    return EnvStep(observation, float(reward), done)
+    return EnvStep(observation, as_reward(reward), done)

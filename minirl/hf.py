@@ -38,12 +38,32 @@ def ours_to_hf(name: str) -> str:
 
 
 def read_config(model_dir: str) -> ModelConfig:
-    """The ModelConfig of `model_dir`'s config.json."""
+    """The ModelConfig of `model_dir`'s config.json; every problem with the file is one error naming it."""
     path = os.path.join(model_dir, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG} in {model_dir!r}: not a Hugging Face model directory")
-    with open(path) as f:
-        return ModelConfig.from_hf(json.load(f))
+    hf = read_json(path)
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e.args[0]!r}, which minirl needs") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # unsupported options, values of the wrong kind
+        raise ValueError(f"{path}: {e}") from None
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in `path`; bad JSON, text that is not UTF-8 or a non-object is one ValueError naming
+    the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -74,8 +94,7 @@ def _shard_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, INDEX_FILE)
     if not os.path.isfile(index):
         raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}")
-    with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not weight_map:
         raise ValueError(f"{index!r} has no weight_map: not a safetensors index")
     files = sorted(set(weight_map.values()))

@@ -4,6 +4,7 @@ curve, and the SIGTERM/Ctrl-C flag (`Interrupt`) that turns a kill into a checkp
 Times and metrics are read once per step; inside the micro-batch loop runs only `Interrupt.check`.
 """
 
+import errno
 import json
 import math
 import os
@@ -48,7 +49,12 @@ class PhaseTimer:
 
 class Interrupted(Exception):
     """A stop signal ended the step early: raised on every rank together, before the step changed the
-    model, optimizer, scheduler or data order (train.py saves the last finished step and exits)."""
+    model, optimizer, scheduler or data order (train.py saves the last finished step and exits with
+    128 + `signum`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
 
 
 class Interrupt:
@@ -59,33 +65,34 @@ class Interrupt:
     all_reduce(MAX) per micro-batch, on GPUs through a gloo group so it waits for no queued GPU work."""
 
     def __init__(self, device: torch.device):
-        self._requested = False
+        self._signum = 0  # the signal this rank got, 0: none
         self.group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # a collective
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self._requested = True
+        self._signum = signum
 
     def requested(self) -> bool:
         """Whether this rank got a signal (no collective): what a generator asks between batches."""
-        return self._requested
+        return bool(self._signum)
 
-    def any_rank(self) -> bool:
-        """Whether any rank got a signal: a collective, on every rank together."""
-        flag = torch.tensor([float(self._requested)])
+    def any_rank(self) -> int:
+        """The signal some rank got (SIGTERM over SIGINT), 0 when none did: a collective, on every rank
+        together, so that all exit with the same code."""
+        flag = torch.tensor([float(self._signum)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return int(flag.item())
 
     def check(self):
         """Raise Interrupted on every rank if any rank got a signal (call it on every rank together)."""
-        if self.any_rank():
-            raise Interrupted
+        if signum := self.any_rank():
+            raise Interrupted(signum)
 
 
 class MetricsLog:
     """One JSON line per row in out_dir/metrics.jsonl, and TensorBoard scalars when it is installed.
-    `start_step` is the step the run continues after: 0 (fresh) removes an old file (checkpoint.check_out_dir
+    `start_step` is the step the run continues after: 0 (fresh) removes an old file (outdir.check_out_dir
     allowed it); N (resume) keeps the rows up to step N, as the later steps run again."""
 
     def __init__(self, out_dir: str, start_step: int):
@@ -102,10 +109,22 @@ class MetricsLog:
             self.tb = None
 
     def write(self, row: dict):
-        """Append `row`; a NaN or inf value is written as null, so every line stays valid JSON."""
+        """Append `row` as one line, in one write; a NaN or inf value is written as null, so every line
+        stays valid JSON. A write that fails (a full disk) is an OSError naming the file, and what it
+        wrote of the line is cut off again: the file still ends with the last whole row."""
         safe = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(safe, allow_nan=False) + "\n")
+        line = (json.dumps(safe, allow_nan=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, line) < len(line):  # a full disk may take part of it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            os.ftruncate(fd, end)
+            raise OSError(f"could not write step {row.get('step')}'s row to {self.path} ({e.strerror or e}); "
+                          f"it ends with the row before") from None
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step":

@@ -3,18 +3,20 @@
 A reward function is any callable `(prompt, completion, answer) -> float`.
 Two are built in (`math`, `exact`); anything else is named as `module:function`,
 where module is a dotted import path or a path to a .py file. Callers score through
-`checked_reward`, so a NaN or a None from user code stops the run instead of training on it.
+`checked_reward`, so a NaN or a None from user code stops the run instead of training on it, and
+call user code through `call_user`, so that its exception, or its `sys.exit()`, is one error naming it.
 """
 
 import functools
 import importlib
 import importlib.util
-import math
 import numbers
 import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 RewardFn = Callable[[str, str, str], float]
 
@@ -23,6 +25,8 @@ RewardFn = Callable[[str, str, str], float]
 _NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:/\d+|\.\d+)?")
 _FRAC = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
 _TEXT = re.compile(r"\\text\{([^{}]*)\}")
+# Rewards become float32 tensors (advantages, loss): a larger one is inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -117,8 +121,9 @@ def import_named(name: str, what: str, choices: str):
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except Exception as e:  # any failure inside user code is a bad spec
-        raise ValueError(f"{what} {name!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); {choices}") from e
+    except (Exception, SystemExit) as e:  # any failure inside user code is a bad spec; so is its sys.exit()
+        why = f"it called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{what} {name!r}: cannot import {module_name!r} ({why}); {choices}") from e
     fn = getattr(module, fn_name, None)
     if fn is None:
         raise ValueError(f"{what} {name!r}: {module_name!r} has no attribute {fn_name!r}; {choices}")
@@ -127,22 +132,46 @@ def import_named(name: str, what: str, choices: str):
     return fn
 
 
+def call_user(fn, where: str, *args):
+    """`fn(*args)` for user code (a reward, an env, their modules): an exception it raises, or a
+    `sys.exit()` it calls (which would end the run with no message, maybe with exit code 0), is one
+    ValueError that starts with `where`; the original is its cause, with the user's traceback."""
+    try:
+        return fn(*args)
+    except SystemExit as e:
+        raise ValueError(f"{where} called sys.exit({e.code!r})") from e
+    except Exception as e:
+        raise ValueError(f"{where} raised {type(e).__name__}: {e}") from e
+
+
+def as_reward(value) -> float | None:
+    """`value` as a reward, or None when it is not one: a real number (Python's or numpy's, bools
+    included: 0 or 1) that stays finite in float32, where the advantages and the loss hold it."""
+    if isinstance(value, (numbers.Real, np.bool_)):
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float64's range
+            return None
+        if abs(value) <= FLOAT32_MAX:  # False for NaN and inf too
+            return value
+    return None
+
+
 def checked_reward(fn: RewardFn, name: str, prompt_index: int, prompt: str, completion: str, answer: str) -> float:
     """`fn(prompt, completion, answer)` as a float, or a ValueError naming the reward, prompt and value.
 
-    A NaN or inf reward turns the group's advantages, then the loss and every weight, into NaN; a None
-    or a string fails far from its cause. So anything but a finite real number (bools count: 0 or 1),
-    and any exception inside `fn`, is an error that names the reward spec `name`, the prompt's row
-    `prompt_index` and what came back.
+    A NaN or inf reward (or one past float32's range) turns the group's advantages, then the loss and
+    every weight, into NaN; a None or a string fails far from its cause. So anything `as_reward`
+    refuses, and any exception or sys.exit() inside `fn`, is an error that names the reward spec
+    `name`, the prompt's row `prompt_index` and what came back.
     """
     where = f"reward {name!r} on prompt {prompt_index}"
-    try:
-        value = fn(prompt, completion, answer)
-    except Exception as e:  # user code: say which reward and prompt, keep the traceback as the cause
-        raise ValueError(f"{where} raised {type(e).__name__}: {e}") from e
-    if not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{where} returned {value!r} ({type(value).__name__}); a reward must be a finite number")
-    return float(value)
+    value = call_user(fn, where, prompt, completion, answer)
+    reward = as_reward(value)
+    if reward is None:
+        raise ValueError(f"{where} returned {value!r} ({type(value).__name__}); a reward must be a number, "
+                         f"finite in float32 (|reward| <= {FLOAT32_MAX:.3g})")
+    return reward
 
 
 def load_reward(name: str) -> Callable[[int, str, str, str], float]:

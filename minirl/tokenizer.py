@@ -48,7 +48,10 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer.json in {path} (found: {found}). minirl reads only the fast-"
                                     "tokenizer file; transformers can write one: "
                                     "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)")
-        backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+        try:
+            backend = tokenizers.Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers library's own error does not name the file
+            raise ValueError(f"{tokenizer_file}: the tokenizers library cannot read it ({e})") from None
         config = _read_json(path, "tokenizer_config.json")
         generation_config = _read_json(path, "generation_config.json")
         special_tokens = _special_tokens(config, _read_json(path, "special_tokens_map.json"))
@@ -124,12 +127,18 @@ class Tokenizer:
 
 
 def _read_json(path: str, name: str) -> dict:
-    """Contents of an optional JSON file in `path`, {} if it is absent."""
+    """Contents of an optional JSON file in `path`, {} if it is absent; a bad one is an error naming it."""
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         return {}
     with open(file, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            value = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: malformed JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _token_text(value) -> str | None:

@@ -28,13 +28,15 @@ def free_port() -> int:
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 300, cuda: bool = False) -> subprocess.CompletedProcess:
-    """Run `torchrun --nproc-per-node nproc ARGS` on a fresh port, one CPU thread per rank.
+    """Run `torchrun --nproc-per-node nproc ARGS`, one CPU thread per rank.
 
-    GPUs are hidden unless `cuda`, so the ranks use gloo on the CPU even on a GPU machine.
+    --standalone: torchrun binds its rendezvous port itself (port 0). A port picked here and handed over
+    stays free until torchrun binds it seconds later (importing torch), and launches started together
+    could pick the same one. GPUs are hidden unless `cuda`, so the ranks use gloo on the CPU even on a
+    GPU machine.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", *args]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

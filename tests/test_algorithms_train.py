@@ -211,7 +211,7 @@ def test_dynamic_sampling_draws_are_reproducible_and_resume_exactly(gloo_rank):
     (["--tis-cap", "2", "--tis-low", "0.5"], "error: tis_low is the lower bound of tis_mode mask"),
     (["--ratio-level", "seq"], "error: ratio_level must be one of"),
     (["--advantage", "rloo", "--n-samples", "1"], "error: rloo advantages need a group of at least 2"),
-    (["--ppo-epochs", "0"], "error: --prompts-per-step, --n-samples, --steps and --ppo-epochs must be >= 1"),
+    (["--ppo-epochs", "0"], "error: --ppo-epochs must be in [1, inf), got 0"),
     (["--advantage", "reinforce++-baseline", "--n-samples", "1"],
      "error: reinforce++-baseline advantages need a group of at least 2"),
     (["--advantage", "ppo"], "error: advantage must be one of"),
@@ -221,7 +221,7 @@ def test_dynamic_sampling_draws_are_reproducible_and_resume_exactly(gloo_rank):
     (["--kl-coef", "0.1", "--kl-estimator", "k4"], "error: --kl-placement is one of"),
     (["--dynamic-sampling", "2", "--n-samples", "1"], "error: --dynamic-sampling K redraws groups of equal rewards"),
     (["--overlong-buffer", "9"], r"error: --overlong-buffer must be in [1, 8]"),
-    (["--clip-eps-low", "-0.1"], "error: clip_eps_low and clip_eps_high must be > 0"),
+    (["--clip-eps-low", "-0.1"], "error: --clip-eps-low must be in [0, 1], got -0.1"),
 ])
 def test_bad_combination_is_one_clear_line(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:

@@ -60,7 +60,7 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
 def test_a_list_or_a_scalar_is_not_a_config(tmp_path):
     for text, kind in (('[{"steps": 2}]', "list"), ("3", "int")):
         path = write_config(tmp_path, text)
-        with pytest.raises(ValueError, match=rf"job\.json: expected a JSON object of settings, got {kind}"):
+        with pytest.raises(ValueError, match=rf"job\.json: expected a JSON object, got {kind}"):
             parse_config(["--config", path])
 
 

@@ -31,6 +31,47 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_records(str(tmp_path / "nope.jsonl"))
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a"}\n{"prompt": "\u00e9"}\n'.encode("latin-1"), r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 13\)"),
+    ('{"prompt": "a"}\n'.encode("utf-16"), r"d\.jsonl:1: not UTF-8 text \(byte 0xff at column 1\)"),
+    (bytes(range(256)), r"d\.jsonl:1: (not UTF-8|malformed JSON)"),
+])
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_records(str(path))
+
+
+def test_utf8_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('{"prompt": "\u00e9"}\n{"prompt": "b"}\n'.encode("utf-8-sig"))
+    assert read_records(str(path)) == [{"prompt": "\u00e9"}, {"prompt": "b"}]
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(ValueError, match=rf"{tmp_path} is a directory, not a data file"):
+        read_records(str(tmp_path))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_an_empty_prompt_names_its_row_at_load(tmp_path, tok, chat):
+    rows = [{"prompt": "fine", "answer": "1"}, {"prompt": "ok", "answer": "2"}, {"prompt": "", "answer": "3"}]
+    with pytest.raises(ValueError, match=r"d\.jsonl: row 3, field 'prompt': the prompt is empty"):
+        PromptDataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, chat=chat)
+
+
+def test_fingerprint_follows_the_prompts_not_the_file_name(tmp_path, tok):
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(4)]
+    a = PromptDataset(write_jsonl(tmp_path / "a.jsonl", rows), tok, chat=False)
+    moved = PromptDataset(write_jsonl(tmp_path / "moved.jsonl", rows), tok, chat=False)
+    fewer = PromptDataset(write_jsonl(tmp_path / "fewer.jsonl", rows[:3]), tok, chat=False)
+    other_answer = PromptDataset(write_jsonl(tmp_path / "b.jsonl", rows[:3] + [{"prompt": "q3", "answer": "x"}]),
+                                 tok, chat=False)
+    assert a.fingerprint() == moved.fingerprint()
+    assert len({a.fingerprint(), fewer.fingerprint(), other_answer.fingerprint()}) == 3
+
+
 def test_dataset_filters_shuffles_and_resumes(tmp_path, tok):
     rows = [{"prompt": "hello " * (1 + i % 3), "answer": str(i)} for i in range(10)]
     rows.append({"prompt": "long " * 200, "answer": "x"})

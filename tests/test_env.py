@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from minirl.config import TASKS, parse_config, validate
@@ -78,12 +79,12 @@ class Scripted:
         self.out = out
 
     def start(self, prompt, answer):
-        if isinstance(self.out, Exception):
+        if isinstance(self.out, BaseException):
             raise self.out
 
     def step(self, text, token_ids):
         token_ids.append(-1)  # must not reach the caller's ids
-        if isinstance(self.out, Exception):
+        if isinstance(self.out, BaseException):
             raise self.out
         return self.out
 
@@ -92,7 +93,9 @@ class Scripted:
     (KeyError("x"), "on prompt 7: step raised KeyError"),
     ((3, 1.0, False), "observation 3 \\(int\\) is not a string or None"),
     ((b"bytes", 1.0, False), "is not a string or None"),
-    (("ok", math.nan, False), "reward nan \\(float\\) is not a finite number"),
+    (("ok", math.nan, False), "reward nan \\(float\\) is not a number finite in float32"),
+    (("ok", 1e39, False), "reward 1e\\+39 \\(float\\) is not a number finite in float32"),
+    (SystemExit(0), "on prompt 7: step called sys.exit\\(0\\)"),
     (("ok", None, False), "reward None"),
     (("ok", 1.0, "yes"), "done 'yes' \\(str\\) is not a bool"),
     (("ok", 1.0), "must return \\(observation, reward, done\\)"),
@@ -106,14 +109,15 @@ def test_bad_step_is_one_clear_error(out, message):
 def test_checked_step_passes_good_values_and_copies_ids():
     ids = [1, 2]
     assert checked_step(Scripted(("obs", 2, False)), "e", 0, "t", ids) == EnvStep("obs", 2.0, False)
+    assert checked_step(Scripted(("obs", np.bool_(True), False)), "e", 0, "t", ids) == EnvStep("obs", 1.0, False)
     assert ids == [1, 2]
     with pytest.raises(ValueError, match="start raised ValueError"):
         checked_start(Scripted(ValueError("bad row")), "e", 0, "p", "a")
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max-turns", "0"], "--max-turns must be >= 1"),
-    (["--episode-tokens", "-1"], "--episode-tokens >= 0"),
+    (["--max-turns", "0"], r"--max-turns must be in \[1, inf\)"),
+    (["--episode-tokens", "-1"], r"--episode-tokens must be in \[0, inf\)"),
     (["--env", "no_such_module_xyz:Env"], "env 'no_such_module_xyz:Env': cannot import"),
 ])
 def test_bad_multi_turn_flags_fail_validation(flags, message):

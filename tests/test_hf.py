@@ -158,3 +158,19 @@ def test_missing_and_unexpected_names_are_listed(tmp_path):
     assert "missing 12: layers.1.input_layernorm.weight" in message and "(+4 more)" in message
     assert "unexpected 12: layers.7.input_layernorm.weight" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text[:-2], r"config\.json:\d+:\d+: malformed JSON"),  # cut short
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "hidden_size"}),
+     r"config\.json: no 'hidden_size', which minirl needs"),
+    (lambda text: json.dumps({**json.loads(text), "model_type": "gpt2"}), r"config\.json: unsupported model_type 'gpt2'"),
+    (lambda text: "[1, 2]", r"config\.json: expected a JSON object, got list"),
+])
+def test_a_bad_config_json_is_one_error_naming_it(tmp_path, edit, message):
+    cfg = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 2}
+    (tmp_path / "config.json").write_text(edit(json.dumps(cfg)))
+    with pytest.raises(ValueError, match=message) as info:
+        read_config(str(tmp_path))
+    assert str(tmp_path / "config.json") in str(info.value)

@@ -146,7 +146,7 @@ def test_lora_flags_are_checked_before_start():
     assert adapter_spec(cfg) == lora.AdapterSpec(4, 32.0, ("q_proj", "down_proj"), seed=3)
     with pytest.raises(ValueError, match="--lora-targets: qproj; choose among"):
         validate(parse_config(["--lora-rank", "4", "--lora-targets", "qproj"]))
-    with pytest.raises(ValueError, match="--lora-rank must be >= 1 for adapters"):
+    with pytest.raises(ValueError, match=r"--lora-rank must be in \[0, inf\), got -1"):
         validate(parse_config(["--lora-rank", "-1"]))
 
 

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import resource
+import signal
 
 from minirl.report import MetricsLog, summary_line
 
@@ -48,3 +51,30 @@ def test_a_resume_without_a_metrics_file_starts_one(tmp_path):
     log = MetricsLog(str(tmp_path / "run"), start_step=3)
     write_steps(log, [4])
     assert [r["step"] for r in strict_rows(log.path)] == [4]
+
+
+def test_a_full_disk_leaves_whole_lines_and_names_the_file(tmp_path):
+    """The disk fills during a row's write (in a child process whose files may grow by 10 more bytes, so
+    the row is cut short, as on a full disk): the error names the file, and the part of the row that
+    reached it is cut off again, so metrics.jsonl still ends with step 1's whole line."""
+    log = MetricsLog(str(tmp_path), start_step=0)
+    write_steps(log, [1])
+    size = os.path.getsize(log.path)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only plain file writes happen here, then it leaves without cleaning up
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            log.write({"step": 2, "reward_mean": 0.2, "note": "x" * 100})
+            got = "no error"
+        except BaseException as e:
+            got = f"{type(e).__name__}: {e}"
+        os.write(write, got.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        got = fh.read()
+    os.waitpid(pid, 0)
+    assert got.startswith("OSError") and log.path in got, got
+    assert [r["step"] for r in strict_rows(log.path)] == [1]

@@ -1,5 +1,6 @@
 """Answer extraction, matching and reward lookup."""
 
+import numpy as np
 import pytest
 
 from minirl.rewards import (
@@ -10,6 +11,8 @@ from minirl.rewards import (
     get_reward_fn,
     math_reward,
 )
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def test_extract_boxed():
@@ -100,19 +103,43 @@ def test_get_reward_fn_errors(tmp_path):
         get_reward_fn(f"{broken}:f")
 
 
-def test_checked_reward_passes_finite_numbers_as_floats():
+@pytest.mark.parametrize("good, value", [
+    (True, 1.0),  # a bool is 0 or 1
+    (np.bool_(True), 1.0),  # numpy's too: `np.array(a) == b` gives one
+    (np.float32(0.5), 0.5),
+    (np.int64(-2), -2.0),
+    (2, 2.0),
+    (-FLOAT32_MAX, -FLOAT32_MAX),  # the float32 range's ends are finite
+])
+def test_checked_reward_passes_finite_numbers_as_floats(good, value):
+    got = checked_reward(lambda p, c, a: good, "mod:fn", 0, "p", "c", "a")
+    assert got == value and type(got) is float
     assert checked_reward(exact_reward, "exact", 3, "p", "a", "a") == 1.0
-    value = checked_reward(lambda p, c, a: c == a, "mod:same", 0, "p", "a", "a")  # a bool is 0 or 1
-    assert value == 1.0 and type(value) is float
-    assert checked_reward(lambda p, c, a: 2, "mod:two", 0, "p", "c", "a") == 2.0
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None, "1.0", [1.0]])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None, "1.0", [1.0], np.array([1.0]),
+                                 1e39, -1e39, pytest.param(10**400, id="10**400")])  # 1e39 is inf in float32, 10**400 even in float64
 def test_checked_reward_rejects_non_finite_and_non_numbers(bad):
     with pytest.raises(ValueError) as info:
         checked_reward(lambda p, c, a: bad, "my_reward.py:score", 17, "p", "c", "a")
     msg = str(info.value)
     assert "'my_reward.py:score'" in msg and "prompt 17" in msg and repr(bad) in msg
+
+
+@pytest.mark.parametrize("code", [0, 1, None])
+def test_sys_exit_inside_a_reward_is_an_error_naming_it(tmp_path, code):
+    """A reward (or its module, while it is imported) that calls sys.exit() would end the run with no
+    message, with exit code 0 for sys.exit(0): it is a ValueError naming the reward instead."""
+    def quits(prompt, completion, answer):
+        raise SystemExit(code)
+
+    with pytest.raises(ValueError, match=rf"reward 'mod:quits' on prompt 4 called sys.exit\({code}\)") as info:
+        checked_reward(quits, "mod:quits", 4, "p", "c", "a")
+    assert isinstance(info.value.__cause__, SystemExit)
+    module = tmp_path / "quitting.py"
+    module.write_text(f"import sys\nsys.exit({code})\n")
+    with pytest.raises(ValueError, match=rf"reward '.*quitting.py:f': cannot import .* \(it called sys.exit\({code}\)\)"):
+        get_reward_fn(f"{module}:f")
 
 
 def test_checked_reward_names_an_exception_inside_the_reward():

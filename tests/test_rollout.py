@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,13 +28,12 @@ QUESTIONS = ["What is 2 + 3?", "Hello, world!", "The quick brown fox", "def add(
 def run(*args, torchrun=0):
     # On the CPU, also on a GPU machine; one thread per process: the suite may share two cores with
     # other pytest workers.
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # --standalone: torchrun binds a free port itself; one picked here could be picked by a launch beside it.
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, os.path.join(REPO, "rollout.py"), *args]
     if torchrun:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", f"--master-port={port}"]
+        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--standalone"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -154,6 +152,34 @@ def test_bad_data_is_one_clear_error(setup, started, content, message):
     assert str(data) in proc.stderr
 
 
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "model_file"])
+def test_an_out_that_is_an_input_is_refused(setup, tmp_path, capsys, link):
+    """--out naming the prompts file (it was emptied, then overwritten with completions, exit 0), also
+    under another name (a symlink, a hard link), or a file of the model: refused before anything is
+    written, and before any process group starts on any rank (so in-process here)."""
+    import rollout
+
+    model_dir, data, _, _ = setup
+    own = tmp_path / "data.jsonl"
+    own.write_text(open(data).read())
+    out = tmp_path / "out.jsonl"
+    if link == "same":
+        out = own
+    elif link == "symlink":
+        out.symlink_to(own)
+    elif link == "hardlink":
+        os.link(own, out)
+    else:
+        out = os.path.join(model_dir, "config.json")
+    before = open(out).read()
+    with pytest.raises(SystemExit) as e:
+        rollout.main(["--model", model_dir, "--data", str(own), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is" in err, err
+    assert open(out).read() == before
+
+
 def test_logprob_mismatch_by_hand():
     gen = [[-1.0, -2.0], [-0.5], [-3.0, -1.0]]
     trainer = [[-1.5, -1.75], [-0.5], [None, -1.25]]  # None: outside the trainer's top-p set
@@ -207,13 +233,11 @@ def test_sigterm_on_two_ranks_leaves_the_parts_and_no_out(setup):
     many.write_text("".join(json.dumps({"prompt": QUESTIONS[i % 4]}) + "\n" for i in range(400)))
     out = tmp / "stopped.jsonl"
     out.write_text('{"stale": true}\n')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
            os.path.join(REPO, "rollout.py"), "--model", model_dir, "--data", str(many), "--out", str(out),
            "--n-samples", "2", "--max-new-tokens", "8", "--gen-batch-size", "1"]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part0 = tmp / "stopped.jsonl.rank0"
     deadline = time.monotonic() + 240

@@ -208,3 +208,16 @@ def test_bad_input(chatml, llama3, tmp_path):
     path = make_test_tokenizer(tmp_path / "eos", eos_token="<|not-a-token|>")
     with pytest.raises(ValueError, match="not in the vocabulary"):
         Tokenizer.from_dir(path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json"])
+def test_a_malformed_file_is_one_error_naming_it(tmp_path, name):
+    path = make_test_tokenizer(tmp_path)
+    file = os.path.join(path, name)
+    with open(file) as f:
+        text = f.read()
+    with open(file, "w") as f:
+        f.write(text[: len(text) // 2])  # cut short, as by a broken download
+    with pytest.raises(ValueError, match=f"{file}: ") as info:
+        Tokenizer.from_dir(path)
+    assert "\n" not in str(info.value)

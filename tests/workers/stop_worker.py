@@ -1,5 +1,6 @@
 """A stop signal on ONE rank during `trainer.update`: every rank raises Interrupted at the same micro-batch,
-before the step's first optimizer step, and the model, optimizer and lr schedule are as they were.
+before the step's first optimizer step, and the model, optimizer and lr schedule are as they were. Every
+rank's Interrupted holds SIGTERM, the signal one rank got: all exit with 143.
 
 `torchrun --nproc-per-node 2 stop_worker.py --out DIR` (dp2, FSDP2 over both ranks). A real SIGTERM
 (`signal.raise_signal`) reaches report.Interrupt's handler on rank 1 only; the ranks can only agree
@@ -91,14 +92,16 @@ def run_case(report: Report, d, policy: Policy, batches, minis, samples, name: s
     report.check(f"stop/{name}/flag_only_on_signalled_rank",
                  interrupt.requested() == (d.rank == signal_rank and at_forward is None),
                  f"requested={interrupt.requested()} before the update")
-    interrupted = False
+    interrupted = 0
     try:
         update(policy, samples, minis, batches, d, settings(), 1.0, 1, False, interrupt)
-    except Interrupted:
-        interrupted = True
+    except Interrupted as e:
+        interrupted = e.signum
     hook.remove()
     report.data[f"stop/{name}/forwards"] = forwards[0]
     report.check(f"stop/{name}/interrupted", interrupted, "update returned without Interrupted")
+    report.check(f"stop/{name}/signal", interrupted in (0, signal.SIGTERM),  # also on the rank not signalled:
+                 f"Interrupted with signal {interrupted}, not SIGTERM's {int(signal.SIGTERM)}")  # its exit code
     want = 0 if at_forward is None else at_forward
     report.check(f"stop/{name}/micro_batch", forwards[0] == want,
                  f"stopped after {forwards[0]} forwards, expected {want}")
