@@ -10,7 +10,8 @@
 #   bash scripts/gpu_hangs.sh [all|train|repro|ledger] [OUT_DIR]   # default: all, $OUT or /tmp/minirl-gpu-hangs
 #
 # Each part prints its rows last (also in OUT_DIR/rows.txt) and keeps its logs in OUT_DIR. Parts take
-# about 4-8 minutes each on 2 H200s (estimates: not yet run), so one part per device call.
+# about 4-9 minutes each on 2 H200s (estimates: not yet run), so one part per device call (repro on
+# 4 GPUs: NPROC=4 bash scripts/gpu_hangs.sh repro, a call of its own).
 # GPU_HANGS_CPU=1 runs every part with gloo on 2 CPU ranks and tiny sizes: a check of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,12 +69,21 @@ if [ "$part" = all ] || [ "$part" = train ]; then
 fi
 
 if [ "$part" = all ] || [ "$part" = repro ]; then
-  for n in 2 4; do
+  for n in ${NPROC:-2 4}; do
     [ "$gpus" -ge "$n" ] || continue
-    timeout 580 python scripts/repro_recompute_hang.py --all --nproc "$n" --timeout 15 --jobs 2 \
-      --compile-backend "$backend" --out-dir "$out/repro_$n" > "$out/repro_$n.log" 2>&1
+    # Every case, compile_reorder with aot_eager (the graphs and checkpoint decisions, no code generation),
+    # then compile_reorder with inductor and a timeout that leaves room for the ranks' compiles.
+    timeout 480 python scripts/repro_recompute_hang.py --all --nproc "$n" --timeout 15 --jobs 2 \
+      --compile-backend aot_eager --out-dir "$out/repro_$n" > "$out/repro_$n.log" 2>&1
     row "repro --nproc $n: exit $? (0: every case as expected)"
     grep "^|" "$out/repro_$n.log" | tee -a "$rows"
+    for mode in naive fixed minirl; do
+      timeout 300 python scripts/repro_recompute_hang.py --scenario compile_reorder --mode "$mode" --nproc "$n" \
+        --timeout 60 --compile-backend "$backend" --out-dir "$out/compile_reorder_${mode}_$n" \
+        > "$out/compile_reorder_${mode}_$n.log" 2>&1
+      row "compile_reorder $mode ($backend, --nproc $n): exit $?, $(grep -E '^(completed|failed)' \
+        "$out/compile_reorder_${mode}_$n.log" | tail -n 1)"
+    done
   done
 fi
 
