@@ -8,6 +8,7 @@ Works on GPUs (NCCL) and on CPUs (gloo); multi-node is plain torchrun (--nnodes,
 """
 
 import contextlib
+import faulthandler
 import math
 import os
 import sys
@@ -271,4 +272,5 @@ def set_peak_lr(policy: Policy, lr: float) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a rank killed by a signal (SIGSEGV, gloo's SIGABRT) prints every thread's stack
     main()

@@ -132,14 +132,14 @@ class ParallelConfig:
     micro_batch_tokens: int = opt(16384, "tokens in one micro-batch of a data-parallel rank", "[1, inf)", resume=True)
     checkpointing: str = opt("selective", "recompute in backward: selective (not matmuls, attention), full or none",
                              resume=True)
-    compile: bool = opt(True, "torch.compile each decoder block (GPUs; not under --trace-collectives)", resume=True)
+    compile: bool = opt(True, "torch.compile each decoder block (GPUs)", resume=True)
     cpu_offload: bool = opt(False, "FSDP2 CPU offload of parameters, gradients and optimizer state", resume=True)
     attn_backend: str = opt("", "force flash | varlen | sdpa (default: best available; env MINIRL_ATTN)", resume=True)
     timeout_s: int = opt(600, "collective timeout in seconds (a hang fails after this)", "[1, inf)", resume=True)
     numa: bool = opt(True, "bind each rank to its GPU's NUMA node (--no-numa to disable)", resume=True)
     trace_collectives: bool = opt(False, "record every collective in ledger/ in out_dir (rollout.py: beside --out), "
                                   "check each step that the ranks issued the same ones, report where they parted "
-                                  "on a hang (minirl/ledger.py)", resume=True)
+                                  "on a hang (minirl/ledger.py; compiled blocks stay compiled)", resume=True)
 
 
 @dataclass
@@ -351,9 +351,9 @@ def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingPar
 
 
 def compiled_blocks(pc: ParallelConfig, device_type: str) -> bool:
-    """Whether the decoder blocks are torch.compile'd: on GPUs unless --no-compile, and never under
-    --trace-collectives, whose ledger must see each collective as the eager code issues it."""
-    return pc.compile and device_type == "cuda" and not pc.trace_collectives
+    """Whether the decoder blocks are torch.compile'd: on GPUs unless --no-compile. (--trace-collectives'
+    ledger sees the collectives of compiled code too: minirl/ledger.py.)"""
+    return pc.compile and device_type == "cuda"
 
 
 def sample_budget(rc: RolloutConfig) -> int:

@@ -14,9 +14,14 @@ the first collective on which the ranks disagree.
         train()                                 # any PyTorch program; gloo or NCCL
     python -m minirl.ledger out/ledger          # after the fact: the first divergence per group
 
-It is a TorchDispatchMode: every c10d op (`dist.all_reduce`, FSDP2's all-gathers, functional
-collectives) passes through `__torch_dispatch__`, and so does every other op, which is the cost of
-turning it on (measured in scripts/README.md). Off, nothing of it runs.
+Two sources fill the same files. "dispatch" (the default) is a TorchDispatchMode: every c10d op
+(`dist.all_reduce`, FSDP2's all-gathers, functional collectives) passes through `__torch_dispatch__`,
+and so does every other op, which is the cost of turning it on (measured in scripts/README.md); it
+knows each collective's phase and call site. torch.compile compiles with the mode off and runs the
+compiled code with it on, so compiled code's collectives pass through it too. "flight_recorder" reads torch's flight recorder instead (gloo and NCCL record every collective
+there, compiled or not, once TORCH_FR_BUFFER_SIZE is set before the process group: see
+`flight_recorder_env`), at each `check_step`, from the stall watcher, and at the end: no per-op
+cost, but one dump of the recorder per read, and no phase or call site. Off, nothing of it runs.
 
 The phase of a collective: "forward" outside autograd's backward; inside it, "recompute" while a
 module's forward runs (a checkpointed region being rebuilt; global module hooks count the depth,
@@ -28,15 +33,17 @@ import faulthandler
 import hashlib
 import json
 import os
+import pickle
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from minirl.divergence import Divergence, first_divergence, group_labels, read_ledgers, report, signature  # noqa: F401
 
 NAMESPACES = ("c10d", "_c10d_functional")  # process-group ops and the functional collectives
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -60,7 +67,32 @@ def flight_recorder_env(ledger_dir: str):
         os.environ.setdefault(key, value)
 
 
-class Ledger(TorchDispatchMode):
+SOURCES = ("dispatch", "flight_recorder")
+
+
+class _Dispatch(TorchDispatchMode):
+    """Sees every op of the program and hands the collectives to the ledger. torch.compile compiles
+    with the mode off and runs the compiled code with it on (`ignore_compile_internals`): the mode
+    then sees what that code dispatches, its collectives included, but not the ops fused into kernels."""
+
+    def __init__(self, ledger: "Ledger"):
+        super().__init__()
+        self.ledger = ledger
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in NAMESPACES:
+            group = self.ledger._group(func, args, kwargs)  # None: no process group, not a collective (a wait)
+            if group is not None:
+                self.ledger.record(func, args, kwargs, group)
+        return func(*args, **kwargs)
+
+
+class Ledger:
     """Records this rank's collectives to `ledger_dir/rank{rank}.jsonl` while entered.
 
     labels: names for process groups ({"sp": group}) shown in reports; otherwise a group's own
@@ -68,15 +100,19 @@ class Ledger(TorchDispatchMode):
     started for that long, faulthandler prints every thread's stack (from a thread of its own, which
     needs no GIL: some waits in collectives hold it) and a Python thread prints the ledgers' first
     divergence so far (when it gets the GIL); set it a little below the collective timeout, so both
-    come before the process group gives up.
+    come before the process group gives up. source: "dispatch" or "flight_recorder" (module docstring).
     Leaving the `with` block writes an end line; on an exception, the first rank to fail prints the
     first divergence.
     """
 
     def __init__(self, ledger_dir: str, rank: int | None = None, labels: dict | None = None,
-                 stall_s: float | None = None):
-        super().__init__()
-        self.dir = ledger_dir
+                 stall_s: float | None = None, source: str = "dispatch"):
+        if source not in SOURCES:
+            raise ValueError(f"unknown ledger source {source!r}; choose one of {SOURCES}")
+        if source == "flight_recorder" and not flight_recorder_on():
+            raise ValueError("the flight_recorder ledger needs TORCH_FR_BUFFER_SIZE set before the process group "
+                             "is created (minirl.ledger.flight_recorder_env)")
+        self.dir, self.source = ledger_dir, source
         self.rank = rank if rank is not None else int(os.environ.get("RANK", "0"))
         os.makedirs(ledger_dir, exist_ok=True)
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -94,33 +130,56 @@ class Ledger(TorchDispatchMode):
                 self.labels[group.group_name] = "+".join(filter(None, (self.labels.get(group.group_name), label)))
         self.ranks: dict[str, list[int]] = {}  # groups described in the file so far -> their global ranks
         self.n, self.start_time, self.last, self.armed = 0, time.monotonic(), time.monotonic(), 0.0
+        self.start_ns = time.time_ns()  # the flight recorder stamps entries with the wall clock
+        self.seen = -1  # flight_recorder source: the newest record id copied so far
+        self.lock = threading.Lock()  # the watcher and the main thread both copy flight recorder entries
         self.entries: list[dict] = []  # this rank's collectives since the last check_step
         self.depth = threading.local()  # .n: module forwards running on this thread
-        self._hooks = []
+        self._hooks, self._mode = [], None
         self.stall_s, self._stop = stall_s, threading.Event()
         self._watcher = threading.Thread(target=self._watch, daemon=True) if stall_s else None
-        self.write(rank=self.rank, pid=os.getpid(), torch=torch.__version__)
+        self.write(rank=self.rank, pid=os.getpid(), torch=torch.__version__, source=source)
 
     # -- recording ----------------------------------------------------------------------------------
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace in NAMESPACES:
-            group = self._group(func, args, kwargs)  # None: no process group, not a collective (a wait)
-            if group is not None:
-                self.record(func, args, kwargs, group)
-        return func(*args, **kwargs)
-
     def record(self, func, args, kwargs, group: str):
+        """dispatch source: one c10d op about to be issued."""
         if torch._C._current_graph_task_id() == -1:
             phase = "forward"
         else:
             phase = "recompute" if getattr(self.depth, "n", 0) > 0 else "backward"
-        tensors = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else [a])
+        schema = func._schema.arguments
+        named = list(zip((a.name for a in schema), (*args, *[kwargs.get(a.name) for a in schema[len(args):]])))
+        tensors = [x for _, a in named for x in (a if isinstance(a, (list, tuple)) else [a])
                    if isinstance(x, torch.Tensor)]
-        entry = dict(n=self.n, t=self.seconds(), phase=phase, op=func._opname, group=group,
-                     shapes=[list(x.shape) for x in tensors],
-                     dtype=str(tensors[0].dtype).removeprefix("torch.") if tensors else "-", site=call_site())
+        # What this rank sends: the argument named input* (c10d: (output, input); functional: (input)),
+        # else the first tensor (allreduce_'s tensors): eager and compiled calls compare alike.
+        sent = next((x for name, a in named if name.startswith("input") for x in _flat(a)),
+                    tensors[0] if tensors else None)
+        self.add(dict(n=self.n, t=self.seconds(), phase=phase, op=func._opname, group=group,
+                      shapes=[list(x.shape) for x in tensors], sent=list(sent.shape) if sent is not None else [],
+                      dtype=str(sent.dtype).removeprefix("torch.") if sent is not None else "-", site=call_site()))
+
+    def sync(self):
+        """flight_recorder source: copy the collectives recorded since the last call into the file."""
+        with self.lock:
+            new = [e for e in flight_recorder_entries() if e["record_id"] > self.seen]
+            if new and self.seen >= 0 and new[0]["record_id"] != self.seen + 1:
+                self.note(f"the flight recorder dropped {new[0]['record_id'] - self.seen - 1} collectives: "
+                          f"raise TORCH_FR_BUFFER_SIZE")
+            for e in new:
+                self.seen = e["record_id"]
+                name, desc = e["process_group"]
+                if not name:  # a group torch made for itself (TORCH_DISTRIBUTED_DEBUG=DETAIL's checks)
+                    continue
+                if name not in self.ranks:
+                    self.describe(name, dist.distributed_c10d._resolve_process_group(name), desc)
+                self.add(dict(n=self.n, t=round((e["time_created_ns"] - self.start_ns) / 1e9, 3), phase="-",
+                              op=e["profiling_name"].split(":")[-1], group=name, shapes=e["input_sizes"],
+                              sent=e["input_sizes"][0] if e["input_sizes"] else [],
+                              dtype=e["input_dtypes"][0] if e["input_dtypes"] else "-"))
+
+    def add(self, entry: dict):
         self.write(**entry)
         self.entries.append(entry)
         self.n += 1
@@ -146,11 +205,16 @@ class Ledger(TorchDispatchMode):
         if name is None:
             return None
         if name not in self.ranks:
-            self.ranks[name] = dist.get_process_group_ranks(group)
-            world = "world" if name == dist.group.WORLD.group_name else ""
-            label = self.labels.get(name) or world or getattr(group, "group_desc", "") or name
-            self.write(group_name=name, label=label, ranks=self.ranks[name])
+            self.describe(name, group, getattr(group, "group_desc", ""))
         return name
+
+    def describe(self, name: str, group, desc: str):
+        """One line naming a process group the first time it is used: its label and global ranks."""
+        self.ranks[name] = dist.get_process_group_ranks(group)
+        world = "world" if name == dist.group.WORLD.group_name else ""
+        label = self.labels.get(name) or world or desc or name
+        self.labels[name] = label
+        self.write(group_name=name, label=label, ranks=self.ranks[name])
 
     def seconds(self) -> float:
         return round(time.monotonic() - self.start_time, 3)
@@ -171,10 +235,13 @@ class Ledger(TorchDispatchMode):
         self.depth.n -= 1
 
     def __enter__(self):
-        super().__enter__()
-        self._hooks = [register_module_forward_pre_hook(self._enter_module),
-                       register_module_forward_hook(self._leave_module, always_call=True)]  # also when
-        # checkpoint's early stop raises out of a forward
+        if self.source == "dispatch":
+            self._mode = _Dispatch(self).__enter__()
+            self._hooks = [register_module_forward_pre_hook(self._enter_module),
+                           register_module_forward_hook(self._leave_module, always_call=True)]  # also when
+            # checkpoint's early stop raises out of a forward
+        else:  # what the process issued before the ledger began is not this ledger's
+            self.seen = max((e["record_id"] for e in flight_recorder_entries()), default=-1)
         if self._watcher is not None:
             self._watcher.start()
         return self
@@ -185,7 +252,10 @@ class Ledger(TorchDispatchMode):
             faulthandler.cancel_dump_traceback_later()
         for hook in self._hooks:
             hook.remove()
-        super().__exit__(exc_type, exc, tb)
+        if self._mode is not None:
+            self._mode.__exit__(exc_type, exc, tb)
+        if self.source == "flight_recorder":
+            self.sync()
         if exc is None:
             self.write(end="completed", t=self.seconds())
         else:
@@ -209,8 +279,13 @@ class Ledger(TorchDispatchMode):
             return False
 
     def _watch(self):
-        """At a stall (no new collective for stall_s), one rank prints the divergence so far."""
-        while not self._stop.wait(min(1.0, self.stall_s / 10)):
+        """At a stall (no new collective for stall_s), one rank prints the divergence so far. With the
+        flight_recorder source it also copies new entries into the file, every stall_s / 4: each copy
+        dumps the recorder's whole buffer (~30 us per entry held on a busy CPU), too dear for often."""
+        period = self.stall_s / 4 if self.source == "flight_recorder" else min(1.0, self.stall_s / 10)
+        while not self._stop.wait(period):
+            if self.source == "flight_recorder":
+                self.sync()
             if time.monotonic() - self.last > self.stall_s and self._claim("stalled"):
                 print(f"rank {self.rank}: no collective started for {self.stall_s:.0f} s\n{report(self.dir)}",
                       file=sys.stderr, flush=True)
@@ -228,6 +303,8 @@ class Ledger(TorchDispatchMode):
         (each one all-gathers every block's parameters); each sp group checks its own sequence.
         Call it only where all ranks are (it issues collectives); it is recorded like any other.
         """
+        if self.source == "flight_recorder":
+            self.sync()
         new, self.entries = self.entries, []
         digests = {}
         for e in new:
@@ -241,10 +318,32 @@ class Ledger(TorchDispatchMode):
             self.write(check=step, t=self.seconds(), ok=True)
             return
         ledgers = [None] * dist.get_world_size()
-        dist.all_gather_object(ledgers, [e for e in new if e["group"] in bad])
+        described = [dict(group_name=g, label=self.labels.get(g, g), ranks=self.ranks[g])
+                     for g in bad if g in self.ranks]
+        dist.all_gather_object(ledgers, described + [e for e in new if e["group"] in bad])
         self.write(check=step, t=self.seconds(), ok=False)
         divergence = first_divergence(ledgers, {g: members[g] for g in bad})
         raise RuntimeError(f"step {step}: ranks issued different collectives (minirl.ledger check): {divergence}")
+
+
+def _flat(value) -> list[torch.Tensor]:
+    """The tensors in an op argument: a tensor, or (nested) lists of them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [x for v in value for x in _flat(v)] if isinstance(value, (list, tuple)) else []
+
+
+def flight_recorder_on() -> bool:
+    """Whether the environment asks torch for a flight recorder (it must, before the process group exists)."""
+    return any(int(os.environ.get(k, "0") or 0) > 0 for k in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"))
+
+
+def flight_recorder_entries() -> list[dict]:
+    """This process's collectives as torch's flight recorder holds them (oldest first; its last
+    TORCH_FR_BUFFER_SIZE). The pickled dump without stacks: ~2 ms for 200 entries, the JSON one ~50."""
+    dump = pickle.loads(torch._C._distributed_c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=False,
+                                                                  onlyActive=False))
+    return dump.get("entries", [])
 
 
 def start(ledger_dir: str, labels: dict | None = None, stall_s: float | None = None) -> Ledger:
@@ -258,109 +357,21 @@ def start(ledger_dir: str, labels: dict | None = None, stall_s: float | None = N
 def call_site() -> str:
     """`file.py:line function` of the innermost caller outside torch, plus the innermost frame of
     torch.distributed below it when there is one (FSDP's hooks during `loss.backward()`), c10d's
-    own wrappers skipped."""
+    own wrappers skipped. A collective of compiled code names the user code that ran it, "via
+    compiled code" (torch.compile's generated files and FX graphs are not where a reader looks)."""
     frame, inner = sys._getframe(2), None
     while frame is not None:
         path = frame.f_code.co_filename
         here = f"{frame.f_lineno} {frame.f_code.co_name}"
-        if not path.endswith(_WRAPPERS):
+        if inner is None and ("torchinductor" in path or path.startswith("<eval_with_key>")):
+            inner = "compiled code"
+        elif not path.endswith(_WRAPPERS):
             if not path.startswith(_TORCH_DIR):
                 return f"{os.path.basename(path)}:{here}" + (f" via {inner}" if inner else "")
             if inner is None and path.startswith(os.path.join(_TORCH_DIR, "distributed")):  # e.g. FSDP's hooks
                 inner = f"{os.path.relpath(path, _TORCH_DIR)}:{here}"
         frame = frame.f_back
     return inner or "?"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading and comparing ledgers
-
-
-def signature(entry: dict) -> list:
-    """What must match across ranks: op, shapes, dtype. (The phase may legitimately differ.)"""
-    return [entry["op"], entry["shapes"], entry["dtype"]]
-
-
-def read_ledgers(ledger_dir: str) -> list[list[dict]]:
-    """Every rank's lines, in rank order; ranks without a file get an empty ledger."""
-    names = os.listdir(ledger_dir) if os.path.isdir(ledger_dir) else []
-    paths = {int(name[4:-6]): os.path.join(ledger_dir, name) for name in names
-             if name.startswith("rank") and name.endswith(".jsonl") and name[4:-6].isdigit()}
-    ledgers = [[] for _ in range(max(paths, default=-1) + 1)]
-    for r, path in paths.items():
-        with open(path) as f:
-            for line in f:
-                try:
-                    ledgers[r].append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    pass
-    return ledgers
-
-
-def group_labels(ledgers: list[list[dict]]) -> dict[str, str]:
-    """Each group's label, from the description lines the ledgers contain."""
-    return {e["group_name"]: e["label"] for ledger in ledgers for e in ledger if "group_name" in e}
-
-
-@dataclass
-class Divergence:
-    """The first place where the ranks' collectives on one process group differ."""
-
-    group: str
-    label: str
-    index: int  # position in that group's sequence of collectives
-    entries: dict[int, dict | None]  # member rank -> its entry there; None where its ledger ends before
-
-    def __str__(self) -> str:
-        return f"group {self.label} (ranks {list(self.entries)}), its collective {self.index}:" + "".join(
-            f"\n  rank {r}: " + (f"#{e['n']} {e['phase']:9s} {e['op']} {e['dtype']} {e['shapes']}"
-                                 + (f"  at {e['site']}" if e.get("site") else "") if e
-                                 else "nothing (its ledger ends before)") for r, e in self.entries.items())
-
-    def short(self) -> str:
-        """One line for a table: phase, op, dtype and the first tensor's shape, per rank."""
-        return "; ".join(f"{e['phase']} {e['op']} {e['dtype']}{e['shapes'][0] if e['shapes'] else ''}"
-                         if e else "nothing" for e in self.entries.values())
-
-
-def first_divergence(ledgers: list[list[dict]], members: dict[str, list[int]] | None = None) -> Divergence | None:
-    """The earliest collective on which the ranks of a group disagree; None if they all agree.
-
-    A process group matches collectives in the order they are issued, so each group's sequence is
-    compared on its own, among its members (all ranks with entries where the ledgers do not say):
-    same op, shapes and dtype at every position. Of several groups that diverge, the one whose
-    divergence was issued first (smallest `n`) is reported.
-    """
-    described = {e["group_name"]: e["ranks"] for ledger in ledgers for e in ledger if "group_name" in e}
-    members = {**described, **(members or {})}
-    labels = group_labels(ledgers)
-    found = []
-    for g in dict.fromkeys(e["group"] for ledger in ledgers for e in ledger if "op" in e):
-        ranks = members.get(g) or [r for r, ledger in enumerate(ledgers) if any(e.get("group") == g for e in ledger)]
-        seqs = {r: [e for e in ledgers[r] if e.get("group") == g] if r < len(ledgers) else [] for r in ranks}
-        for i in range(max(map(len, seqs.values()))):
-            got = {r: s[i] if i < len(s) else None for r, s in seqs.items()}
-            if len({json.dumps(e and signature(e)) for e in got.values()}) > 1:
-                found.append((min(e["n"] for e in got.values() if e), Divergence(g, labels.get(g, g), i, got)))
-                break
-    return min(found, key=lambda f: f[0])[1] if found else None
-
-
-def report(ledger_dir: str) -> str:
-    """Each rank's notes, last collective and end, then the first divergence: what a user reads."""
-    ledgers = read_ledgers(ledger_dir)
-    lines = [f"ledgers in {ledger_dir}:"]
-    for r, ledger in enumerate(ledgers):
-        ops = [e for e in ledger if "op" in e]
-        end = next((e for e in reversed(ledger) if "end" in e), None)
-        lines += [f"  rank {r}: {e['note']}" for e in ledger if "note" in e]
-        last = f", last #{ops[-1]['n']} {ops[-1]['op']} at {ops[-1].get('site', '?')}" if ops else ""
-        ended = f"; {end['end']} {end.get('error', '')}" if end else "; no end (still running or killed)"
-        lines.append(f"  rank {r}: {len(ops)} collectives{last}{ended}")
-    divergence = first_divergence(ledgers)
-    lines.append(f"first divergent collective: {divergence}" if divergence else
-                 "the ledgers agree (as far as each got)")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

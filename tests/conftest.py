@@ -1,5 +1,5 @@
-"""Shared test setup: import `minirl` from this checkout, run torch on one CPU thread, and the tiny
-train.py task that several end-to-end test modules run.
+"""Shared test setup: import `minirl` from this checkout, run torch on one CPU thread, faulthandler in
+every process the tests launch, and the tiny train.py task that several end-to-end test modules run.
 
 Test tensors are tiny, so extra threads buy nothing; on a small machine that is busy with other work
 they cost a lot (measured here on 2 cores under load: 15 s with two threads, 3 s with one).
@@ -16,6 +16,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
+# Every process a test launches inherits this environment: a rank that crashes (SIGSEGV, SIGABRT)
+# prints its Python stack, every thread's, before it dies.
+os.environ["PYTHONFAULTHANDLER"] = "1"
 
 # The task's rewards, loaded by train.py through --reward TASK/rewards.py:NAME.
 REWARDS = '''

@@ -118,11 +118,11 @@ def test_derived_settings():
     assert (g.max_new_tokens, g.temperature, g.top_p, g.top_k) == (20, 0.0, 1.0, 0)
 
 
-def test_blocks_compile_on_gpus_by_default_but_not_for_the_ledger():
+def test_blocks_compile_on_gpus_by_default_also_for_the_ledger():
     assert compiled_blocks(parse_config(TASK).parallel, "cuda")
     assert not compiled_blocks(parse_config(TASK).parallel, "cpu")
     assert not compiled_blocks(parse_config(TASK + ["--no-compile"]).parallel, "cuda")
-    assert not compiled_blocks(parse_config(TASK + ["--trace-collectives"]).parallel, "cuda")
+    assert compiled_blocks(parse_config(TASK + ["--trace-collectives"]).parallel, "cuda")
 
 
 def test_sample_budget_is_the_episode_budget_with_an_env():

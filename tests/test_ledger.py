@@ -1,14 +1,18 @@
-"""Tests for minirl/ledger.py: the first divergence per process group, the phases, and train.py
---trace-collectives on 2 gloo ranks with and without a collective that differs between the ranks.
+"""Tests for minirl/ledger.py and minirl/divergence.py: the first divergence per process group, the
+phases, compiled collectives (both ledger sources), and train.py --trace-collectives on 2 gloo ranks
+with and without a collective that differs between the ranks.
 
 The train.py runs use the default task with 4 prompts, 2 samples, 1 step and 8 held-out prompts,
-launched together (each mostly waits). The injected divergences come from test-only rewards in
-helpers_divergence.py: one rank issues one extra all_reduce (the ranks part: a hang until the
-collective timeout, or a gloo error), or the ranks issue an all_reduce of the same byte count in
-different dtypes (gloo does not notice; the per-step check must).
+launched together with the compiled-collective worker (each mostly waits). The injected divergences
+come from test-only rewards in helpers_divergence.py: one rank issues one extra all_reduce (the ranks
+part: a hang until the collective timeout, or a gloo error), or the ranks issue an all_reduce of the
+same byte count in different dtypes (gloo does not notice; the per-step check must).
 """
 
+import json
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +22,7 @@ import torch.distributed as dist
 from helpers_dist import REPO, gpus, torchrun
 from torch.utils.checkpoint import checkpoint
 
-from minirl.ledger import Ledger, first_divergence, read_ledgers
+from minirl.ledger import Ledger, first_divergence, read_ledgers, signature
 
 TIMEOUT = 20  # --timeout-s of the run that must fail
 SLACK = 60  # for the wall-clock bounds: the CPU is shared, start-up times vary
@@ -41,6 +45,34 @@ def test_first_divergence_compares_each_group_in_order():
     assert first_divergence([[entry(0, "a", dtype="int32")], [entry(0, "a")]]).index == 0
     d = first_divergence([[entry(0, "a"), entry(1, "a")], [entry(0, "a")]])
     assert d.index == 1 and d.entries[1] is None and "nothing" in d.short()
+
+
+def test_eager_and_compiled_names_of_one_collective_compare_alike():
+    """Eager code issues c10d's ops (output, input), compiled code the functional ones (input): the
+    same collective on the wire when what each rank sends matches."""
+    eager = dict(entry(0, "alltoall_base_", shapes=((2, 4), (2, 4))), sent=[2, 4])
+    compiled = dict(entry(0, "all_to_all_single", shapes=((2, 4),)), sent=[2, 4])
+    assert signature(eager) == signature(compiled) and first_divergence([[eager], [compiled]]) is None
+    gather = dict(entry(0, "_allgather_base_", shapes=((8,), (4,))), sent=[4])
+    assert signature(gather) == signature(dict(entry(0, "all_gather_into_tensor"), sent=[4]))
+    assert first_divergence([[eager], [dict(compiled, sent=[4, 2])]]).index == 0
+    assert first_divergence([[eager], [dict(gather, n=0)]]).index == 0
+
+
+def test_a_crossed_wait_names_both_sides():
+    """Rank 1 stopped in a collective of another group: its last one is shown beside rank 0's."""
+    d = first_divergence([[entry(0, "a", group="s"), entry(1, "alltoall_base_", group="s")],
+                          [entry(0, "a", group="s"), entry(1, "_reduce_scatter_base_", group="f")]])
+    assert d.entries[1] is None and d.elsewhere[1]["op"] == "_reduce_scatter_base_"
+    assert "its last collective: #1 backward  _reduce_scatter_base_" in str(d) and "(last: backward" in d.short()
+
+
+def test_a_launched_process_that_crashes_prints_its_stack():
+    """conftest.py sets PYTHONFAULTHANDLER for every process the tests launch: a segfault shows where."""
+    crash = "import ctypes\ndef deep():\n    ctypes.string_at(0)\ndeep()\n"
+    proc = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Fatal Python error: Segmentation fault" in proc.stderr
+    assert 'line 3 in deep' in proc.stderr, proc.stderr
 
 
 def test_first_divergence_compares_only_the_members_of_a_group():
@@ -122,18 +154,24 @@ def train_args(root, name: str, reward: str | None, timeout_s: int) -> list[str]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """name -> (CompletedProcess, seconds, ledger dir), the three runs launched together."""
+    """name -> (CompletedProcess, seconds, ledger dir or out dir), the four launches started together:
+    three train.py runs and tests/workers/compiled_worker.py."""
     root = tmp_path_factory.mktemp("trace")
     cases = {"clean": (None, 300), "extra": ("extra_collective", TIMEOUT), "dtype": ("other_dtype", 300)}
 
     def one(name):
-        reward, timeout_s = cases[name]
         start = time.monotonic()
+        if name == "compiled":
+            worker = os.path.join(REPO, "tests", "workers", "compiled_worker.py")
+            proc = torchrun(2, [worker, "--out", str(root / name)], timeout=600)
+            return proc, time.monotonic() - start, str(root / name)
+        reward, timeout_s = cases[name]
         proc = torchrun(2, train_args(root, name, reward, timeout_s), timeout=600)
         return proc, time.monotonic() - start, str(root / name / "ledger")
 
-    with ThreadPoolExecutor(len(cases)) as pool:
-        return dict(zip(cases, pool.map(one, cases)))
+    names = ["compiled", *cases]  # the compile first: the slowest to start
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(one, names)))
 
 
 def without_time(ledger: list[dict]) -> list[dict]:
@@ -193,6 +231,28 @@ def test_a_silent_dtype_mismatch_fails_the_step_check(runs):
     assert seconds < 300  # the check, not the collective timeout, ended the run
     ends = [ledger[-1] for ledger in read_ledgers(ledger_dir)]
     assert [e.get("end") for e in ends] == ["failed", "failed"], ends
+
+
+@pytest.mark.parametrize("source", ["dispatch", "flight_recorder"])
+def test_a_divergence_in_compiled_code_is_named(runs, source):
+    """An all-to-all traced into an inductor-compiled function: same bytes, other shapes on rank 1 in
+    step 2. Both sources see the compiled collective (dispatch: as the functional op it is) and the
+    step check names it; nothing fell back to eager."""
+    proc, _, out = runs["compiled"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = []
+    for r in range(2):
+        with open(os.path.join(out, f"rank{r}.json")) as f:
+            reports.append(json.load(f))
+    assert all(rep["graphs"] >= 1 and rep["graph_breaks"] == 0 for rep in reports), reports
+    for rep in reports:
+        ok, failed = rep[source]["checks"]
+        assert ok == "ok" and "ranks issued different collectives" in failed and "group sp" in failed
+        lines = failed.splitlines()
+        assert "[[4, 2]]" in lines[1] and "[[2, 4]]" in lines[2], failed
+        assert rep[source]["ops"][0] == ("all_to_all_single" if source == "dispatch" else "all_to_all")
+    if source == "dispatch":
+        assert "via compiled code" in reports[0]["dispatch"]["checks"][1]
 
 
 @gpus(2)
