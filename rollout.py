@@ -4,18 +4,16 @@
     torchrun --nproc-per-node 8 rollout.py ...   # data parallel: rank r takes prompts r, r+8, r+16, ...
 
 The flags are train.py's of the same names (same defaults, same --config files); the output file,
---dtype, --kv-cache-gib and the log-prob check are rollout.py's own. Without --model it runs the
-built-in task's model on its prompts. Each output line is one completion, in prompt order (and sample
-order within a prompt). Lines are written and flushed chunk by chunk (4 x --gen-batch-size rows, or
-1,024), so an interrupted run (Ctrl-C, or SIGTERM as torchrun and schedulers send it) keeps everything
-finished so far; under torchrun each rank writes OUT.rank<r> and rank 0 merges them into OUT at the end
-(an interrupted run leaves only the OUT.rank<r> parts: an OUT of an earlier run is removed at the
-start, and OUT appears only complete).
+--dtype, --kv-cache-gib and the log-prob check are rollout.py's own. Without --model it runs the built-in
+task's model on its prompts. Each output line is one completion, in prompt order (and sample order within
+a prompt), written and flushed chunk by chunk (4 x --gen-batch-size rows, or 1,024): an interrupted run
+(Ctrl-C, SIGTERM) keeps everything finished so far. Under torchrun each rank writes OUT.rank<r> and rank 0
+merges them into OUT at the end, so OUT appears only complete (an earlier run's is removed at the start).
 
 --check-logprobs recomputes the completions' log-probs with the trainer's packed forward (in
---check-dtype, with the same temperature/top-k/top-p) and reports how far the generator's are. The
-per-sequence sum of (generator - trainer) log-probs is the log of the importance ratio that
-truncated importance sampling corrects; its mean estimates KL(generator || trainer).
+--check-dtype, same temperature/top-k/top-p) and reports how far the generator's are. The per-sequence
+sum of (generator - trainer) log-probs is the log of the importance ratio that truncated importance
+sampling corrects; its mean estimates KL(generator || trainer).
 """
 
 import heapq
@@ -91,8 +89,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
 
 
 def check_out(out: str, cfg: TrainConfig) -> None:
-    """--out must not be a file the run reads, under any name (a link): it is emptied before the prompts
-    are read on every rank, and under torchrun replaced at the end."""
+    """--out must not be a file the run reads, under any name (a link): it is emptied before the prompts are
+    read, and under torchrun replaced at the end."""
     if not os.path.exists(out):
         return
     model_files = [os.path.join(cfg.data.model, f) for f in os.listdir(cfg.data.model)] \
@@ -145,10 +143,9 @@ def _order(line: str) -> tuple[int, int]:
 
 
 def logprob_mismatch(pairs: list[tuple[list[float], list[float | None]]]) -> dict:
-    """Generator vs trainer log-probs, one (generator, trainer) pair of lists per sequence: the mean and
-    max |generator - trainer| over tokens, and the mean over sequences of sum(generator - trainer) (a
-    sequence's log importance ratio; its mean estimates KL(generator || trainer)). A trainer None (a
-    sampled token outside the trainer's top-k/top-p set: an infinite ratio) is counted apart, with its
+    """Generator vs trainer log-probs, one (generator, trainer) pair of lists per sequence: the mean and max
+    |generator - trainer| over tokens, and the mean over sequences of sum(generator - trainer). A trainer
+    None (a token outside the trainer's top-k/top-p set: an infinite ratio) is counted apart, with its
     sequence, and left out of the means; a generator None is an observation's token, not compared."""
     deltas, seq_sums, outside_tokens, outside_seqs = [], [], 0, 0
     for gen, trainer in pairs:
@@ -231,9 +228,9 @@ def main(argv=None):
 
 
 def load_inputs(cfg: TrainConfig, out: str, d: Dist) -> tuple[Tokenizer, list[tuple], int, Derived, str]:
-    """(tokenizer, this rank's rows (prompt, sample k) for every world-th prompt, the number of prompts,
-    the derived settings, this rank's output file). Every rank reads every prompt, so that all fail
-    alike on a bad file; the output must be writable before minutes of model loading."""
+    """(tokenizer, this rank's rows (prompt, sample k) for every world-th prompt, the number of prompts, the
+    derived settings, this rank's output file). Every rank reads every prompt, so that all fail alike on
+    a bad file; the output must be writable before minutes of model loading."""
     tok = Tokenizer.from_dir(cfg.data.model)
     ds = derive(cfg, tok)
     scored = ds.reward is not None or ds.episodes is not None

@@ -79,11 +79,10 @@ def main(argv=None):
 
 
 def load_inputs(cfg: TrainConfig) -> tuple[ModelConfig, Tokenizer, PromptDataset, PromptDataset | None, Derived] | None:
-    """Check and read everything a run needs before it starts: the settings, the layout against the
-    model, the weights' files, the out dir (and a resumed run's settings against the saved run's), the
-    tokenizer, the prompts, the reward and environment (`config.derive`); rank 0 prints the notes and
-    warnings. A problem is a ValueError or FileNotFoundError naming it. None: --resume found the run
-    finished, with nothing left to do."""
+    """Check and read everything a run needs before it starts: the settings, the layout against the model,
+    the weights' files, the out dir (and a resumed run's settings), the tokenizer, the prompts, the reward
+    and environment (`config.derive`); rank 0 prints the notes. A problem is a ValueError or
+    FileNotFoundError naming it. None: --resume found the run finished, with nothing left to do."""
     validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = read_config(cfg.data.model)
@@ -264,9 +263,8 @@ def build_policy(model_cfg: ModelConfig, cfg: TrainConfig, ds: Derived, d: Dist)
 
 
 def set_peak_lr(policy: Policy, lr: float) -> None:
-    """This run's peak `lr`, at the position in the schedule a resumed checkpoint holds: the checkpoint
-    restores the saved run's lr into the optimizer and the schedule, and --resume may change it (and
-    the schedule's shape: --schedule, --warmup-steps, --steps, which `build_policy`'s multiplier reads)."""
+    """This run's peak `lr`, at the point of the schedule a resumed checkpoint holds: the checkpoint restores
+    the saved run's lr, and --resume may change it (and the schedule, which `build_policy`'s multiplier reads)."""
     scheduler = policy.scheduler
     scheduler.base_lrs = [lr] * len(policy.optimizer.param_groups)
     for group, multiplier in zip(policy.optimizer.param_groups, scheduler.lr_lambdas):

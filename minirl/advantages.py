@@ -1,11 +1,10 @@
 """From rewards to advantages: GRPO's and RLOO's group baselines, REINFORCE++'s batch normalisation, the
 KL penalty in the reward, DAPO's overlong reward shaping and the groups its dynamic sampling keeps.
 
-Everything here works on a whole step's samples at once, and every rank holds all of them (in the
-same order), so every rank computes the same values without communication. A group is the n samples
-of one prompt, consecutive. Per-token quantities come padded, [N, L], with a mask [N, L] of the tokens
-the loss counts (the policy's own: no prompt, observation or padding). The policy losses are in
-minirl/algorithms.py.
+Everything here works on a whole step's samples at once, and every rank holds all of them (in the same
+order), so every rank computes the same values without communication. A group is the n samples of one
+prompt, consecutive. Per-token quantities come padded, [N, L], with a mask [N, L] of the tokens the loss
+counts (the policy's own: no prompt, observation or padding). The policy losses are in algorithms.py.
 """
 
 from dataclasses import dataclass
@@ -45,29 +44,23 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     return r.amax(dim=1) == r.amin(dim=1)
 
 
-def group_advantages(
-    rewards: Tensor, group_size: int, std_norm: bool = True, eps: float = 1e-6, estimator: str = "grpo"
-) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, std_norm: bool = True, eps: float = 1e-6,
+                     estimator: str = "grpo") -> Tensor:
     """Advantages of each reward relative to the other samples of its prompt.
 
-    rewards [N] holds N / group_size groups back to back (the samples of one prompt
-    are consecutive). The baseline is
+    rewards [N] holds N / group_size groups back to back (the samples of one prompt are consecutive).
+    The baseline is
       grpo  the group mean (the sample's own reward included)
-      rloo  the mean of the other n - 1 rewards (leave-one-out, RLOO): an unbiased
-            baseline, since it does not depend on the sample it scores. As
-            r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean), it is GRPO's centring
-            scaled by n / (n - 1).
-    With `std_norm` the result is divided by the group std (GRPO; with rloo that is
-    GRPO scaled by n / (n - 1), the RLOO paper uses no std). Dr.GRPO drops the std
-    division (std_norm=False): it up-weights prompts that are nearly always right or wrong.
+      rloo  the mean of the other n - 1 rewards (leave-one-out): unbiased, since it does not depend on
+            the sample it scores. As r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean), it is GRPO's
+            centring scaled by n / (n - 1).
+    With `std_norm` the result is divided by the group std (the RLOO paper uses none). Dr.GRPO drops the
+    std division (std_norm=False): it up-weights prompts that are nearly always right or wrong.
 
-    The std is the biased one (divide by n): we standardise the group we have
-    rather than estimate a population's spread, so a group's advantages have zero
-    mean and unit mean square exactly, and group_size=1 gives 0 rather than NaN.
-    verl and TRL use Bessel's correction (divide by n - 1) and add 1e-6 / 1e-4.
-    A group of equal rewards gets exactly zero advantages (it carries no signal):
-    set explicitly, since its float mean need not equal its rewards (seven 0.3s
-    average to 0.3 - 3e-8, which the eps division would blow up to -0.03).
+    The std is the biased one (divide by n; verl and TRL divide by n - 1): we standardise the group we
+    have, so its advantages have zero mean and unit mean square exactly, and group_size=1 gives 0, not
+    NaN. A group of equal rewards gets exactly zero advantages, set explicitly: its float mean need not
+    equal its rewards (seven 0.3s average to 0.3 - 3e-8, which the eps division would blow up to -0.03).
     """
     if rewards.numel() % group_size != 0:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
@@ -89,12 +82,10 @@ def kl_returns(rewards: Tensor, mask: Tensor, token_kl: Tensor | None, kl_coef: 
     OpenRLHF's compute_reward + get_cumulative_returns, gamma 1; verl's apply_kl_penalty).
 
     The outcome reward comes at the end, each counted token t pays kl_coef * kl_t (token_kl [N, L], an
-    estimate from `algorithms.kl_estimate` of the rollout policy against the reference), and the
-    return at t is what comes from t on:
-        G_t = r - kl_coef * sum_{t' >= t, counted} kl_t'
-    A masked token holds the return of the next counted one. G at the first token, r - kl_coef * the
-    sequence's summed KL, is the sample's penalised reward, which GRPO and RLOO score when the KL is in
-    the reward (verl sums the token rewards).
+    estimate from `algorithms.kl_estimate` of the rollout policy against the reference), and the return
+    at t is what comes from t on: G_t = r - kl_coef * sum_{t' >= t, counted} kl_t'. A masked token holds
+    the return of the next counted one. G at the first token is the sample's penalised reward, which GRPO
+    and RLOO score when the KL is in the reward (verl sums the token rewards).
     """
     r = rewards[:, None].expand(mask.shape)  # [N, L]
     if token_kl is None or kl_coef == 0.0:
@@ -106,9 +97,8 @@ def kl_returns(rewards: Tensor, mask: Tensor, token_kl: Tensor | None, kl_coef: 
 def batch_normalise(values: Tensor, mask: Tensor, std_norm: bool = True) -> Tensor:
     """(values - mean) / std [N, L] over every counted token of the batch; 0 at masked tokens.
 
-    Each counted token weighs the same, so a long sequence weighs more in the statistics (as in
-    OpenRLHF and verl). The std is the biased one, floored at 1e-4 (OpenRLHF: var clamped at 1e-8;
-    verl divides by n - 1 and adds 1e-8 to the variance). Equal values get exact zeros, as in
+    Each counted token weighs the same, so a long sequence weighs more in the statistics (as in OpenRLHF
+    and verl). The std is the biased one, floored at 1e-4. Equal values get exact zeros, as in
     `group_advantages`. Without `std_norm` only the mean is subtracted (OpenRLHF's --no_std_norm).
     """
     m = mask.bool()  # [N, L]
@@ -123,8 +113,7 @@ def batch_normalise(values: Tensor, mask: Tensor, std_norm: bool = True) -> Tens
 
 def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, group_size: int, baseline: bool,
                             token_kl: Tensor | None = None, kl_coef: float = 0.0, std_norm: bool = True) -> Tensor:
-    """REINFORCE++ advantages [N, L] (Hu et al., arXiv 2501.03262; OpenRLHF's `reinforce` and
-    `reinforce_baseline` estimators):
+    """REINFORCE++ advantages [N, L] (Hu et al., arXiv 2501.03262; OpenRLHF's `reinforce(_baseline)`):
       1. REINFORCE++-baseline (`baseline`): each reward minus its group's mean reward (no std);
       2. each counted token's return, the KL penalty included when it is in the reward (`kl_returns`);
       3. normalised over the whole batch, not the group (`batch_normalise`).
@@ -137,9 +126,8 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, group_size: int, base
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
-    """DAPO's soft overlong punishment [N] (Yu et al., arXiv 2503.14476, eq. 13; OpenRLHF's
-    apply_overlong_penalty, verl's DAPO reward manager), added to the reward: 0 up to max_len - buffer
-    tokens, then falling linearly to -factor at the limit,
+    """DAPO's soft overlong punishment [N] (Yu et al., arXiv 2503.14476, eq. 13), added to the reward: 0 up
+    to max_len - buffer tokens, then falling linearly to -factor at the limit,
         penalty = -factor * clamp(len - (max_len - buffer), 0, buffer) / buffer
     so a completion that runs long is punished the more the nearer it came to being cut off.
     """
@@ -152,11 +140,9 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
 def advantages(rewards: Tensor, lengths: Tensor, mask: Tensor, ac: AdvantageConfig,
                logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """A step's advantages per completion token [N, L] (0 at masked tokens), and the reward shaping's
-    metrics: the mean overlong penalty and the mean KL penalty per sample, each when on.
-
-    rewards [N] as scored, lengths [N] of the completions, mask [N, L]; with the KL in the reward, the
-    rollout policy's and the reference's log-probs [N, L] of every completion token. The shaping comes
-    first (DAPO's overlong penalty, then the KL penalty), then the estimator's baseline and scaling.
+    metrics (the mean overlong and KL penalties per sample, each when on): rewards [N] as scored, the
+    completions' lengths [N], mask [N, L], and with the KL in the reward the rollout policy's and the
+    reference's log-probs [N, L]. The shaping (overlong, then KL penalty) comes before the baseline.
     """
     stats = {}
     if ac.overlong_buffer:
@@ -176,11 +162,9 @@ def advantages(rewards: Tensor, lengths: Tensor, mask: Tensor, ac: AdvantageConf
 
 def select_groups(informative: list[bool], need: int) -> list[int]:
     """DAPO's dynamic sampling (arXiv 2503.14476, section 3.2): the groups, by index in draw order, that
-    one step trains on. `informative[g]`: group g's rewards are not all equal.
-
-    The first `need` informative groups. When the draws ran out before that many were found, the groups
-    of equal rewards drawn first fill the step up to `need`, so the batch keeps its size (those carry no
-    signal, as they would without dynamic sampling); verl's DAPO stops the run there instead.
+    one step trains on: the first `need` informative ones (`informative[g]`: group g's rewards are not all
+    equal). When the draws ran out before that many were found, the groups of equal rewards drawn first
+    fill the step up to `need`, so the batch keeps its size (verl's DAPO stops the run there instead).
     """
     keep = [g for g, ok in enumerate(informative) if ok][:need]
     fill = [g for g, ok in enumerate(informative) if not ok][:need - len(keep)]

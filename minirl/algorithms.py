@@ -2,24 +2,18 @@
 estimators, and the published defaults of each algorithm's settings (`auto_settings`). Advantages and
 reward shaping (GRPO, RLOO, REINFORCE++, DAPO's) are in minirl/advantages.py.
 
-Everything here works on 1-D per-token tensors of one micro-batch: the tokens of
-several sequences concatenated, length T. `seq_ids[t]` says which sequence of the
-mini-batch token t belongs to and `mask[t]` whether it counts (completion tokens
-count; prompt, observation and padding tokens do not).
+Everything here works on 1-D per-token tensors of one micro-batch: the tokens of several sequences
+concatenated, length T. `seq_ids[t]` says which sequence of the mini-batch token t belongs to and `mask[t]`
+whether it counts (completion tokens count; prompt, observation and padding tokens do not).
 
-A mini-batch is cut into micro-batches (and spread over data- and sequence-parallel
-ranks) and their gradients are summed. For that sum to be the gradient of the
-mini-batch loss, every loss is written as
+A mini-batch is cut into micro-batches (and spread over data- and sequence-parallel ranks) and their
+gradients are summed. For that sum to be the gradient of the mini-batch loss, every loss is written as
+`loss = sum_t weights[t] * loss_t`, where `weights` come from counts over the *whole* mini-batch
+(`token_weights`): a micro-batch's loss is then exactly its share, however the tokens were split.
 
-    loss = sum_t weights[t] * loss_t
-
-where `weights` come from counts over the *whole* mini-batch (see `token_weights`).
-A micro-batch's loss is then exactly its share, however the tokens were split.
-
-Sequence-level quantities (GSPO's ratio, sequence-level importance weights) need all of a
-sequence's tokens. Under data parallelism a sequence lives whole on one rank, but Ulysses splits
-it over the sp ranks of its group. `sequence_sums` therefore scatters each rank's tokens into a
-per-sequence vector and all-reduces it over the sp group (`Sequences.group`), so every rank sees
+Sequence-level quantities (GSPO's ratio, sequence-level importance weights) need all of a sequence's
+tokens, which Ulysses splits over the sp ranks of its group: `sequence_sums` scatters each rank's tokens
+into a per-sequence vector and all-reduces it over the sp group (`Sequences.group`), so every rank sees
 whole-sequence sums while keeping only its own tokens' terms in its loss.
 """
 
@@ -119,12 +113,9 @@ class Sequences:
 
 
 class SumOverGroup(torch.autograd.Function):
-    """all_reduce(SUM) over a process group as an autograd op.
-
-    Every rank's loss uses the summed vector, and the loss being minimised is the sum of the ranks'
-    losses, so the gradient w.r.t. one rank's addend is the sum over ranks of their gradients w.r.t.
-    the sum: the backward is the same all-reduce.
-    """
+    """all_reduce(SUM) over a process group as an autograd op. Every rank's loss uses the summed vector and
+    the loss minimised is the sum of the ranks' losses, so the gradient w.r.t. one rank's addend is the sum
+    over ranks of their gradients w.r.t. the sum: the backward is the same all-reduce."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -143,9 +134,8 @@ class SumOverGroup(torch.autograd.Function):
 def sequence_sums(values: Tensor, seqs: Sequences) -> Tensor:
     """Sum of `values` [T] over the counted tokens of each sequence, all slices included: [S].
 
-    Each rank adds its own tokens into a vector over all sequences (zeros for sequences it does not
-    hold), and the sp group all-reduces it. Every sp rank must call this the same number of times
-    (it does: they run the same micro-batches with the same config). Differentiable: see SumOverGroup.
+    Each rank adds its own tokens into a vector over all sequences (zeros for those it does not hold), and
+    the sp group all-reduces it: every sp rank calls this as often (they run the same micro-batches).
     """
     v = torch.where(seqs.mask.bool(), values, 0.0)  # [T]; where, not *, so a -inf outside the mask stays out
     sums = v.new_zeros(seqs.lens.shape[0]).index_add(0, seqs.ids, v)  # [S]
@@ -154,19 +144,12 @@ def sequence_sums(values: Tensor, seqs: Sequences) -> Tensor:
     return sums
 
 
-def token_weights(
-    mask: Tensor,
-    seq_ids: Tensor,
-    seq_lens: Tensor,
-    n_seqs: int | Tensor,
-    n_tokens: int | Tensor,
-    agg: str,
-    norm_len: float,
-) -> Tensor:
+def token_weights(mask: Tensor, seq_ids: Tensor, seq_lens: Tensor, n_seqs: int | Tensor, n_tokens: int | Tensor,
+                  agg: str, norm_len: float) -> Tensor:
     """Per-token weights that turn a sum over tokens into the chosen mean.
 
-    All counts are global to the mini-batch (every micro-batch, every rank), so
-    the weights of a token do not depend on which micro-batch it landed in:
+    All counts are global to the mini-batch (every micro-batch, every rank), so the weights of a token do
+    not depend on which micro-batch it landed in:
       mask      [T]  1 for counted tokens
       seq_ids   [T]  index into seq_lens
       seq_lens  [S]  counted tokens of each sequence, e.g. bincount(seq_ids[mask])
@@ -179,9 +162,7 @@ def token_weights(
       seq-mean-token-mean      mean over each sequence, then over sequences (GRPO paper)
       seq-mean-token-sum-norm  sum over each sequence / norm_len, mean over sequences;
                                no length bias since norm_len is the same for all (Dr.GRPO)
-
-    The first two sum to 1 over the mini-batch. If the data-parallel gradient
-    reduction averages over ranks instead of summing, scale the loss by world size.
+    The first two sum to 1 over the mini-batch. (FSDP sums the ranks' gradients here: fsdp.py.)
     """
     m = mask if mask.is_floating_point() else mask.float()  # [T]
     if agg == "token-mean":
@@ -200,8 +181,7 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
       k1  -log r           unbiased; negative where ref is likelier; as a loss its gradient averages to 0
       k2  (log r)^2 / 2    biased, never negative; as a loss its gradient is the KL's (on-policy)
       k3  r - log r - 1    unbiased, never negative, low variance (GRPO's)
-    Peers clamp it (verl k3 to +-10, OpenRLHF every estimator to +-10); here a large value is left to
-    show in the metrics, as for the ratios.
+    Not clamped (verl and OpenRLHF clamp at +-10): a large value shows in the metrics, as for the ratios.
     """
     log_r = ref_logprobs - logprobs  # [T]
     if estimator == "k1":
@@ -217,18 +197,14 @@ def policy_log_ratio(logprobs: Tensor, old_logprobs: Tensor, level: str, seqs: S
     """log(pi / pi_old) per token [T], at the chosen level; the PPO clip then acts on its exp.
 
       token           each token's own ratio (PPO, GRPO)
-      sequence        GSPO: the mean log-ratio over the completion's tokens, i.e. the log of the
-                      geometric mean of its token ratios, shared by all its tokens. Clipping then
-                      keeps or drops whole sequences, and a token's gradient is the sequence's,
-                      spread over its tokens by 1/len.
-      sequence-token  GSPO-token: the same value, but each token's gradient flows through its own
-                      log-prob only (the sequence mean is detached). With per-sequence advantages and
-                      token_weights (equal within a sequence) the two give identical gradients; the
-                      token form would let per-token advantages in, and under sp it needs no
-                      differentiable all-reduce.
-    GSPO's clip range is tiny (GSPO_CLIP, see auto_settings). The log-ratio is not clamped before exp (verl
-    clamps it, at +-20 for tokens and 10 for GSPO's): a ratio that large means the policy has left
-    the rollout's, which should show in the metrics rather than be bounded away.
+      sequence        GSPO: the mean log-ratio over the completion's tokens (the log of the geometric mean
+                      of its token ratios), shared by all its tokens. Clipping then keeps or drops whole
+                      sequences, and a token's gradient is the sequence's, spread over its tokens by 1/len.
+      sequence-token  GSPO-token: the same value, but each token's gradient flows through its own log-prob
+                      only (the sequence mean is detached). With per-sequence advantages the two give
+                      identical gradients; under sp this one needs no differentiable all-reduce.
+    GSPO's clip range is tiny (GSPO_CLIP). The log-ratio is not clamped before exp (verl clamps it): a
+    ratio that large means the policy has left the rollout's, which should show in the metrics.
     """
     if level == "token":
         return logprobs - old_logprobs
@@ -246,18 +222,16 @@ def rollout_is_weights(old_logprobs: Tensor, gen_logprobs: Tensor, cfg: LossConf
                        seqs: Sequences | None) -> tuple[Tensor, Tensor]:
     """Importance weights pi_old / pi_gen against the generator, and which tokens they keep: [T], [T].
 
-    The generator (a separate inference engine, or lower precision) samples from a slightly
-    different distribution than the trainer computes; reweighting by the ratio corrects that.
+    The generator (a separate engine, or lower precision) samples from a slightly different distribution
+    than the trainer computes; reweighting by the ratio corrects that.
       tis_level token     each token's own ratio
       tis_level sequence  the product of the completion's token ratios (its likelihood ratio),
                           shared by all its tokens; unbiased for the sequence but of high variance
       tis_mode truncate   weight = min(ratio, tis_cap): bounds the variance, keeps every token
       tis_mode mask       weight = ratio inside [tis_low, tis_cap], 0 outside: tokens (or whole
                           sequences) the generator sampled too differently are dropped from the loss
-    Dropped tokens still count in the loss normalisers, so the weights of the others do not depend
-    on how many were dropped (and a micro-batch's share does not depend on the others'). Peers
-    offer the weight and the rejection as two separate knobs that can be combined; mask mode is
-    that combination (weight kept inside the bounds, 0 outside), and truncate the weight alone.
+    Dropped tokens still count in the loss normalisers, so the weights of the others do not depend on how
+    many were dropped (and a micro-batch's share does not depend on the others').
     """
     log_w = old_logprobs - gen_logprobs  # [T]
     if cfg.tis_level == "sequence":
@@ -289,44 +263,33 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, cfg: LossConfig) -> tup
 
 def cispo_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
                     cfg: LossConfig) -> tuple[Tensor, Tensor]:
-    """CISPO's per-token loss -sg(clip(r, 1 - low, 1 + high)) A log pi [T] (MiniMax-M1, arXiv 2506.13585;
-    verl's compute_policy_loss_cispo), and where the weight was clipped [T].
-
-    REINFORCE with a truncated, stop-gradient importance weight: every token keeps its gradient
-    -w A d log pi, where PPO's clip zeroes the gradient of tokens outside the range (often the rare
-    tokens that matter). The loss's value (w A log pi) is no objective's value; its gradient is.
+    """CISPO's per-token loss -sg(clip(r, 1 - low, 1 + high)) A log pi [T] (MiniMax-M1, arXiv 2506.13585),
+    and where the weight was clipped [T]. REINFORCE with a truncated, stop-gradient importance weight:
+    every token keeps its gradient -w A d log pi, where PPO's clip zeroes the gradient of tokens outside
+    the range (often the rare tokens that matter). The loss's value is no objective's; its gradient is.
     """
     ratio = torch.exp(logprobs - old_logprobs)  # [T]
     w = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high).detach()  # [T]
     return -w * advantages * logprobs, ratio != w
 
 
-def policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    weights: Tensor,
-    cfg: LossConfig,
-    ref_logprobs: Tensor | None = None,
-    gen_logprobs: Tensor | None = None,
-    entropy: Tensor | None = None,
-    seqs: Sequences | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor, cfg: LossConfig,
+                ref_logprobs: Tensor | None = None, gen_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+                seqs: Sequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy-gradient loss (PPO's clipped surrogate or CISPO's) plus optional KL and entropy terms.
 
-    All inputs are [T]; only `logprobs` (and `entropy`, if given) carry gradient.
-    `weights` come from `token_weights`, so the returned loss is this micro-batch's
-    exact share of the mini-batch loss. `seqs` is needed for the sequence-level modes
-    (ratio_level other than token, tis_level sequence); under sp each issues one all-reduce
-    on `seqs.group` (GSPO's a second one in backward).
+    All inputs are [T]; only `logprobs` (and `entropy`, if given) carry gradient. `weights` come from
+    `token_weights`, so the returned loss is this micro-batch's exact share of the mini-batch loss. `seqs`
+    is needed for the sequence-level modes (ratio_level other than token, tis_level sequence); under sp
+    each issues one all-reduce on `seqs.group` (GSPO's a second one in backward).
 
     A token of zero weight (prompt, observation, padding) is out of every term: torch.where gives it
     neutral inputs (log-probs and advantage 0), so a non-finite value there (a k3 or a ratio that
     overflows, a NaN) reaches neither the loss, nor its gradient, nor the metrics, as 0 x inf would.
 
-    The metrics are weighted sums with the same weights, so they too add up over
-    micro-batches to mini-batch means (under seq-mean-token-sum-norm the weights do
-    not sum to 1, so the metrics come out scaled by mean_len / norm_len):
+    The metrics are weighted sums with the same weights, so they too add up over micro-batches to
+    mini-batch means (scaled by mean_len / norm_len under seq-mean-token-sum-norm, whose weights do not
+    sum to 1):
       pg_loss         the (IS-weighted) policy-gradient term
       clip_frac       ppo: tokens where clipping zeroed the gradient; cispo: tokens whose weight was clipped
       approx_kl       k3 estimate of KL(pi_old || pi), how far this update moved

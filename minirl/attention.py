@@ -3,17 +3,14 @@
 A packed batch concatenates several documents into one [T, H, D] tensor; `cu_seqlens` ([B+1], int32)
 marks where each document starts, so no token attends across a document boundary and no padding is
 wasted. Three backends compute the same thing:
-
-- "flash":  flash-attn-4's kernels (optional extra, CUDA only; docs/flash_attn.md says how to install
-            it and when it is faster), registered here as the torch op `minirl::flash_varlen_attn`;
-- "varlen": torch's own `torch.nn.attention.varlen.varlen_attn` (CUDA only; causal is expressed
-            as a sliding window reaching all the way left and zero to the right, `(-1, 0)`);
+- "flash":  flash-attn-4's kernels (optional extra, CUDA only; docs/flash_attn.md), registered here as
+            the torch op `minirl::flash_varlen_attn`;
+- "varlen": torch's own `torch.nn.attention.varlen.varlen_attn` (CUDA only; causal is a sliding window
+            reaching all the way left and zero to the right, `(-1, 0)`);
 - "sdpa":   `scaled_dot_product_attention` once per document (runs everywhere; the CPU path).
-
 `pick_backend` chooses the first that works on the device, unless an argument or the MINIRL_ATTN
-environment variable forces one. flash-attn-4 comes first because it was never slower: on an H200,
-forward+backward of 16k tokens took 1.14 ms vs varlen's 2.06 in 2k-token documents and 400 ms vs 750
-in one 131k-token document (bench/RESULTS.md).
+environment variable forces one. flash-attn-4 comes first because it was never slower (on an H200,
+1.14 ms vs varlen's 2.06 for 16k tokens in 2k-token documents; bench/RESULTS.md).
 """
 
 import functools
@@ -30,11 +27,8 @@ BACKENDS = ("flash", "varlen", "sdpa")
 
 @dataclass
 class AttnMeta:
-    """What every attention layer needs to know about the packed micro-batch, computed once per batch.
-
-    It is passed explicitly through the model's forward (never kept in module-level state), so a
-    checkpointed layer recomputes with exactly the metadata its forward saw.
-    """
+    """What every attention layer needs to know about the packed micro-batch, computed once per batch and
+    passed through the model's forward (no module state): a checkpointed layer recomputes with the same."""
 
     cu_seqlens: torch.Tensor  # [B+1] int32 over the FULL packed sequence (all SP ranks)
     max_seqlen: int
@@ -54,13 +48,9 @@ def _available(backend: str, device: torch.device) -> bool:
 
 
 def _flash_kernels():
-    """flash-attn-4's forward and backward functions, or None where they cannot be imported.
-
-    Import the very functions the `minirl::flash_varlen_attn` op calls: a check that only finds a
-    `flash_attn` package is fooled by flash-attn-4, whose `flash_attn` is a namespace package holding
-    `cute` and nothing else, and by an install whose CuTe DSL (`cutlass`) is missing. They are
-    flash-attn-4's own building blocks under its autograd.Function (4.0.0b36; docs/flash_attn.md).
-    """
+    """flash-attn-4's forward and backward functions (the building blocks under its autograd.Function), or
+    None where they cannot be imported. Importing them, not finding a `flash_attn` package, is the check:
+    flash-attn-4's `flash_attn` is a namespace package, and its CuTe DSL (`cutlass`) may be missing."""
     try:
         from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
     except ImportError:
@@ -95,11 +85,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str) -> torc
 # ---------------------------------------------------------------------------------------------------
 # flash-attn-4 as a torch op
 #
-# flash-attn-4's public function is an autograd.Function around Python that compiles CuTe kernels on
-# the fly; dynamo cannot trace it, so a compiled decoder block broke its graph there, and under
-# activation checkpointing the break sent the whole block back to eager (slower than torch's own
-# kernel). Registered as an opaque op with its backward and its output shapes ("fake" functions),
-# the block compiles around it as it does around torch's varlen op, and checkpoint policies can name it.
+# flash-attn-4's public function is an autograd.Function around Python that compiles CuTe kernels on the
+# fly, which dynamo cannot trace. Registered as an opaque op with its backward and its output shapes
+# ("fake" functions), a compiled block compiles around it, and checkpoint policies can name it.
 
 
 @torch.library.custom_op("minirl::flash_varlen_attn", mutates_args=())
@@ -182,10 +170,8 @@ def _sdpa_per_document(q, k, v, cu_seqlens) -> torch.Tensor:
 
 
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Document boundaries of a packed batch: a document starts wherever its position id is 0.
-
-    position_ids: [T] over the full packed sequence. Returns (cu_seqlens [B+1] int32, max_seqlen).
-    """
+    """Document boundaries of a packed batch, where position ids are 0: position_ids [T] over the full
+    packed sequence -> (cu_seqlens [B+1] int32, max_seqlen)."""
     T = position_ids.numel()
     starts = torch.nonzero(position_ids == 0).flatten()
     end = torch.tensor([T], device=position_ids.device)

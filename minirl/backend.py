@@ -1,10 +1,9 @@
 """What both rollout backends share: the request, the answer, the interface and the checks.
 
-The naive `generate.Generator` and the optional `vllm_backend.VLLMGenerator` both satisfy
-`RolloutBackend` and check their input with the same functions, so the trainer and rollout.py are
-written once against it, and a bad prompt or weight sync reads the same on either. Completion k of a
-prompt at a step samples from its own stream, `sample_seed(seed, step, prompt, k)`: not from the
-batching or the spread over ranks, so a run does not depend on the parallel layout.
+The naive `generate.Generator` and the optional `vllm_backend.VLLMGenerator` both satisfy `RolloutBackend`
+and check their input with the same functions, so the trainer and rollout.py are written once against
+it, and a bad prompt or weight sync reads the same on either. Completion k of a prompt at a step samples
+from its own stream, `sample_seed(seed, step, prompt, k)`, so a run does not depend on the layout.
 """
 
 from collections.abc import Callable, Iterable, Iterator
@@ -63,12 +62,14 @@ class RolloutBackend(Protocol):
                  seeds: list[int] | None = None, stop: Callable[[], bool] | None = None,
                  limits: list[int] | None = None, follow_up: Callable | None = None,
                  max_context: int | None = None) -> list[Completion]:
-        """One Completion per prompt, in order; `progress` has tqdm's `update(n)`. A backend that works
-        in batches asks `stop()` between them and, once it is True, returns the Completions done so far.
-        `limits[i]` is prompt i's own max_new_tokens (`check_limits`), e.g. what is left of an episode's
-        budget. `follow_up(i, completion)`, called as request i finishes (the prompts given, then the
-        requests it added, counted in order), may return one more request (prompt, seed, limit): a
-        multi-turn episode's next turn. Every request's prompt + limit fits in `max_context` tokens."""
+        """One Completion per prompt, in order; `progress` has tqdm's `update(n)`. Prompt i samples from its own
+        stream, `seeds[i]` (default `sample_seed(params.seed, 0, i, 0)`): a completion depends on its prompt,
+        seed and limit only, not on the batching. A backend that works in batches asks `stop()` between them
+        and, once it is True, returns the Completions done so far. `limits[i]` is prompt i's own
+        max_new_tokens (`check_limits`), e.g. what is left of an episode's budget. `follow_up(i, completion)`,
+        called as request i finishes (the prompts given, then the requests it added, counted in order), may
+        return one more request (prompt, seed, limit): a multi-turn episode's next turn. Every request's
+        prompt + limit fits in `max_context` tokens."""
 
     def release(self) -> None:
         """Give memory back to training until the next `update_weights`."""

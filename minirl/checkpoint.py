@@ -1,26 +1,19 @@
 """Training checkpoints (save, resume, pruning) and HF export.
 
 A checkpoint directory `step_N/` holds
-- the model's trainable parameters and the optimizer state, sharded, in torch.distributed.checkpoint
-  (DCP) format: every rank writes its own shards in parallel, and DCP can load them into a different
-  number of ranks. Frozen parameters are left out: with LoRA adapters (minirl/lora.py) a checkpoint
-  holds the adapters alone, and the base weights come from the model directory again on resume;
-- `rank{r}.pt` per rank: step, LR scheduler state, the data position the caller hands in (an opaque
-  dict of plain Python values) and the random number generator states (python, torch CPU, CUDA),
-  which differ per rank. Resuming restores all of these, so a resumed run repeats the exact losses
-  of an uninterrupted one (tests/test_checkpoint.py checks that bit for bit); the RNG files tie a
-  resume to the same number of ranks.
+- the trainable parameters and the optimizer state, sharded, in torch.distributed.checkpoint (DCP)
+  format: every rank writes its own shards in parallel. Frozen parameters are left out: with LoRA
+  (minirl/lora.py) a checkpoint holds the adapters alone, the base weights come from the model dir again;
+- `rank{r}.pt` per rank: step, LR scheduler state, the caller's data position (plain Python values) and
+  the RNG states (python, torch CPU, CUDA), which differ per rank and tie a resume to the same number
+  of ranks. A resumed run repeats the exact losses of an uninterrupted one (tests/test_checkpoint.py).
 
 Writing is atomic: everything goes to `step_N.tmp/`, rank 0 renames it to `step_N/` once every rank
-has finished, and only then rewrites the `latest` file (itself via a rename). A crash or a full disk
-mid-save leaves `latest` pointing at the previous complete checkpoint. All ranks must see the same
-directory.
-
-`latest` is the commit point: resuming considers the checkpoint it names and older ones, newest
-first, and takes the first that is complete and loads, warning about each one it passes over (a
-truncated file, a `latest` naming a deleted directory). `step_N` directories newer than `latest`
-are leftovers of an unfinished save or of a run that fell back past them; they are ignored, and
-overwritten when the run gets there again.
+has finished, and only then rewrites the `latest` file (itself via a rename), the commit point: a crash
+or a full disk mid-save leaves it naming the previous complete checkpoint. Resuming walks back from the
+one `latest` names and takes the first that is complete and loads, warning about each one it passes
+over; `step_N` directories newer than `latest` (an unfinished save) are ignored, and overwritten later.
+All ranks must see the same directory.
 """
 
 import os
@@ -94,11 +87,8 @@ def _read_latest(ckpt_dir: str) -> str | None:
 
 
 def candidates(ckpt_dir: str) -> tuple[list[str], list[str]]:
-    """(checkpoint paths to try, newest first; warnings) from `latest` and the step_N directories.
-
-    Only `latest` and older checkpoints are candidates (see the module docstring); with no `latest`
-    file (a crash between the first rename and writing it) every step_N is.
-    """
+    """(checkpoint paths to try, newest first; warnings): `latest` and older ones, or with no `latest` file
+    (a crash between the first rename and writing it) every step_N."""
     steps = sorted((int(m[1]) for name in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
                     if (m := _STEP_DIR.fullmatch(name)) and os.path.isdir(os.path.join(ckpt_dir, name))),
                    reverse=True)
@@ -117,9 +107,8 @@ def candidates(ckpt_dir: str) -> tuple[list[str], list[str]]:
 def problem(path: str, world_size: int) -> str | None:
     """Why checkpoint `path` cannot be resumed by `world_size` ranks, or None when it looks complete.
 
-    Cheap and needs no process group: DCP's .metadata must read and every shard file must be as long
-    as it says (a full disk or a copy cut short truncates them), and there must be one non-empty
-    rank{r}.pt per rank. Bytes that are wrong but present show only when loading (see `load_latest`).
+    Cheap, with no process group: DCP's .metadata must read, every shard file be as long as it says (a
+    full disk truncates them), and one non-empty rank{r}.pt exist per rank. Wrong bytes show only on load.
     """
     try:
         metadata = dcp.FileSystemReader(path).read_metadata()
@@ -167,12 +156,10 @@ def _non_finite(model) -> list[str]:
 def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict, keep: int = 0) -> str:
     """Write checkpoint `ckpt_dir/step_{step}` from every rank (a collective); returns its path.
 
-    Refuses (ValueError) a model with a NaN or inf parameter: the trainer skips non-finite steps, and
-    this is the second line of defence that keeps a poisoned model from becoming `latest`. It reads
-    every local shard once, which costs far less than writing it. A write that fails on any rank (a
-    full disk, a quota) is an OSError on every rank, naming the checkpoint; the half-written
-    directory is removed and `latest` still names the previous one. `keep` > 0 then deletes all but
-    the `keep` newest checkpoints (never the one `latest` names).
+    Refuses (ValueError) a model with a NaN or inf parameter, the second line of defence after the
+    trainer's skipped steps: a poisoned model never becomes `latest`. A write that fails on any rank (a
+    full disk) is an OSError on every rank, naming the checkpoint; the half-written directory is removed.
+    `keep` > 0 then deletes all but the `keep` newest checkpoints (never the one `latest` names).
     """
     rank = dist.get_rank()
     final = os.path.join(ckpt_dir, f"step_{step}")
@@ -231,9 +218,8 @@ def save(ckpt_dir: str, step: int, model, optimizer, scheduler, data_state: dict
 def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:
     """Restore the newest complete checkpoint into model, optimizer, scheduler and the RNGs (a collective).
 
-    Walks back from the one `latest` names: a checkpoint with a `problem`, or whose loading fails on
-    any rank, is passed over with a warning on rank 0 and the next older one is tried. Returns None
-    when `ckpt_dir` holds no checkpoint (a fresh start); raises ValueError when it holds some but none loads.
+    One with a `problem`, or whose loading fails on any rank, is passed over with a warning and the next
+    older one tried. None when `ckpt_dir` holds no checkpoint; a ValueError when it holds some but none loads.
     """
     paths, passed_over = candidates(ckpt_dir)
     for why in passed_over:
@@ -265,12 +251,9 @@ def load_latest(ckpt_dir: str, model, optimizer, scheduler) -> Resume | None:
 
 def export_hf(model, cfg: ModelConfig, out_dir: str, tokenizer_dir: str | None = None,
               dtype: torch.dtype = torch.bfloat16, adapter_dir: str | None = None, base_model: str = "") -> None:
-    """Write the (sharded) model as an HF model directory that transformers and vLLM load (a collective).
-
-    All ranks gather the parameters one at a time; rank 0 alone writes them. LoRA adapters are merged
-    into their weights (an ordinary model), and with `adapter_dir` also written there on their own, in
-    PEFT's format, for the base model `base_model` (minirl/lora.py).
-    """
+    """Write the (sharded) model as an HF model directory that transformers and vLLM load (a collective):
+    all ranks gather the parameters one at a time, rank 0 writes them. LoRA adapters are merged into their
+    weights, and with `adapter_dir` also written there alone, in PEFT's format, for `base_model` (lora.py)."""
     adapters = {}
     tensors = lora.merged(model, iter_full_params(model, dtype), adapters)
     if dist.get_rank() == 0:

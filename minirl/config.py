@@ -182,10 +182,7 @@ def _sections(cfg: TrainConfig):
 
 def apply_overrides(cfg: TrainConfig, values: dict, source: str):
     """Set fields from a flat {"lr": ...} or nested {"optim": {"lr": ...}} dict, naming `source` in errors.
-
-    Unknown keys and values of the wrong type are errors: a JSON `"export": "false"` is a non-empty
-    string, which Python reads as True, so it would silently export.
-    """
+    Unknown keys and values of the wrong type are errors (a JSON `"export": "false"` would read as True)."""
     sections = dict(_sections(cfg))
     known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
     flat = {}
@@ -204,9 +201,7 @@ def apply_overrides(cfg: TrainConfig, values: dict, source: str):
 
 def _typed(value, expected: type, what: str):
     """`value` if it is an `expected` (an int is accepted as a float), else a ValueError naming `what`.
-
-    bool is checked first: in Python True is also an int, and "1" or 1 is not a yes/no answer.
-    """
+    True is not an int here (Python's bool is one), nor 1 a yes/no answer."""
     if expected == bool | None:  # a yes/no left to the algorithm when None (auto)
         if value is None:
             return None
@@ -220,9 +215,8 @@ def _typed(value, expected: type, what: str):
 
 def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, ...]] | None = None,
                  ) -> argparse.ArgumentParser:
-    """A flag per field of `cfg` (of the sections and fields in `only`, when given), its range and its
-    default as `--help` shows them: where the built-in task's train_config.json sets a field, a bare run
-    uses that value, so help names it first."""
+    """A flag per field of `cfg` (of the sections and fields in `only`, when given), with its range and the
+    default a bare run uses (the built-in task's train_config.json's, where it sets one) in `--help`."""
     bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
@@ -250,12 +244,9 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
 
 
 def config_from_args(args: dict, cfg: TrainConfig | None = None) -> TrainConfig:
-    """`cfg` (default: the dataclass defaults), then --config FILE, then the flags given in `args`.
-
-    Without --model (in the flags or the file), the built-in task's (--task, in the flags or the file)
-    train_config.json comes first, and its model and data fill in what is left empty: that is how a
-    bare `train.py` runs the default task, and `train.py --task tools` the other.
-    """
+    """`cfg` (default: the dataclass defaults), then --config FILE, then the flags given in `args`. Without
+    --model (in the flags or the file), the --task's train_config.json comes first, and its model and data
+    fill in what is left empty: how a bare `train.py` runs the default task, `--task tools` the other."""
     cfg = cfg or TrainConfig()
     values = read_config_file(config_file) if (config_file := args.pop("config", "")) else {}
     flat = {**values, **{k: v for part in values.values() if isinstance(part, dict) for k, v in part.items()}}
@@ -292,6 +283,7 @@ def validate(cfg: TrainConfig):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be {'' if spec[0] == '0' else 'in '}{spec}, "
                                  f"got {value!r}")  # "must be in [0, inf)", "must be 0 or (1, inf)"
     rc, algo, n = cfg.rollout, cfg.algo, cfg.run.prompts_per_step * cfg.rollout.n_samples
+    budget = sample_budget(rc)
     for bad, message in [
         (not cfg.data.data, "--data is required with --model"),
         (n % algo.mini_batches,
@@ -302,28 +294,24 @@ def validate(cfg: TrainConfig):
         (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
         (cfg.parallel.checkpointing not in CHECKPOINTING, f"--checkpointing: one of {', '.join(CHECKPOINTING)}"),
         (cfg.parallel.attn_backend not in ("", *BACKENDS),
-         f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}")]:
+         f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}"),
+        # The algorithm's combinations that would do nothing, or not what they say:
+        (algo.kl_placement not in ("", *KL_PLACEMENTS) or algo.kl_estimator not in ("", *KL_ESTIMATORS),
+         f"--kl-placement is one of {KL_PLACEMENTS} and --kl-estimator one of {KL_ESTIMATORS}, "
+         f"got {algo.kl_placement!r} and {algo.kl_estimator!r}"),
+        ((algo.kl_placement or algo.kl_estimator) and not algo.kl_coef,
+         "--kl-placement and --kl-estimator need --kl-coef > 0, the weight of the KL"),
+        (algo.dynamic_sampling and rc.n_samples < 2,
+         "--dynamic-sampling K redraws groups of equal rewards: a group of one always has them"),
+        (algo.overlong_buffer and not (algo.overlong_buffer <= budget and algo.overlong_penalty > 0),
+         f"--overlong-buffer must be in [1, {budget}] (the length limit) and --overlong-penalty > 0, got "
+         f"{algo.overlong_buffer} and {algo.overlong_penalty}")]:
         if bad:
             raise ValueError(message)
     if rc.env:
         load_env(rc.env)  # importable, and makes a well-formed env
     adapter_spec(cfg)  # checks the --lora-* flags
     check_advantage(algo.advantage, rc.n_samples)
-    validate_algo(algo, rc.n_samples, sample_budget(rc))
-
-
-def validate_algo(algo: AlgoConfig, n_samples: int, budget: int):
-    """The algorithm's settings, and combinations of them that would do nothing or not what they say."""
-    if algo.kl_placement not in ("", *KL_PLACEMENTS) or algo.kl_estimator not in ("", *KL_ESTIMATORS):
-        raise ValueError(f"--kl-placement is one of {KL_PLACEMENTS} and --kl-estimator one of {KL_ESTIMATORS}, "
-                         f"got {algo.kl_placement!r} and {algo.kl_estimator!r}")
-    if (algo.kl_placement or algo.kl_estimator) and not algo.kl_coef:
-        raise ValueError("--kl-placement and --kl-estimator need --kl-coef > 0, the weight of the KL")
-    if algo.dynamic_sampling and n_samples < 2:
-        raise ValueError("--dynamic-sampling K redraws groups of equal rewards: a group of one always has them")
-    if algo.overlong_buffer and not (0 < algo.overlong_buffer <= budget and algo.overlong_penalty > 0):
-        raise ValueError(f"--overlong-buffer must be in [1, {budget}] (the length limit) and --overlong-penalty "
-                         f"> 0, got {algo.overlong_buffer} and {algo.overlong_penalty}")
     loss_config(algo)  # checks loss_agg, the clip, dual_clip_c, ratio_level, policy_loss and the tis_* settings
 
 

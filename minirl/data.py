@@ -65,12 +65,11 @@ class Prompt:
 
 
 class PromptDataset:
-    """Tokenized prompts served in a seeded, epoch-wise shuffled order. Same order on every rank.
+    """Tokenized prompts served in a seeded, epoch-wise shuffled order, the same on every rank.
 
-    Every row needs a prompt: a string, or a list of chat messages when `chat`. A row without an
-    answer gets "" (its rewards are then 0): with `need_answers`, a file where every row lacks
-    `answer_field` is an error (a misspelt field would train a whole run at reward 0), and
-    `missing_answers` counts the rows that lack it, for the caller to warn about once.
+    Every row needs a prompt: a string, or a list of chat messages when `chat`. A row without an answer
+    gets "" (`missing_answers` counts them, for the caller to warn about); with `need_answers`, a file
+    where no row has `answer_field` is an error (a misspelt field would train a whole run at reward 0).
     """
 
     def __init__(self, path, tokenizer: Tokenizer, prompt_field="prompt", answer_field="answer",

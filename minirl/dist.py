@@ -82,12 +82,10 @@ def check_parallel_or_exit(world: int, sp: int, cfg: ModelConfig) -> None:
 
 
 def init_process_group(timeout_s: float = 600.0, cpu_collectives: bool = False) -> torch.device:
-    """Join the job torchrun started (NCCL on GPUs, gloo on CPU) and return this rank's device.
-
-    `timeout_s` bounds every collective: a mismatched one fails, naming itself, instead of hanging.
-    Under plain `python` it forms a one-rank job with torchrun's environment (vLLM reads it).
-    `cpu_collectives` adds gloo beside NCCL for CPU tensors (FSDP2's CPU offload: the gradient norm).
-    """
+    """Join the job torchrun started (NCCL on GPUs, gloo on CPU) and return this rank's device; under plain
+    `python`, a one-rank job with torchrun's environment (vLLM reads it). `timeout_s` bounds every
+    collective: a mismatched one fails, naming itself, instead of hanging. `cpu_collectives` adds gloo
+    beside NCCL for CPU tensors (FSDP2's CPU offload: the gradient norm)."""
     if "MASTER_ADDR" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -116,13 +114,9 @@ def build_dist(sp: int) -> Dist:
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
     fsdp_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("fsdp",))
-    return Dist(
-        rank=rank, world=world, device=device,
-        dp_rank=mesh.get_local_rank("dp"), dp_size=world // sp,
-        sp_rank=mesh.get_local_rank("sp"), sp_size=sp,
-        mesh=mesh, fsdp_mesh=fsdp_mesh,
-        sp_group=mesh["sp"].get_group() if sp > 1 else None,
-    )
+    return Dist(rank=rank, world=world, device=device, dp_rank=mesh.get_local_rank("dp"), dp_size=world // sp,
+                sp_rank=mesh.get_local_rank("sp"), sp_size=sp, mesh=mesh, fsdp_mesh=fsdp_mesh,
+                sp_group=mesh["sp"].get_group() if sp > 1 else None)
 
 
 def shutdown() -> None:

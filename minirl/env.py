@@ -1,12 +1,11 @@
 """Environments for multi-turn rollouts: the interface, the loader and the checks around user code.
 
-The policy writes a turn until EOS or the environment's `stop` token (say, the end of a tool call);
-the environment answers with an observation (the tool's output, appended to the context), a reward
-and whether the episode is over. An environment is a class, named like a reward (`--env module:Name`
-or `path/to/file.py:Name`); one instance per episode keeps the episode's state, and the episode's
-reward is the sum of its steps'. Every call into it goes through `checked_start` / `checked_step`: an
-exception, a sys.exit() or a bad value (a reward that is not finite in float32) becomes one ValueError
-naming the environment and the prompt, instead of a failure far from its cause (or a NaN in the weights).
+The policy writes a turn until EOS or the environment's `stop` token (say, the end of a tool call); the
+environment answers with an observation (the tool's output, appended to the context), a reward and
+whether the episode is over. An environment is a class, named like a reward (`--env module:Name` or
+`path/to/file.py:Name`); one instance per episode keeps its state, and the episode's reward is the sum of
+its steps'. Every call into it goes through `checked_start` / `checked_step`: an exception, a sys.exit()
+or a bad value becomes one ValueError naming the environment and the prompt.
 """
 
 import functools

@@ -7,16 +7,14 @@ prompt followed by one flat list of token ids, and three parallel lists say what
     mask               1 1 1 1 1          0 0 0 0         1 1 1 ...
     logprobs           generator's        0.0 (none)      generator's
 
-A policy turn keeps exactly the ids the generator sampled, never re-tokenised from its text (the
-trainer must score the ids the log-probs belong to); an observation is tokenised on its own, with
-mask 0 (no loss, in no normaliser). The trainer packs the trajectory as one sample (`packing.pack`).
+A policy turn keeps exactly the ids the generator sampled, never re-tokenised from its text (the trainer
+must score the ids the log-probs belong to); an observation is tokenised on its own, with mask 0 (no
+loss, in no normaliser). The trainer packs the trajectory as one sample (`packing.pack`).
 All first turns go to the generator in one call; as a turn finishes, the environment reads it and the
-episode's next turn (prompt + trajectory so far, prefilled again; vLLM's prefix cache skips most of
-that) joins the generator's queue as a new request (`follow_up`) while other episodes decode. Turn t
-samples from the episode's own seed: the trajectories do not depend on the batching. An episode ends
-with finish_reason `done` (the environment said so), `max_turns`, or `length` (the token budget cut a
-turn or had no room for an observation); a turn cut by max_new_tokens goes to the environment like any
-other.
+episode's next turn (prompt + trajectory so far, prefilled again) joins the generator's queue as a new
+request (`follow_up`) while other episodes decode. Turn t samples from the episode's own seed: the
+trajectories do not depend on the batching. An episode ends with finish_reason `done` (the environment
+said so), `max_turns`, or `length` (the token budget cut a turn or left no room for an observation).
 """
 
 from collections.abc import Callable
@@ -53,10 +51,9 @@ class Episode:
 
 def run_episodes(generator: RolloutBackend, episodes: list[Episode], prompts: list[str], answers: list[str],
                  ec: EpisodeConfig, tok, params: SamplingParams, progress=None, stop=None):
-    """Play every episode to its end, in place. `params.max_new_tokens` bounds each turn, `ec.budget`
-    the whole trajectory (a turn's limit is what is left of it). An environment error is a ValueError
-    naming it and the prompt; the episodes stop where they are, as they do when `stop()` turns true
-    (a signal, read whenever the generator looks at its rows)."""
+    """Play every episode to its end, in place. `params.max_new_tokens` bounds each turn, `ec.budget` the
+    whole trajectory. An environment error is a ValueError naming it and the prompt; the episodes stop
+    where they are, as they do when `stop()` turns true (a signal, read whenever the generator looks)."""
     for e, prompt, answer in zip(episodes, prompts, answers):
         checked_start(e.env, ec.spec, e.prompt_index, prompt, answer)
     turn_params = replace(params, stop_token_ids=(*params.stop_token_ids, ec.stop_id))

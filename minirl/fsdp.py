@@ -1,20 +1,17 @@
 """FSDP2 sharding of the model over every rank, and the helpers that have to know about it.
 
-Each decoder block is one FSDP unit (its parameters are gathered just before it runs and freed
-right after), and the root unit holds the rest: embeddings, final norm, output head. Parameters
-become DTensors sharded on dim 0 over all W ranks, whatever the dp x sp grid.
+Each decoder block is one FSDP unit (its parameters are gathered just before it runs and freed right
+after), and the root unit holds the rest: embeddings, final norm, output head. Parameters become
+DTensors sharded on dim 0 over all W ranks, whatever the dp x sp grid.
 
-Gradient scale. FSDP averages gradients over its ranks by default. That is right when every rank
-computes the MEAN loss of its own batch, and wrong for us twice: sp ranks hold different tokens of the
-same sequences, and the RL losses normalise by counts over the whole step. So minirl makes every
-rank's loss an exact share of the global loss -- a sum over the rank's own tokens of per-token
-weights that were normalised by GLOBAL counts -- and the global loss is then the plain SUM of rank
-losses. Its gradient is the SUM of rank gradients, so FSDP is told to sum, not average:
-`set_gradient_divide_factor(1.0)` with `set_force_sum_reduction_for_comms(True)`, which makes the
-reduce-scatter a plain ReduceOp.SUM on NCCL and gloo alike (a factor alone would ask for
-PREMUL_SUM, which gloo lacks). The gradient then equals a single process's gradient of the same
-global batch for any dp x sp (tests/test_fsdp.py checks exactly that), and the global loss for
-logging is an all_reduce SUM of the rank losses.
+Gradient scale. FSDP averages gradients over its ranks by default: right when every rank computes the
+MEAN loss of its own batch, wrong for us twice, since sp ranks hold different tokens of the same
+sequences and the RL losses normalise by counts over the whole step. minirl makes every rank's loss an
+exact share of the global loss (per-token weights normalised by GLOBAL counts), so the global loss is
+the plain SUM of rank losses and its gradient the SUM of rank gradients: FSDP is told to sum, with
+`set_gradient_divide_factor(1.0)` and `set_force_sum_reduction_for_comms(True)` (a plain ReduceOp.SUM
+on NCCL and gloo alike; a factor alone would ask for PREMUL_SUM, which gloo lacks). The gradient then
+equals a single process's on the same global batch for any dp x sp (tests/test_fsdp.py).
 """
 
 from typing import Iterable, Iterator
@@ -35,11 +32,9 @@ def shard_model(model: Transformer, mesh: DeviceMesh, mixed_precision: bool, cpu
                 checkpointing: str) -> Transformer:
     """Shard `model` in place over the 1-D `mesh` of all ranks (`Dist.fsdp_mesh`); returns it.
 
-    mixed_precision: compute in bf16 (parameters are gathered in bf16), reduce gradients in fp32,
-    keep fp32 master weights. cpu_offload: keep the sharded parameters, gradients and optimizer
-    state in CPU memory; the optimizer step then runs on CPU. checkpointing: "selective", "full" or
-    "none", what every block recomputes in backward (model.Block); the checkpoint sits inside the
-    block, i.e. inside its FSDP unit.
+    mixed_precision: compute in bf16 (parameters are gathered in bf16), reduce gradients in fp32, keep fp32
+    master weights. cpu_offload: the sharded parameters, gradients and optimizer state in CPU memory (the
+    optimizer step runs on CPU). checkpointing: what every block recomputes in backward (model.Block).
     """
     if mesh.ndim != 1:
         raise ValueError(f"shard over a 1-D mesh of all ranks (Dist.fsdp_mesh), got a {mesh.ndim}-D mesh")
@@ -84,12 +79,8 @@ def build_sharded(cfg: ModelConfig, state_dict: dict, d: Dist, pcfg, train: bool
 
 
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
-
-    torch's own clip_grad_norm_ already handles DTensor gradients: each shard's norm is combined
-    across the mesh before clipping (tests/test_fsdp.py compares it with an unsharded model). It
-    returns the norm as a replicated DTensor; here it becomes a plain tensor for logging.
-    """
+    """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping, as a
+    plain tensor (torch's clip_grad_norm_ combines the DTensor shards' norms and returns a DTensor)."""
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
@@ -97,13 +88,9 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> to
 @torch.no_grad()
 def iter_full_params(model: torch.nn.Module, dtype: torch.dtype | None = torch.bfloat16
                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, full parameter) one at a time, in `named_parameters` order, cast to `dtype`.
-
-    Each step all-gathers one parameter, so peak extra memory is one full tensor, not a model.
-    It is a collective: EVERY rank must iterate to the end, in this same order, even if it keeps
-    nothing; the consumer (weight sync to the generator, HF export) decides what to keep. Tensors
-    come on the compute device (also with CPU offload); names are the model's (HF's minus "model.").
-    """
+    """Yield (name, full parameter) one at a time, in `named_parameters` order, cast to `dtype`, on the
+    compute device (also with CPU offload). Each all-gathers one parameter, so peak extra memory is one
+    full tensor, not a model; a collective: EVERY rank iterates to the end, even one that keeps nothing."""
     for name, p in model.named_parameters():
         if isinstance(p, DTensor):
             # Cast the shard before gathering: a bf16 gather moves half the bytes of an fp32 one.

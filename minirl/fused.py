@@ -1,8 +1,8 @@
 """The inference copy's fused projections: one matmul for q/k/v and one for gate/up in every layer.
 
-A decode step's matmuls are small and bound by launches and tile overheads rather than bytes: seven a
-layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs (bench/RESULTS.md).
-The fused parameters are views that autograd and FSDP know nothing of: inference only.
+A decode step's matmuls are small and bound by launches and tile overheads rather than bytes (seven a
+layer take 44 µs at batch 256 for Qwen3-0.6B on an H100, the fused four 32 µs). The fused parameters
+are views that autograd and FSDP know nothing of: inference only.
 """
 
 import torch
@@ -13,13 +13,10 @@ from minirl.model import MLP, Attention, ModelConfig, Transformer
 
 
 class FusedLinear(nn.Module):
-    """Several nn.Linear on the same input as one matmul, for an inference copy: their weights stacked
-    into one [sum of out_features, in_features] tensor (biases likewise), the output split back.
-
-    Each original parameter becomes a view into the stack, so writing a parameter by name (a weight
-    sync) writes what the matmul reads. The stacks are non-persistent buffers: no new names in
-    named_parameters() or state_dict().
-    """
+    """Several nn.Linear on the same input as one matmul: their weights stacked into one [sum of
+    out_features, in_features] tensor (biases likewise), the output split back. Each parameter becomes a
+    view into the stack, so a weight sync by name writes what the matmul reads; the stacks are
+    non-persistent buffers (no new names in named_parameters() or state_dict())."""
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
@@ -67,9 +64,8 @@ class FusedMLP(MLP):
 
 
 def fuse_projections(model: Transformer):
-    """One matmul for q/k/v and one for gate/up in every layer of an inference copy: each layer's
-    attention and MLP are swapped for fused versions that hold the same submodules, so parameter
-    names and shapes are unchanged."""
+    """One matmul for q/k/v and one for gate/up in every layer of an inference copy: its attention and MLP
+    become fused versions holding the same submodules (parameter names and shapes unchanged)."""
     for layer in model.layers:
         layer.self_attn = FusedAttention(layer.self_attn, model.cfg)
         layer.mlp = FusedMLP(layer.mlp, model.cfg)

@@ -7,23 +7,18 @@ repeats three moves until every request is done:
   right-padded, run through the model together (prefill) into those rows of the cache. Padding writes
   junk above a short prompt, which is harmless: a query at position p reads slots 0..p of its row
   only, and slot p is written by the step that reads it.
-- decode: one token per row per step, each row at its own position and step index t (its t-th token
-  is drawn with its t-th uniform number), until it samples a stop id or reaches its own limit. The
-  step reads and writes only fixed tensors, so on a GPU it is captured as a CUDA graph (one per batch
-  size) and replayed. The host looks every SYNC_EVERY steps; a row finished in between steps on, uncounted.
-- retire: finished rows are copied out and their slots freed; `compact` moves the rows in use onto
-  the first slots, and the step runs on the smallest batch of B, ..., 32, 16, 8 that holds them: once
-  nothing waits, the tail runs at small-batch cost.
-A completion depends on its prompt, seed and limit only, not on its slot or neighbours: the static
-batch (every prompt admitted at once, nothing refilled) gives the same completions.
+- decode: one token per row per step, each row at its own position and step index t (its t-th token is
+  drawn with its t-th uniform number), until it samples a stop id or reaches its own limit. The step
+  reads and writes only fixed tensors, so on a GPU it is captured as a CUDA graph (one per batch size).
+  The host looks every SYNC_EVERY steps; a row finished in between steps on, uncounted.
+- retire: finished rows are copied out and their slots freed; `compact` moves the rows in use onto the
+  first slots, and the step runs on the smallest batch of B, ..., 16, 8 that holds them.
+A completion depends on its prompt, seed and limit only, not on its slot or neighbours.
 
-Attention reads each row's own filled slots (FlexAttention on a GPU, kvcache.py). On a GPU each
-layer's norms, RoPE and activation run as torch.compile'd kernels, as do the sampler's passes over the
-vocabulary; the inference copy fuses its q/k/v and gate/up projections (fused.py).
-
-Every sampled token comes with its log-prob under the distribution it was drawn from, the one
-`process_logits` defines (temperature, top-k, top-p). The trainer scores with the same function, so
-the two log-probs differ only by numerics (bf16 vs fp32, kernels), which importance sampling corrects.
+On a GPU attention reads each row's own filled slots (FlexAttention, kvcache.py), the layers' norms, RoPE
+and activation and the sampler's passes run as torch.compile'd kernels, and the inference copy fuses its
+projections (fused.py). Each token comes with its log-prob under `process_logits`' distribution, the one
+the trainer scores with: the two differ only by numerics, which importance sampling corrects.
 """
 
 import functools
@@ -53,10 +48,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
     """logits [B, V], u [B] float64 in (0, 1] -> (tokens [B], their log-probs [B] fp32).
 
-    Inverse-CDF sampling with one uniform number per row (ignored when greedy). The numbers come from
-    each row's own Python RNG (`draw_uniforms`), so a row's samples depend on its seed alone, not on
-    the other rows of its batch, nor on the device (CPU and GPU draw the same numbers; only their
-    probabilities differ by rounding).
+    Inverse-CDF sampling with one uniform number per row (ignored when greedy), from the row's own Python
+    RNG (`draw_uniforms`): a row's samples depend on its seed alone, not on its batch nor on the device.
     """
     # On a GPU the upcast, processing and softmax (passes over [B, V] fp32: 0.6 GB at batch 1024 of a 150k
     # vocabulary) are fused by torch.compile into a few kernels.
@@ -82,12 +75,9 @@ def draw_uniforms(rngs: list[random.Random], steps: int) -> torch.Tensor:
 
 @dataclass
 class Rows:
-    """The decode state of the cache's B rows, device tensors updated in place.
-
-    A CUDA graph replays a step on fixed memory: the graph for batch b is captured on `first(b)`, a
-    view of rows 0..b-1. A row has finished once it is `stopped` or `t` reached its `limit`; a free
-    slot holds limit 0. Column T of the per-token tensors takes the writes of finished rows.
-    """
+    """The decode state of the cache's B rows, device tensors updated in place (a CUDA graph replays a step
+    on fixed memory: batch b's on `first(b)`, a view of rows 0..b-1). A row has finished once it is
+    `stopped` or `t` reached its `limit`; a free slot holds limit 0. Column T takes finished rows' writes."""
 
     cur: torch.Tensor  # [B] the token the row feeds next
     pos: torch.Tensor  # [B] its position
@@ -133,14 +123,10 @@ def decode_step(model: Transformer, rows: Rows, cache: KVCache, params: Sampling
 
 
 def cuda_graph(fn, reset, pool):
-    """Capture fn() once as a CUDA graph; returns the function that replays it.
-
-    A graph replays fixed kernels on fixed memory, one launch for the whole step instead of one per
-    kernel. Capture must not see lazy initialisation (cuBLAS handles, workspaces, compilation), so
-    fn first runs for real once, on a side stream; reset() puts the state back after that run (the
-    capture itself runs nothing).
-    Graphs that never run at the same time can share one memory `pool` for their temporaries.
-    """
+    """Capture fn() once as a CUDA graph (one launch for the whole step); returns the function that replays
+    it. Capture must not see lazy initialisation (cuBLAS handles, workspaces, compilation), so fn first runs
+    once for real, on a side stream, and reset() undoes that run (the capture itself runs nothing). Graphs
+    that never run at the same time share one memory `pool` for their temporaries."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -168,23 +154,14 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
              pad_id: int, max_batch_size: int = 0, cuda_graphs: bool = True, prefill_tokens: int = 8192,
              progress=None, seeds: list[int] | None = None, stop=None, limits: list[int] | None = None,
              follow_up=None, max_context: int | None = None) -> list[Completion]:
-    """Complete every prompt (a list of token ids); returns one Completion per prompt, in order.
+    """Complete every prompt (a list of token ids): `backend.RolloutBackend.generate` on `model`.
 
-    At most `max_batch_size` rows decode at once; 0 sizes the batch by memory on a GPU
-    (`rows_for_memory`: MEMORY_FRACTION of the free memory, e.g. 230 rows of Qwen3-0.6B with 2k
-    tokens in 60 GiB) and takes CPU_BATCH_SIZE on a CPU. Every row holds a cache of `max_context`
-    slots (default: the longest prompt + max_new_tokens). Prefill runs at most `prefill_tokens` rows x
-    positions per forward, which bounds its activations. `progress` is anything with tqdm's
-    `update(n)`; it counts finished completions. `stop`, a function of no arguments, is asked whenever
-    the host looks at the rows; once it returns True the call returns the completions finished before
-    the first unfinished one (fewer Completions). `limits[i]` is prompt i's own max_new_tokens.
-    `follow_up(i, completion)` is called as each request finishes (i counts the prompts given, then
-    the requests it added) and may return one more request, (prompt, seed, limit), which joins the
-    queue: a multi-turn episode's next turn (its prompt + limit must fit in max_context).
-    Each prompt samples from its own random stream: `seeds[i]` if given (one per prompt), else
-    `sample_seed(params.seed, 0, i, 0)` (see backend.py). A completion thus depends on its prompt,
-    seed and limit only, not on max_batch_size or its neighbours. Reruns are exact on CPU.
-    On GPU some kernels are not bitwise deterministic, and a row's numbers depend on its batch size
+    At most `max_batch_size` rows decode at once; 0 sizes the batch by memory on a GPU (`rows_for_memory`)
+    and takes CPU_BATCH_SIZE on a CPU. `stop` is asked whenever the host looks at the rows; once it is
+    True the call returns the completions finished before the first unfinished one. Every row holds a
+    cache of `max_context` slots (default: the longest prompt + max_new_tokens). Prefill runs at most
+    `prefill_tokens` rows x positions per forward, which bounds its activations. Reruns are exact on
+    CPU; on GPU some kernels are not bitwise deterministic and a row's numbers depend on its batch size
     through the kernels chosen, so a near-tie between two tokens can flip from run to run.
     """
     seeds = check_request(prompts, params, model.cfg.vocab_size, seeds)
@@ -252,9 +229,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
 def admit(model: Transformer, prompts: list[list[int]], limits: list[int], rngs: list[random.Random], start: int,
           rows: Rows, cache: KVCache, params: SamplingParams, pad_id: int, prefill_tokens: int, block_step):
-    """Requests take the slots start, start + 1, ...: prefill their prompts into those rows of the cache
-    (all but the last token, which the row's first decode step feeds at its own position, giving the
-    logits of its first new token) and set the rows' state."""
+    """Requests take the slots start, start + 1, ...: prefill their prompts into those rows of the cache (all
+    but the last token, which the row's first decode step feeds) and set the rows' state."""
     device, k, S = cache.k.device, len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((k, S), pad_id, dtype=torch.long)  # [k, S] right-padded
     for j, p in enumerate(prompts):
@@ -327,12 +303,10 @@ def retire(rows: Rows, held: list[int | None], out: list[Completion | None]) -> 
 class Generator:
     """The inference copy of the policy (a `backend.RolloutBackend`): an unsharded model in `dtype`.
 
-    The trainer owns the policy (fp32 master weights, sharded by FSDP2). After each optimizer step it
-    streams the full parameters in with `update_weights`, one tensor at a time, so the sync costs one
-    gathered tensor of extra memory, not a second full model. Between rollouts `release()` drops the
-    copy so that training gets the memory back; the next `update_weights` rebuilds it.
-    `keep_resident=True` keeps it instead (no rebuild, if memory allows). `max_batch_size` 0 sizes the
-    rows in flight by the memory free when a rollout starts (see generate).
+    The trainer streams the full parameters in with `update_weights`, one tensor at a time, so the sync
+    costs one gathered tensor of extra memory, not a second full model. Between rollouts `release()` drops
+    the copy so that training gets the memory back (unless `keep_resident`); the next `update_weights`
+    rebuilds it. `max_batch_size` 0 sizes the rows in flight by the memory free when a rollout starts.
     """
 
     def __init__(self, cfg: ModelConfig, eos_ids: list[int], pad_id: int, device="cpu", dtype=torch.bfloat16,
@@ -344,11 +318,8 @@ class Generator:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
-        """Copy every parameter, (name as in our model's state_dict, full tensor), into the copy.
-
-        Each tensor is cast and moved as it is copied, and may be freed by the caller right after.
-        Every parameter must arrive exactly once (`backend.checked_weights`).
-        """
+        """Copy every parameter, (our name, full tensor), exactly once, into the copy; each is cast and moved
+        as it is copied, and may be freed by the caller right after (`backend.checked_weights`)."""
         if self.model is None:
             with torch.device("meta"):
                 model = Transformer(self.cfg).to(self.dtype)

@@ -1,9 +1,8 @@
-"""Read and write Hugging Face checkpoint directories (config.json + safetensors), which transformers,
-vLLM and minirl load alike. Our parameter names are HF's without the `model.` prefix (`lm_head.weight`
-keeps its name, and is absent when the embeddings are tied). Loading checks every name and shape
-against the config (on the meta device: free) and fails with one error listing all that is wrong,
-instead of a half-loaded model; saving takes (name, tensor) one at a time, so a sharded model never
-gathers whole.
+"""Read and write Hugging Face checkpoint directories (config.json + safetensors), which transformers, vLLM
+and minirl load alike. Our parameter names are HF's without the `model.` prefix (`lm_head.weight` keeps its
+name, and is absent when the embeddings are tied). Loading checks every name and shape against the config
+(on the meta device: free) and fails with one error listing all that is wrong, instead of a half-loaded
+model; saving takes (name, tensor) one at a time, so a sharded model never gathers whole.
 """
 
 import json
@@ -52,8 +51,7 @@ def read_config(model_dir: str) -> ModelConfig:
 
 
 def read_json(path: str) -> dict:
-    """The JSON object in `path`; bad JSON, text that is not UTF-8 or a non-object is one ValueError naming
-    the file."""
+    """The JSON object in `path`; bad JSON, text that is not UTF-8 or a non-object is one error naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
@@ -113,9 +111,8 @@ def _ours(hf_name: str, cfg: ModelConfig) -> str | None:
 
 
 def _stored(model_dir: str, tensors: bool) -> dict:
-    """Our name -> the stored tensor (`tensors`), or its shape read from the file headers alone, for
-    every tensor we load from `model_dir`; checked against the config: exactly the model's parameter
-    names and shapes, or one ValueError."""
+    """Our name -> the stored tensor (`tensors`), or its shape from the file headers alone, for every tensor
+    we load from `model_dir`: exactly the config's parameter names and shapes, or one ValueError."""
     cfg = read_config(model_dir)
     out = {}
     for name in _shard_files(model_dir):
@@ -156,10 +153,9 @@ def load_model(model_dir: str, device="cpu", dtype=torch.float32) -> Transformer
 
 def save_model(out_dir: str, cfg: ModelConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
                tokenizer_dir: str | None = None, max_shard_bytes: int = 5 * 2**30):
-    """Write an HF model directory: config.json, safetensors shards (+ index), and the tokenizer files
-    of `tokenizer_dir`. `named_tensors` (our name, tensor in the dtype to store) is consumed once,
-    holding at most one shard; a temporary sibling is renamed into place at the end, so `out_dir` (an
-    existing model directory there is replaced) never holds a half-written checkpoint."""
+    """Write an HF model directory: config.json, safetensors shards (+ index), and the tokenizer files of
+    `tokenizer_dir`. `named_tensors` (our name, tensor in the dtype to store) is consumed once, holding at
+    most one shard; a temporary sibling replaces `out_dir` at the end: never a half-written checkpoint."""
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, CONFIG)):
         raise FileExistsError(f"{out_dir!r} exists and is not a model directory; refusing to replace it")

@@ -17,11 +17,7 @@ import torch.nn.functional as F
 
 @dataclass
 class KVCache:
-    """Static per-layer key/value cache for generation: preallocated once, written in place.
-
-    Row b's token at absolute position p lives at [layer][b, :, p]. Fixed shapes keep the decode step
-    capturable by CUDA graphs.
-    """
+    """Static per-layer key/value cache: row b's token at absolute position p lives at [layer][b, :, p]."""
 
     k: torch.Tensor  # [L, B, Hkv, S_max, D]
     v: torch.Tensor  # [L, B, Hkv, S_max, D]
@@ -40,14 +36,12 @@ MEMORY_FRACTION = 0.9  # of the free GPU memory, for the cache and decode buffer
 
 
 def rows_for_memory(cfg, width: int, max_new_tokens: int, free_bytes: int, dtype_bytes: int = 2) -> int:
-    """How many rows of generation (model.ModelConfig `cfg`) fit in MEMORY_FRACTION of `free_bytes`:
-    each needs its KV cache (k and v of every layer, `width` slots) and its share of a decode step's
-    buffers: over the vocabulary the head's logits in the model's dtype, and fp32 probabilities, their
-    cumulative sum and one more fp32 temporary; per token its uniform number (float64), token (int64)
-    and log-prob (fp32).
-
-    E.g. Qwen3-0.6B in bf16 (28 layers, 8 KV heads of 128) is 112 KiB a slot: a 128-token prompt and
-    2,048 new tokens take 240 MiB a row, so 60 GiB free hold 230 rows."""
+    """How many rows of generation (model.ModelConfig `cfg`) fit in MEMORY_FRACTION of `free_bytes`: each
+    needs its KV cache (k and v of every layer, `width` slots) and its share of a decode step's buffers:
+    over the vocabulary the logits in the model's dtype and three fp32 temporaries (probabilities, their
+    cumulative sum, one more); per token its uniform number (float64), token (int64) and log-prob (fp32).
+    E.g. Qwen3-0.6B in bf16 is 112 KiB a slot: a 128-token prompt and 2,048 new tokens take 240 MiB a row,
+    so 60 GiB free hold 230 rows."""
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * width * dtype_bytes
     step = cfg.vocab_size * (dtype_bytes + 3 * 4) + (max_new_tokens + 1) * (8 + 8 + 4)
     return max(1, int(MEMORY_FRACTION * free_bytes) // (kv + step))
@@ -60,11 +54,8 @@ def free_memory(device: torch.device) -> int:
 
 
 def decode_mask(input_pos: torch.Tensor, max_len: int, dtype) -> torch.Tensor:
-    """Additive attention mask of a cached step, built once for all layers: [B, 1, S, max_len].
-
-    A query at position p sees cache slots 0..p of its own row: every slot below p holds that row's
-    real tokens (prompt, then generated), and stale slots above p are masked out.
-    """
+    """Additive attention mask of a cached step, built once for all layers: [B, 1, S, max_len]. A query at
+    position p sees slots 0..p of its own row (its prompt, then generated tokens); stale ones above, not."""
     slots = torch.arange(max_len, device=input_pos.device)
     allowed = slots[None, None, None, :] <= input_pos[:, None, :, None]  # [B, 1, S, max_len]
     return torch.zeros(allowed.shape, dtype=dtype, device=input_pos.device).masked_fill_(~allowed, float("-inf"))
@@ -76,10 +67,9 @@ FLEX_BLOCK = 64  # cache slots per block of a FlexAttention block mask; a GPU ca
 def decode_blocks(input_pos: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The block mask of a one-token step for FlexAttention, as tensors built once for all layers.
 
-    Row b reads the blocks of FLEX_BLOCK slots up to its own position p_b (the last one masked
-    slot by slot, see flex_decode): num_blocks [B, 1, 1] = p_b // FLEX_BLOCK + 1, and block_order
-    [B, 1, 1, max_len / FLEX_BLOCK] lists every block in order (only the first num_blocks are read).
-    The kernel skips the other blocks: a row costs its own length, not the batch's longest.
+    Row b reads the blocks of FLEX_BLOCK slots up to its own position p_b (the last one masked slot by
+    slot, see flex_decode): num_blocks [B, 1, 1] = p_b // FLEX_BLOCK + 1, and block_order lists every
+    block in order, [B, 1, 1, max_len / FLEX_BLOCK]. A row costs its own length, not the batch's longest.
     """
     if max_len % FLEX_BLOCK:
         raise ValueError(f"FlexAttention reads a cache whose width is a multiple of {FLEX_BLOCK}, not {max_len}")
@@ -106,9 +96,8 @@ def flex_decode(q, k_cache, v_cache, num_blocks, block_order, input_pos) -> torc
 
 @functools.cache
 def compiled_flex_decode():
-    """flex_decode compiled into FlexAttention's decoding kernel (Triton, the query heads of a kv head
-    together). Static shapes, which that kernel wants, except for the cache width (marked dynamic
-    at each call): one compile per batch size."""
+    """flex_decode compiled into FlexAttention's decoding kernel (Triton): static shapes, which that kernel
+    wants, except for the cache width (marked dynamic at each call): one compile per batch size."""
     return torch.compile(flex_decode, dynamic=False)
 
 
@@ -116,11 +105,10 @@ def compiled_flex_decode():
 def cached_attention(q, k, v, input_pos, k_cache, v_cache, mask) -> torch.Tensor:
     """Write a step's keys/values into the cache, then attend: q [B, S, H, Hd] -> [B, S, H * Hd].
 
-    `mask` is either an additive mask from decode_mask, whose width is the number of cache slots read
-    (SDPA reads them all), or, for a one-token step on a GPU, decode_blocks' block mask (FlexAttention
-    reads each row's own slots).
-    Always runs eagerly, outside torch.compile's graph: compiled, the in-place cache writes and the
-    attention made a batch-256 decode step four times slower (bench/RESULTS.md).
+    `mask` is decode_mask's additive mask, whose width is the number of slots SDPA reads, or, for a
+    one-token step on a GPU, decode_blocks' block mask (FlexAttention reads each row's own slots).
+    Eager even in a compiled block: compiled, the in-place writes and the attention made a batch-256
+    decode step four times slower.
     """
     B, S, Hkv, Hd = k.shape
     idx = input_pos[:, None, :, None].expand(B, Hkv, S, Hd)  # [B, Hkv, S, Hd]

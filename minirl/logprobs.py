@@ -1,11 +1,10 @@
 """Per-token log-probs and entropy of target tokens, computed in chunks over the sequence.
 
-The policy-gradient loss needs log p(target) for every token, but the full logits of a micro-batch
-are huge: 16k tokens x 151,936 vocab in fp32 is 9.9 GB, and autograd would keep a softmax of the
-same size for backward. Here each chunk of tokens is projected, reduced to two numbers per token and
-dropped; `torch.utils.checkpoint` recomputes the chunk's logits in backward instead of storing them.
-
-`process_logits` is the one definition of the sampling distribution (temperature, top-k, top-p). The
+The policy-gradient loss needs log p(target) for every token, but the full logits of a micro-batch are
+huge (16k tokens x 151,936 vocab in fp32 is 9.9 GB, and autograd would keep a softmax of the same size).
+Here each chunk of tokens is projected, reduced to two numbers per token and dropped;
+`torch.utils.checkpoint` recomputes the chunk's logits in backward instead of storing them.
+`process_logits` is the one definition of the sampling distribution (temperature, top-k, top-p): the
 generator samples from it and the trainer scores with it, so the two log-probs agree by construction.
 """
 
@@ -17,9 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """Logits [N, V] -> logits of the distribution actually sampled; removed tokens become -inf.
-
-    temperature <= 0 means greedy decoding; it leaves the logits unscaled (greedy picks the argmax).
-    """
+    temperature <= 0 (greedy decoding, which picks the argmax) leaves the logits unscaled."""
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     if top_k > 0:
@@ -59,10 +56,8 @@ def compiled(fn):
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, top_k=0, top_p=1.0, chunk_size=2048):
-    """hidden [T, D], weight [V, D], targets [T] -> (log p(target) [T], entropy [T]), both fp32.
-
-    Peak extra memory is one chunk's [chunk_size, V] fp32 logits (and its softmax), not [T, V].
-    """
+    """hidden [T, D], weight [V, D], targets [T] -> (log p(target) [T], entropy [T]), both fp32. Peak
+    extra memory is one chunk's [chunk_size, V] fp32 logits (and its softmax), not [T, V]."""
     # On GPUs the chunk's dozen elementwise passes over [chunk, V] fp32 (scale, softmax, gather, entropy)
     # are memory-bound; torch.compile fuses them into a few kernels. Compiled lazily, on first CUDA use.
     chunk_fn = compiled(_chunk_logprobs) if hidden.is_cuda else _chunk_logprobs

@@ -1,22 +1,19 @@
 """Low-rank adapters (LoRA): train a small update B A next to each frozen weight W of the blocks.
 
-A targeted projection computes y = x W^T + b + (alpha / r) (x A^T) B^T, with A [r, in] and B [out, r]
-the only trainable parameters. So gradients, gradient reduction and AdamW state are adapter-sized,
-while W stays as it was: frozen, sharded by FSDP2 like any parameter. B starts at zero, so the adapted
-model starts as the base model. `LoRALinear` is an nn.Linear that keeps W and b under their usual
-names and adds `lora_A` / `lora_B`, so loading HF weights, FSDP2 sharding and the weight names the
-generators expect do not change.
+A targeted projection computes y = x W^T + b + (alpha / r) (x A^T) B^T, with A [r, in] and B [out, r] the
+only trainable parameters: gradients, their reduction and AdamW state are adapter-sized, while W stays
+frozen, sharded by FSDP2 like any parameter. B starts at zero, so the adapted model starts as the base
+model. `LoRALinear` is an nn.Linear that keeps W and b under their usual names and adds `lora_A` /
+`lora_B`, so loading HF weights, FSDP2 sharding and the weight names the generators expect do not change.
 
 Around the trainer:
-- rollouts sample from merged weights W + (alpha / r) B A (`merged`), folded in as each full
-  parameter is gathered: both generators stay plain models;
-- the KL reference is the base model itself: the adapters switched off (`adapters_off`), with no
-  second copy of the weights;
-- checkpoints hold the trainable parameters only; the export writes the merged model and the adapters
-  in PEFT's format (`save_adapter`), which `peft.PeftModel.from_pretrained` loads onto the base model.
-
+- rollouts sample from merged weights W + (alpha / r) B A (`merged`), folded in as each full parameter
+  is gathered: both generators stay plain models;
+- the KL reference is the base model itself, the adapters switched off (`adapters_off`): no second copy;
+- checkpoints hold the trainable parameters only; the export writes the merged model and the adapters in
+  PEFT's format (`save_adapter`), which `peft.PeftModel.from_pretrained` loads onto the base model.
 No dropout on the adapters: the trainer's log-probs must be those of the distribution the generator
-sampled from, and a random mask in training would make them differ (the first PPO ratio would not be 1).
+sampled from (the first PPO ratio must be 1).
 """
 
 import contextlib
@@ -87,11 +84,8 @@ class LoRALinear(nn.Linear):
 
 
 def add_adapters(model: nn.Module, spec: AdapterSpec) -> nn.Module:
-    """Swap every target projection of every block for a LoRALinear (in place; returns `model`).
-
-    On the meta device nothing is allocated (a sharded model gets the starting values from
-    `initial_adapters` in its state dict); elsewhere they are set here.
-    """
+    """Swap every target projection of every block for a LoRALinear (in place; returns `model`). On the
+    meta device nothing is allocated (a sharded model gets `initial_adapters` in its state dict)."""
     spec.check()
     for block in model.layers:
         for parent in (block.self_attn, block.mlp):
@@ -106,11 +100,8 @@ def add_adapters(model: nn.Module, spec: AdapterSpec) -> nn.Module:
 
 
 def initial_adapters(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """{name: full CPU tensor} of every adapter's starting value, the same on every rank for a seed.
-
-    A is uniform in +-1/sqrt(in) (nn.Linear's and PEFT's default), B is zero: B A = 0, so training
-    starts from the base model, and A's random directions let B's gradient be non-zero.
-    """
+    """{name: full CPU tensor} of every adapter's starting value, the same on every rank for a seed: A
+    uniform in +-1/sqrt(in) (nn.Linear's and PEFT's default), B zero (B A = 0; A lets B's gradient be non-zero)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, m in model.named_modules():
@@ -148,13 +139,11 @@ def adapters_off(model: nn.Module):
 def merged(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]],
            adapters: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Fold every adapter of `model` into its weight, in a stream of its full parameters
-    (`fsdp.iter_full_params(model, dtype)`): (name, W + (alpha/r) B A) instead of W, A and B.
+    (`fsdp.iter_full_params`): (name, W + (alpha/r) B A) instead of W, A and B, the base model's names.
 
-    The names are then the base model's, so a generator or an HF export takes the stream as it is;
-    without adapters it passes through unchanged. A module's W (and bias) come before its A and B
-    (registration order) and are held until B does: one gathered tensor more, never a model. Consume
-    it to the end on every rank (the gathers are collectives). With `adapters` (a dict), the full A and
-    B are also put there under their names, for `save_adapter`.
+    A module's W (and bias) come before its A and B (registration order) and are held until B does: one
+    gathered tensor more, never a model. Consume it to the end on every rank (the gathers are collectives).
+    With `adapters` (a dict), the full A and B are also put there under their names, for `save_adapter`.
     """
     scales = {name: m.scale for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     held = {}  # the current adapted module's tensors until its lora_B comes
@@ -175,12 +164,9 @@ def merged(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]],
 
 
 def save_adapter(out_dir: str, adapters: dict[str, torch.Tensor], model: nn.Module, base_model: str) -> None:
-    """Write `adapters` (our names -> full tensors, as `merged` collects them) as a PEFT LoRA
-    adapter directory: adapter_config.json + adapter_model.safetensors, for `base_model` (a path or hub id).
-
-    PEFT names a tensor `base_model.model.<HF module name>.lora_A.weight`; A and B are stored as they are
-    ([r, in], [out, r]), and PEFT's scale lora_alpha / r is ours.
-    """
+    """Write `adapters` (our names -> full tensors, as `merged` collects them) as a PEFT LoRA adapter
+    directory for `base_model` (a path or hub id). PEFT names a tensor `base_model.model.<HF module
+    name>.lora_A.weight`; A and B are stored as they are, and PEFT's scale lora_alpha / r is ours."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     rank = layers[0].lora_A.shape[0]
     config = {

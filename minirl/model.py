@@ -70,22 +70,14 @@ class ModelConfig:
             raise ValueError(f"{mt} config has options minirl does not support: " + "; ".join(problems))
         heads = hf["num_attention_heads"]
         return cls(
-            model_type=mt,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
+            model_type=mt, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
-            qk_norm=mt == "qwen3",
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        )
+            qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)), qk_norm=mt == "qwen3",
+            max_position_embeddings=hf.get("max_position_embeddings", 4096))
 
     def to_hf(self) -> dict:
         """The config.json that transformers and vLLM read back as this same model."""
@@ -94,15 +86,12 @@ class ModelConfig:
         if self.rope_scaling:
             rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
         hf = {
-            "architectures": [arch[self.model_type]], "model_type": self.model_type,
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": rope, "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
+            "architectures": [arch[self.model_type]], "model_type": self.model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope, "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings, "max_position_embeddings": self.max_position_embeddings,
         }
         if self.rope_scaling:
             hf["rope_scaling"] = rope
@@ -116,11 +105,8 @@ class ModelConfig:
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies [D/2] in fp32, with Llama 3's long-context rescaling when configured.
-
-    Computed on the fly rather than stored as a buffer: `model.to(torch.bfloat16)` would round a
-    buffer, and the rounding visibly shifts positions past a few thousand.
-    """
+    """Inverse frequencies [D/2] in fp32, with Llama 3's long-context rescaling when configured. Computed
+    on the fly, not a buffer: `model.to(torch.bfloat16)` would round it, shifting positions past a few k."""
     d = cfg.head_dim
     inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
     if not cfg.rope_scaling:
@@ -177,11 +163,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * Hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv * Hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * Hd, D, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(Hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(Hd, cfg.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm = RMSNorm(Hd, cfg.rms_norm_eps) if cfg.qk_norm else None  # Qwen3
+        self.k_norm = RMSNorm(Hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def project(self, x):
         """x [..., D] -> q [..., H * Hd], k, v [..., Hkv * Hd] (generate.FusedAttention does it in one matmul)."""
@@ -246,11 +229,9 @@ class Block(nn.Module):
                    what lies between them (norms, RoPE, SwiGLU, residual adds): memory-bound work that
                    costs a few % of the step, so the step runs near "none"'s speed in less memory.
 
-    The checkpoint lives inside the block's own forward, so when FSDP2 wraps the block the checkpointed
-    region is inside the FSDP unit: recompute runs with parameters already unsharded and cast. A
-    compiled block traces the checkpoint with its policy and partitions its graph by it; an eager one
-    (CPU, --no-compile) applies the policy op by op from Python, a cost that outweighs the saving when
-    the CPU path's per-document attention loop runs hundreds of tiny documents.
+    The checkpoint lives inside the block's own forward, so under FSDP2 recompute runs with parameters
+    already unsharded and cast. A compiled block partitions its graph by the policy; an eager one (CPU,
+    --no-compile) applies it op by op from Python, which costs more than it saves on tiny documents.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -293,10 +274,9 @@ class Transformer(nn.Module):
                 top_k=0, top_p=1.0, chunk_size=4096):
         """Packed forward. input_ids/position_ids: [t] (this rank's slice under SP).
 
-        Without targets: hidden states [t, D] after the final norm. With targets [t]: the per-token
-        (log-probs [t], entropy [t]) of the targets under the processed (temperature/top-k/top-p)
-        distribution, computed in chunks so no [t, V] fp32 logits tensor is ever held. The log-probs
-        are computed here, inside forward, so that FSDP2 has the output weight unsharded.
+        Without targets: hidden states [t, D] after the final norm. With targets [t]: (log-probs [t],
+        entropy [t]) of the targets under the processed distribution, in chunks (no [t, V] fp32 logits),
+        inside forward so that FSDP2 has the output weight unsharded.
         """
         h = self.embed_tokens(input_ids)  # [t, D]
         cos, sin = rope_cos_sin(self.cfg, position_ids, h.dtype)  # [t, Hd]
@@ -309,23 +289,18 @@ class Transformer(nn.Module):
 
     def forward_step(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None,
                      block_step=Block.forward_step) -> torch.Tensor:
-        """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V].
-
-        The logits stay in the model's dtype: the sampler upcasts them inside its fused kernels, which
-        saves a pass over [B, S, V] fp32.
-        """
+        """Incremental forward for generation: tokens/input_pos [B, S] -> logits [B, S, V], in the model's
+        dtype (the sampler upcasts them inside its fused kernels: no pass over [B, S, V] fp32)."""
         h = self.fill_cache(tokens, input_pos, cache, kv_len, block_step)  # [B, S, D]
         return self.norm(h) @ self.output_weight().t()
 
     def fill_cache(self, tokens, input_pos, cache: KVCache, kv_len: int | None = None,
                    block_step=Block.forward_step) -> torch.Tensor:
-        """Run the layers on tokens at input_pos [B, S], writing their keys/values into the cache.
+        """Run the layers on tokens at input_pos [B, S], writing their keys/values into the cache; returns
+        the last layer's hidden states [B, S, D] (prefill needs no logits: GBs for long prompts).
 
-        Returns the last layer's hidden states [B, S, D] (before the final norm). Prefill needs only
-        the cache: its logits, [B, S, V], would take GBs for a batch of long prompts.
-        Attention reads the first `kv_len` cache slots (default: all), which must cover every position
-        in input_pos; without kv_len, a one-token step on a GPU reads each row's own slots up to its
-        position instead (FlexAttention; the cache's width must then be a multiple of FLEX_BLOCK).
+        Attention reads the first `kv_len` cache slots (default: all), which must cover input_pos; without
+        kv_len, a one-token step on a GPU reads each row's own slots up to its position (FlexAttention).
         `block_step` runs one layer (`Block.forward_step`, or the generator's compiled version of it).
         """
         h = self.embed_tokens(tokens)  # [B, S, D]

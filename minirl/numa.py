@@ -1,11 +1,10 @@
 """Bind each rank's CPU threads and host memory to the NUMA node nearest its GPU.
 
-On multi-socket GPU hosts, a rank whose Python threads and pinned-memory copies run on the far
-socket pays a cross-socket hop on every host<->device transfer. `choose_node` decides the node from a
-sysfs tree (a pure function, tested without a GPU); `bind_to_gpu_node` gathers its inputs, applies
-the choice and logs one line. Only libnuma's integer API is used (`numa_run_on_node`,
-`numa_set_preferred`): its bitmask API hands out pointers that ctypes easily truncates to 32 bits,
-which shows up as segfaults far from the cause.
+On multi-socket GPU hosts, a rank whose Python threads and pinned-memory copies run on the far socket
+pays a cross-socket hop on every host<->device transfer. `choose_node` decides the node from a sysfs tree
+(a pure function, tested without a GPU); `bind_to_gpu_node` gathers its inputs, applies the choice and
+logs one line. Only libnuma's integer API is used (`numa_run_on_node`, `numa_set_preferred`): its bitmask
+API hands out pointers that ctypes easily truncates to 32 bits (segfaults far from the cause).
 """
 
 import ctypes
@@ -128,8 +127,7 @@ def format_bdf(domain: int, bus: int, device: int) -> str:
 
 
 def gpu_pci_bdf(index: int) -> str:
-    """PCI address of visible CUDA device `index` (relative to CUDA_VISIBLE_DEVICES; the address is
-    the physical device's)."""
+    """PCI address of the physical device behind visible CUDA device `index` (CUDA_VISIBLE_DEVICES')."""
     count = torch.cuda.device_count()
     if not 0 <= index < count:
         raise ValueError(f"CUDA device index {index} out of range: {count} visible device(s)")
@@ -153,13 +151,11 @@ def bind_to_gpu_node(rank: int, local_rank: int, local_world_size: int, device: 
         return skip(f"gpu {device.index}", "CUDA not available")
     bdf = gpu_pci_bdf(device.index)
     who = f"gpu {device.index} ({bdf})"
-
     lib = load_libnuma()
     if lib is None:
         return skip(who, "libnuma not found; install libnuma1")
     if lib.numa_available() < 0:
         return skip(who, "kernel has no NUMA support")
-
     choice = choose_node(bdf, local_rank, local_world_size, lib.numa_max_node(), sysfs_root)
     try:
         apply_node(lib, choice.node)

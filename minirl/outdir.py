@@ -2,11 +2,10 @@
 compared with.
 
 An out-dir belongs to one run. Before any process group starts, `check_out_dir` makes sure a run may
-write there: rank 0 takes its lock (`claim`: an flock on out_dir/.lock, held until the process exits,
-however it ends), another run's results are never overwritten, and --resume says after which step
-the run goes on. `out_dir/run.json` keeps the settings the run was started (or last resumed) with;
-`check_resume` compares a resumed run's with them: a change to a setting that `config` marks
-`resume=True` is applied and named, a change to any other makes it another run, and is refused.
+write there: rank 0 takes its lock (`claim`), another run's results are never overwritten, and --resume
+says after which step the run goes on. `out_dir/run.json` keeps the settings the run was started (or last
+resumed) with; `check_resume` compares a resumed run's with them: a change to a setting that `config`
+marks `resume=True` is applied and named, a change to any other makes it another run, and is refused.
 """
 
 import fcntl
@@ -39,9 +38,8 @@ class OutDir:
 def claim(out_dir: str) -> None:
     """Hold out_dir/.lock until this process exits, or raise ValueError when another process holds it.
 
-    An flock: atomic, so two runs started together cannot both win it, and released by the kernel when
-    its holder exits, also killed by SIGKILL, so a crashed run never leaves the dir locked. The file
-    names its holder (pid and host) for the error the loser prints; it stays when the run ends.
+    An flock: atomic, so two runs started together cannot both win it, and released by the kernel when its
+    holder exits, even by SIGKILL. The file names its holder (pid and host) for the loser's error.
     """
     key = os.path.realpath(out_dir)
     if key in _held:
@@ -76,17 +74,14 @@ def finished_rows(metrics: str) -> int:
 
 
 def check_out_dir(out_dir: str, resume: bool, world_size: int, lock: bool = False) -> OutDir:
-    """Before the process group starts: may a run write into `out_dir`, and after which step does it go
-    on? Raises ValueError if it may not.
+    """Before the process group starts: may a run write into `out_dir` (a ValueError if not), and after
+    which step does it go on? With `lock` (rank 0 of a run) this process `claim`s it first.
 
-    - an out-dir that cannot be created or written to is an error; with `lock` (rank 0 of a run) this
-      process `claim`s it first, so that a second run into it stops here, also one started together;
-    - a finished step is a result: a row of metrics.jsonl after step 0, a checkpoint, an exported model.
-      An out-dir holding results without `resume` is an error, so a rerun never overwrites them; one
-      with none (a run that stopped or failed during step 1) is started again;
-    - `resume` goes on after the newest complete checkpoint. With none: checkpoints that are all broken
-      or an exported model are an error (starting again would overwrite them); else the run starts
-      fresh, its metrics replaced, and the note says so.
+    A finished step is a result: a row of metrics.jsonl after step 0, a checkpoint, an exported model.
+    Without `resume`, an out-dir holding results is an error (a rerun never overwrites them); one with
+    none (a run that ended during step 1) is started again. `resume` goes on after the newest complete
+    checkpoint; with none, broken checkpoints or an exported model are an error (starting again would
+    overwrite them), else the run starts fresh, its metrics replaced, and the note says so.
     """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} exists and is not a directory")
@@ -157,8 +152,7 @@ def check_resume(cfg: TrainConfig, data: PromptDataset, step: int) -> str:
 
 def changes(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """(changes a resumed run applies, changes that would make it another run): "--flag old -> new" for
-    each setting of `cfg` that differs from `saved` (a run.json's config). The out-dir is the run's
-    wherever it is, and a setting that `saved` lacks (added to minirl since) counts as unchanged."""
+    each setting of `cfg` that differs from `saved` (a run.json's config); one `saved` lacks is unchanged."""
     applied, refused = [], []
     for sec in fields(cfg):
         section = getattr(cfg, sec.name)

@@ -39,12 +39,9 @@ def split_mini_batches(n_samples: int, n_mini: int) -> list[list[int]]:
 
 
 def plan_micro_batches(lengths: list[int], dp_size: int, token_budget: int) -> list[list[list[int]]]:
-    """Assign sequences (by index) to dp ranks and pack each rank's share into micro-batches.
-
-    Returns plan[rank][micro_batch] = list of sequence indices. Sequences go to ranks longest first,
-    each to the rank with the fewest tokens so far (balances compute); each rank then packs first-fit
-    decreasing under `token_budget`. Ranks with fewer micro-batches get empty ones appended.
-    """
+    """Assign sequences (by index) to dp ranks and pack each rank's share into micro-batches: returns
+    plan[rank][micro_batch] = sequence indices. Longest first, each to the rank with the fewest tokens so
+    far, then first-fit decreasing under `token_budget`; ranks with fewer micro-batches get empty ones."""
     if max(lengths, default=0) > token_budget:
         raise ValueError(f"a sequence of {max(lengths)} tokens exceeds micro_batch_tokens={token_budget}; "
                          f"raise --micro-batch-tokens or lower --max-new-tokens/--max-prompt-len")

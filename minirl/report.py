@@ -48,9 +48,8 @@ class PhaseTimer:
 
 
 class Interrupted(Exception):
-    """A stop signal ended the step early: raised on every rank together, before the step changed the
-    model, optimizer, scheduler or data order (train.py saves the last finished step and exits with
-    128 + `signum`)."""
+    """A stop signal ended the step early: raised on every rank together, before the step changed the model,
+    optimizer, scheduler or data order (train.py saves the last finished step, exits with 128 + `signum`)."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")
@@ -58,11 +57,9 @@ class Interrupted(Exception):
 
 
 class Interrupt:
-    """SIGTERM/SIGINT set a flag; the step checks it where every rank is in lockstep and ends early.
-
-    The handler only sets this rank's flag (`requested()`): the ranks must agree on where they stop, or
-    one would enter a collective that the others never join. `check` is that agreement, a one-float
-    all_reduce(MAX) per micro-batch, on GPUs through a gloo group so it waits for no queued GPU work."""
+    """SIGTERM/SIGINT set this rank's flag (`requested()`). The ranks must agree on where they stop (or one
+    would enter a collective the others never join): `check` is that agreement, a one-float all_reduce(MAX)
+    per micro-batch, on GPUs through a gloo group so that it waits for no queued GPU work."""
 
     def __init__(self, device: torch.device):
         self._signum = 0  # the signal this rank got, 0: none
@@ -109,9 +106,8 @@ class MetricsLog:
             self.tb = None
 
     def write(self, row: dict):
-        """Append `row` as one line, in one write; a NaN or inf value is written as null, so every line
-        stays valid JSON. A write that fails (a full disk) is an OSError naming the file, and what it
-        wrote of the line is cut off again: the file still ends with the last whole row."""
+        """Append `row` as one line, in one write (NaN and inf as null: valid JSON). A write that fails (a full
+        disk) is an OSError naming the file, and what it wrote is cut off again: the last line stays whole."""
         safe = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         line = (json.dumps(safe, allow_nan=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

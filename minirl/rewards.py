@@ -1,10 +1,9 @@
 """Verifiable rewards: score a completion against a known answer.
 
-A reward function is any callable `(prompt, completion, answer) -> float`.
-Two are built in (`math`, `exact`); anything else is named as `module:function`,
-where module is a dotted import path or a path to a .py file. Callers score through
-`checked_reward`, so a NaN or a None from user code stops the run instead of training on it, and
-call user code through `call_user`, so that its exception, or its `sys.exit()`, is one error naming it.
+A reward function is any callable `(prompt, completion, answer) -> float`. Two are built in (`math`,
+`exact`); anything else is named as `module:function`, where module is a dotted import path or a path to a
+.py file. Callers score through `checked_reward`, so a NaN or a None from user code stops the run instead
+of training on it, and call user code through `call_user`: its exception or `sys.exit()` is one error.
 """
 
 import functools
@@ -30,11 +29,8 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` whose braces balance, or None.
-
-    Nested braces are fine (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`). A box cut
-    off by the generation limit is skipped in favour of an earlier complete one.
-    """
+    """Content of the last `\\boxed{...}` whose braces balance, or None. Nested braces are fine
+    (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`); a box cut off by the length limit yields to an earlier one."""
     start = text.rfind("\\boxed{")
     while start != -1:
         body = start + len("\\boxed{")
@@ -133,9 +129,8 @@ def import_named(name: str, what: str, choices: str):
 
 
 def call_user(fn, where: str, *args):
-    """`fn(*args)` for user code (a reward, an env, their modules): an exception it raises, or a
-    `sys.exit()` it calls (which would end the run with no message, maybe with exit code 0), is one
-    ValueError that starts with `where`; the original is its cause, with the user's traceback."""
+    """`fn(*args)` for user code (a reward, an env): an exception it raises, or a `sys.exit()` it calls
+    (which would end the run silently, maybe with code 0), is one ValueError that starts with `where`."""
     try:
         return fn(*args)
     except SystemExit as e:
@@ -158,13 +153,9 @@ def as_reward(value) -> float | None:
 
 
 def checked_reward(fn: RewardFn, name: str, prompt_index: int, prompt: str, completion: str, answer: str) -> float:
-    """`fn(prompt, completion, answer)` as a float, or a ValueError naming the reward, prompt and value.
-
-    A NaN or inf reward (or one past float32's range) turns the group's advantages, then the loss and
-    every weight, into NaN; a None or a string fails far from its cause. So anything `as_reward`
-    refuses, and any exception or sys.exit() inside `fn`, is an error that names the reward spec
-    `name`, the prompt's row `prompt_index` and what came back.
-    """
+    """`fn(prompt, completion, answer)` as a float, or a ValueError naming the reward spec `name`, the
+    prompt's row `prompt_index` and what came back. A NaN or inf reward turns the group's advantages, then
+    the loss and every weight, into NaN; a None or a string fails far from its cause."""
     where = f"reward {name!r} on prompt {prompt_index}"
     value = call_user(fn, where, prompt, completion, answer)
     reward = as_reward(value)

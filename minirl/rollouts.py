@@ -1,10 +1,9 @@
 """The rollout phase of a step: generate completions (or multi-turn episodes), score them, gather them.
 
-Every rank draws the same prompts and generates `n_samples` completions for its share (every
-world-th prompt; one share per vLLM tensor-parallel group), each from its own seed
-(`backend.sample_seed`). The gather gives every rank the whole step's samples in one global order,
-so advantages and the micro-batch plan are computed identically everywhere with no more
-communication. rollout.py runs `complete` on its own, batch by batch, with the same generator.
+Every rank draws the same prompts and generates `n_samples` completions for its share (every world-th
+prompt; one share per vLLM tensor-parallel group), each from its own seed (`backend.sample_seed`). The
+gather gives every rank the whole step's samples in one global order, so advantages and the micro-batch
+plan are computed identically everywhere with no more communication. rollout.py runs `complete` alone.
 """
 
 import json
@@ -76,9 +75,8 @@ def prompt_text(p: Prompt) -> str:
 def complete(generator: RolloutBackend, rows: list[Prompt], seeds: list[int] | None, params: SamplingParams,
              ds: Derived, tok, bar=None, interrupt: Interrupt | None = None) -> list[Sample]:
     """One scored Sample per row: a completion scored by the reward (none without one), or with --env a
-    multi-turn episode scored by the environment. A bad reward or environment is a ValueError naming
-    it and the prompt, raised on this rank alone (callers agree on it: `dist.agree`). A signal
-    (`interrupt`, read between generation batches or turns) leaves the rest out."""
+    multi-turn episode scored by the environment. A bad reward or environment is a ValueError raised on
+    this rank alone (callers `dist.agree` on it). A signal (`interrupt`, read as generation goes) cuts it short."""
     stop = interrupt.requested if interrupt is not None else None
     if ds.episodes is None:
         outs = generator.generate([p.token_ids for p in rows], params, seeds=seeds, progress=bar, stop=stop)
@@ -96,9 +94,7 @@ def complete(generator: RolloutBackend, rows: list[Prompt], seeds: list[int] | N
 def rollout(generator: RolloutBackend, prompts: list[Prompt], step: int, d: Dist, cfg: TrainConfig, ds: Derived,
             tok, progress: bool, interrupt: Interrupt | None = None) -> list[Sample]:
     """Generate n completions for this replica's share of the prompts, score them, gather all replicas'.
-
-    A rank that got a signal leaves its remaining generation batches out (no collective) and says so
-    in the check every rank joins: all raise Interrupted."""
+    A rank that got a signal leaves its remaining batches out and says so in the check all ranks join."""
     n = cfg.rollout.n_samples
     replica, n_replicas, reports = generator_replicas(d, cfg.rollout)
     mine = list(range(replica, len(prompts), n_replicas))
@@ -131,10 +127,9 @@ def rollout_groups(generator: RolloutBackend, data: PromptDataset, step: int, d:
     """The step's samples, `prompts_per_step` groups of n drawn from `data`, and the draws' metrics.
 
     With --dynamic-sampling K (DAPO), a group whose rewards are all equal carries no signal: as many
-    prompts as such groups are drawn again, at most K more times, and the step keeps the first
-    `prompts_per_step` groups of unequal rewards (`advantages.select_groups`; equal ones fill in when
-    the draws run out). Every rank draws the same prompts and sees the same rewards, so all decide
-    alike; the extra draws advance `data`, whose position the checkpoint saves.
+    prompts as such groups are drawn again, at most K more times, and the step keeps the first groups of
+    unequal rewards (`advantages.select_groups`). Every rank draws the same prompts and sees the same
+    rewards, so all decide alike; the extra draws advance `data`, whose position the checkpoint saves.
     """
     n, need = cfg.rollout.n_samples, cfg.run.prompts_per_step
     samples = rollout(generator, data.next_batch(need), step, d, cfg, ds, tok, progress, interrupt)

@@ -1,11 +1,10 @@
 """Tokenizer and chat template, read straight from a Hugging Face model directory.
 
-RL on a chat model only works if the prompts are token for token the ones it was fine-tuned on, so
-this module does what transformers does with the same files, without importing it: `tokenizer.json`
-runs in the `tokenizers` library (the Rust code transformers wraps); the chat template (in
-`tokenizer_config.json` or `chat_template.jinja`) renders in transformers' Jinja environment; the
-stop tokens are the tokenizer's `eos_token` and generation_config.json's `eos_token_id` list, since
-instruct models end a turn with a token (`<|im_end|>`, `<|eot_id|>`) other than end-of-text.
+RL on a chat model only works if the prompts are token for token the ones it was fine-tuned on, so this
+module does what transformers does with the same files, without importing it: `tokenizer.json` runs in
+the `tokenizers` library (the Rust code transformers wraps); the chat template (in `tokenizer_config.json`
+or `chat_template.jinja`) renders in transformers' Jinja environment; the stop tokens are the tokenizer's
+`eos_token` and generation_config.json's `eos_token_id` list (instruct models end a turn with their own).
 """
 
 import functools
@@ -24,8 +23,8 @@ CHAT_TEMPLATE_HINT = "use --no-chat-template to feed prompts as raw text"
 
 @dataclass
 class Tokenizer:
-    """A model's tokenizer: text <-> ids, chat rendering, and the ids generation needs
-    (stop on any of eos_ids, pad batches with pad_id). Build it with Tokenizer.from_dir."""
+    """A model's tokenizer: text <-> ids, chat rendering, and the ids generation needs (stop on any of
+    eos_ids, pad batches with pad_id). Build it with Tokenizer.from_dir."""
 
     backend: tokenizers.Tokenizer
     chat_template: str | None
@@ -56,8 +55,7 @@ class Tokenizer:
         generation_config = _read_json(path, "generation_config.json")
         special_tokens = _special_tokens(config, _read_json(path, "special_tokens_map.json"))
 
-        def token_id(name: str) -> int | None:
-            """The id of special token `name` (eos_token, ...); None if the files name none."""
+        def token_id(name: str) -> int | None:  # of special token `name` (eos_token, ...); None if unnamed
             token = special_tokens.get(name)
             if token is None:
                 return None
@@ -84,8 +82,7 @@ class Tokenizer:
         return self.chat_template is not None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`. With add_special_tokens the tokenizer's post-processor may add
-        tokens around it (Llama adds BOS; Qwen adds nothing)."""
+        """Token ids of `text`; add_special_tokens adds what the post-processor puts around it (Llama: BOS)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -179,29 +176,19 @@ def _chat_template(path: str, config: dict) -> str | None:
     return template
 
 
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    """JSON for templates. Jinja's own tojson escapes <, >, & and ' for HTML, which would change
-    the prompt text; transformers replaces it with plain json.dumps, and so do we."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
 def _raise_exception(message: str):
     """Templates call raise_exception('...') to reject conversations they cannot format."""
     raise jinja2.TemplateError(message)
 
 
-def _strftime_now(fmt: str) -> str:
-    """Some templates (Llama 3.1+) put today's date in the system prompt."""
-    return datetime.now().strftime(fmt)
-
-
 @functools.lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers renders it in. Templates come
-    from downloaded model files, so they run sandboxed; trim_blocks and lstrip_blocks remove the
-    newlines and indentation around {% %} tags, which template authors rely on."""
+    """Compile a chat template in the environment transformers renders it in. Templates come from
+    downloaded model files, so they run sandboxed; trim_blocks and lstrip_blocks remove the newlines and
+    indentation around {% %} tags, which template authors rely on."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+    # Jinja's own tojson escapes <, >, & and ' for HTML, which would change the prompt text: plain JSON.
+    env.filters["tojson"] = functools.partial(json.dumps, ensure_ascii=False)
     env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.1+: today's date
     return env.from_string(template)

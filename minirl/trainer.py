@@ -44,10 +44,9 @@ def rl_step(policy: Policy, generator: RolloutBackend, data: PromptDataset, step
             ds: Derived, tok, progress: bool, interrupt: Interrupt | None = None) -> dict[str, float]:
     """One RL step on prompts drawn from `data`; returns its metrics row (a line of metrics.jsonl).
 
-    With `interrupt`, a signal ends the step early: `Interrupted` on every rank together, at the end of
-    the rollout or at a micro-batch before the step's first optimizer step, so nothing of the step has
-    reached the model, optimizer or scheduler. Later (mini-batches after the first, PPO epochs after
-    the first, the weight sync) the step runs to its end, since it has already changed the model.
+    With `interrupt`, a signal ends the step early: `Interrupted` on every rank together, at the end of the
+    rollout or at a micro-batch before the step's first optimizer step, so nothing of the step has reached
+    the model, optimizer or scheduler. After that the step runs to its end: it has changed the model.
     """
     timer, t0, n = PhaseTimer(d.device), time.perf_counter(), cfg.rollout.n_samples
     with timer.phase("rollout"):
@@ -118,11 +117,8 @@ def set_advantages(samples: list[Sample], batches: list[list[MicroBatch]], ac: A
 @torch.no_grad()
 def completion_logprobs(scored: list[list[MicroBatch]], prompt_lens: torch.Tensor,
                         width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The old and reference log-probs of every sample's completion tokens, [N, width] each, on every rank.
-
-    Each rank holds its own tokens' (its dp share, its sp slice): it writes them into zeros, and one
-    all-reduce over the world sums the parts, each token living on exactly one rank.
-    """
+    """The old and reference log-probs of every sample's completion tokens, [N, width] each, on every rank:
+    each rank writes its own tokens' (dp share, sp slice) into zeros, and one all-reduce sums the parts."""
     micro = [mb for mbs in scored for mb in mbs]
     out = torch.zeros(2, len(prompt_lens), width, dtype=micro[0].old_logprobs.dtype, device=prompt_lens.device)
     for mb in micro:
@@ -163,11 +159,10 @@ def update(policy: Policy, samples: list[Sample], minis: list[list[int]], batche
     """One optimizer step per mini-batch, for each of `epochs` passes over the same mini-batches in the
     same order (PPO epochs); returns the metrics averaged over updates and ranks.
 
-    A mini-batch emptied by --skip-zero-var runs one zero-weight dummy micro-batch (so collectives
-    still pair up) and skips its optimizer step. A mini-batch whose gradient norm is NaN or inf skips
-    its optimizer step on every rank (the norm is global), counted in `skipped_updates`. `interrupt` is
-    checked before each micro-batch of the first mini-batch: after its optimizer step the model has
-    changed, and the step can no longer be abandoned."""
+    A mini-batch emptied by --skip-zero-var runs one zero-weight dummy micro-batch (so collectives still
+    pair up) and skips its optimizer step; so does, on every rank, one whose gradient norm is NaN or inf
+    (the norm is global; counted in `skipped_updates`). `interrupt` is checked before each micro-batch of
+    the first mini-batch, the last point where the step can be abandoned."""
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(total=epochs * sum(len(mbs) for mbs in batches), desc="train", leave=False, disable=not progress,
                unit="mb")

@@ -1,18 +1,17 @@
 """Ulysses sequence parallelism: attention over a packed micro-batch split across the sp ranks of a group.
 
 Each of the sp ranks holds a contiguous slice of t = T/sp tokens of the same packed micro-batch.
-Everything in a decoder layer works token by token except attention, which needs all earlier tokens
-of the document. So just around attention, an all-to-all turns "my tokens, all heads" [t, H, D] into
-"all tokens, my heads" [T, H/sp, D] (q, k and v together, in one call); attention runs on whole
-documents for H/sp heads; a second all-to-all turns the output back. Per layer each rank sends
-(sp-1)/sp of its own q, k, v and attention output; nothing else crosses ranks.
+Everything in a decoder layer works token by token except attention, which needs all earlier tokens of
+the document. So just around attention, an all-to-all turns "my tokens, all heads" [t, H, D] into "all
+tokens, my heads" [T, H/sp, D] (q, k and v together, in one call); attention runs on whole documents for
+H/sp heads; a second all-to-all turns the output back. Nothing else crosses ranks.
 
-Metadata without collectives: attention needs document boundaries (cu_seqlens) of the FULL
-micro-batch. Every rank of the group already has the full micro-batch before slicing it, so
-`shard_micro_batch` computes them once, before the model call, and they travel in AttnMeta through
-forward. A checkpointed layer therefore recomputes with the very metadata its forward saw, and
-backward issues nothing on the sp group but all-to-alls. (The peers' way, an all_gather of
-position_ids inside every attention call, re-run in recompute, lives in scripts/repro_recompute_hang.py.)
+Metadata without collectives: attention needs the document boundaries (cu_seqlens) of the FULL
+micro-batch, which every rank of the group has before slicing it: `shard_micro_batch` computes them
+once, before the model call, and they travel in AttnMeta through forward. A checkpointed layer thus
+recomputes with the very metadata its forward saw, and backward issues nothing on the sp group but
+all-to-alls. (The peers' way, an all_gather of position_ids inside every attention call, re-run in
+recompute, lives in scripts/repro_recompute_hang.py.)
 """
 
 import torch
@@ -24,20 +23,14 @@ from minirl.attention import AttnMeta, cu_seqlens_from_positions, varlen_attenti
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """Block j of x (dim 0, sp equal blocks) goes to rank j; block j of the result came from rank j.
-
-    Differentiable (the gradient takes the reverse trip) and asynchronous: the result is waited for
-    where it is first used, so transfers started together run while the GPU computes what comes
-    before that use (`attention`'s head chunks).
-    """
+    Differentiable (the gradient takes the reverse trip) and asynchronous: the result is waited for where
+    it is first used, so transfers started together overlap the compute before it (`attention`)."""
     return funcol.all_to_all_single_autograd(x.contiguous(), None, None, group)
 
 
 def _seq_to_head(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """[t, h_i, D] for each x_i (my tokens, all heads) -> [T, h_i/sp, D] (all tokens, my heads).
-
-    All tensors travel in ONE all-to-all: rank j's block holds head group j of every x_i side by side,
-    so q, k and v cost one call's latency, not three.
-    """
+    """[t, h_i, D] for each x_i (my tokens, all heads) -> [T, h_i/sp, D] (all tokens, my heads), in ONE
+    all-to-all: rank j's block holds head group j of every x_i side by side (q, k, v: one latency)."""
     sp = dist.get_world_size(group)
     t, D = xs[0].shape[0], xs[0].shape[-1]
     heads = [x.shape[1] // sp for x in xs]
@@ -57,11 +50,9 @@ def _head_to_seq(x: torch.Tensor, group) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
     """Causal attention for this rank's slice. q [t, H, D], k/v [t, Hkv, D] -> [t, H, D].
 
-    meta.sp_head_chunks > 1 splits each rank's share of the heads into that many chunks and starts every
-    chunk's all-to-all at once: chunk c's attention then computes while chunk c+1's q/k/v and chunk
-    c-1's output are in flight, instead of the GPU waiting for one whole transfer before attention
-    and another after it. It needs the chunks to divide each rank's kv heads. (Forward and recompute
-    only: backward waits for each gradient's transfer where autograd issues it.)
+    meta.sp_head_chunks > 1 splits each rank's share of the heads (its kv heads too) into that many chunks
+    and starts every chunk's all-to-all at once: chunk c's attention computes while chunk c+1's q/k/v and
+    chunk c-1's output are in flight (forward and recompute; backward waits where autograd issues them).
     """
     group, head_chunks = meta.sp_group, meta.sp_head_chunks
     sp = dist.get_world_size(group)
@@ -86,11 +77,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta)
 
 
 def local_slice(x: torch.Tensor, sp_rank: int, sp_size: int, fill=0) -> torch.Tensor:
-    """This rank's contiguous slice of a per-token tensor [T, ...], padded with `fill` to a multiple of sp.
-
-    Use it for everything that goes with the tokens (targets, loss weights, advantages), so it lines
-    up with the ids from `shard_micro_batch`; give padding a zero loss weight.
-    """
+    """This rank's contiguous slice of a per-token tensor [T, ...], padded with `fill` to a multiple of sp:
+    for what goes with the tokens (targets, loss weights: 0 for padding), lined up with `shard_micro_batch`."""
     pad = -x.shape[0] % sp_size
     if pad:
         x = torch.cat([x, x.new_full((pad, *x.shape[1:]), fill)])
@@ -100,14 +88,10 @@ def local_slice(x: torch.Tensor, sp_rank: int, sp_size: int, fill=0) -> torch.Te
 
 def shard_micro_batch(input_ids: torch.Tensor, position_ids: torch.Tensor, sp_rank: int, sp_size: int,
                       backend: str, sp_group=None):
-    """Pad, slice and describe one packed micro-batch for this SP rank.
-
-    input_ids, position_ids: [T], the FULL micro-batch, identical on every rank of the sp group.
-    Returns (input_ids [t], position_ids [t], meta, pad) with t = (T + pad) / sp.
-
-    The `pad` padding tokens (id 0) form a document of their own, positions 0..pad-1, so they never
-    attend to real tokens nor real tokens to them. cu_seqlens covers the full padded batch. With
-    sp_size == 1 nothing is padded and meta has no group: plain attention.
+    """Pad, slice and describe one packed micro-batch for this SP rank: input_ids, position_ids [T], the FULL
+    micro-batch, identical on every rank of the sp group -> (input_ids [t], position_ids [t], meta, pad),
+    t = (T + pad) / sp. The `pad` padding tokens (id 0) form a document of their own, so they never attend
+    to real tokens nor real tokens to them. With sp_size == 1 nothing is padded and meta has no group.
     """
     if position_ids.numel() == 0 or int(position_ids[0]) != 0:
         raise ValueError("a packed micro-batch must be non-empty and start a document (position_ids[0] == 0)")

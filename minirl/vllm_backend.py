@@ -1,16 +1,14 @@
 """Rollouts with vLLM, colocated in the trainer's own torchrun processes (`--backend vllm`).
 
 The same interface as the naive `generate.Generator` (`backend.RolloutBackend`), vLLM sampling:
-- One engine per process, built with `distributed_executor_backend="external_launcher"`: vLLM does not
-  start workers or an engine process of its own, it runs inside this process and joins the process
-  group torchrun (and the trainer) already set up. Consecutive blocks of `tp` ranks form one tensor-
-  parallel group and serve one replica of the model: world 8 with tp 2 is 4 replicas. The ranks of a
-  group must call `generate` with the same prompts and sampling parameters, in lockstep, and sample the
-  same tokens: they run identical schedulers, so any difference would desynchronise their collectives.
-- Weights go in place, from the trainer, with no file in between: `update_weights` feeds the FULL
-  tensors (every rank, also under TP: vLLM cuts its own shard) under HF names to the worker's
-  `reload_weights`, which fuses q/k/v and gate/up and repacks for its kernels (the CPU backend
-  repacks, which is why a plain `load_weights` on the model is not enough there).
+- One engine per process, built with `distributed_executor_backend="external_launcher"`: vLLM starts no
+  workers or engine process of its own, it runs inside this process and joins the process group torchrun
+  (and the trainer) already set up. Consecutive blocks of `tp` ranks form one tensor-parallel group and
+  serve one replica (world 8 with tp 2 is 4 replicas). The ranks of a group call `generate` with the same
+  prompts and parameters, in lockstep: they run identical schedulers, whose collectives must pair up.
+- Weights go in place, with no file in between: `update_weights` feeds the FULL tensors (every rank,
+  also under TP: vLLM cuts its own shard) under HF names to the worker's `reload_weights`, which fuses
+  q/k/v and gate/up and repacks for its kernels (as the CPU backend needs: `load_weights` is not enough).
 - With sleep mode (GPU only), `release` frees the weights and the KV cache while the trainer runs;
   `update_weights` reallocates the weights, and the next `generate` the KV cache.
 vLLM is imported here and nowhere else, so the rest of minirl runs without it.
@@ -64,14 +62,11 @@ def repack_tied_output_layer(model: torch.nn.Module):
 
 
 class VLLMGenerator:
-    """A vLLM engine in this process, serving the policy for rollouts.
-
-    Call inside torchrun after `dist.init_process_group`, on every rank (construction is collective).
-    `dtype` is the inference dtype; `kv_cache_bytes` sizes the KV cache explicitly (needed on CPU,
-    where `gpu_memory_utilization` is a fraction of the machine's RAM), otherwise vLLM takes
-    `gpu_memory_utilization` x total GPU memory for weights, activations and KV cache together: set
-    it below what the trainer leaves free. `sleep_mode` frees that memory during training (GPU only).
-    """
+    """A vLLM engine in this process, serving the policy for rollouts; built on every rank (a collective),
+    inside torchrun after `dist.init_process_group`. `kv_cache_bytes` sizes the KV cache (needed on CPU,
+    where `gpu_memory_utilization` is a fraction of RAM); otherwise vLLM takes `gpu_memory_utilization` x
+    total GPU memory for weights, activations and KV cache: set it below what the trainer leaves free.
+    `sleep_mode` frees that memory during training (GPU only)."""
 
     def __init__(self, model_dir: str, eos_ids: list[int], tp: int = 1, seed: int = 0,
                  dtype: torch.dtype = torch.bfloat16, gpu_memory_utilization: float = 0.5,
@@ -108,29 +103,19 @@ class VLLMGenerator:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         memory = ({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes is not None
                   else {"gpu_memory_utilization": gpu_memory_utilization})
-        self.llm = LLM(
-            model=model_dir,
-            distributed_executor_backend="external_launcher",
-            tensor_parallel_size=tp,
-            seed=seed,  # vLLM's own RNGs; sampling draws from per-request seeds (see generate)
-            dtype=dtype,
-            enable_sleep_mode=sleep_mode,
-            logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled
-            skip_tokenizer_init=True,  # the trainer tokenises; vLLM sees and returns token ids only
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            **memory,
-        )
+        self.llm = LLM(model=model_dir, distributed_executor_backend="external_launcher", tensor_parallel_size=tp,
+                       seed=seed,  # vLLM's own RNGs; sampling draws from per-request seeds (see generate)
+                       dtype=dtype, enable_sleep_mode=sleep_mode, max_model_len=max_model_len,
+                       enforce_eager=enforce_eager, **memory,
+                       logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled
+                       skip_tokenizer_init=True)  # the trainer tokenises; vLLM sees and returns token ids only
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress=None,
                  seeds: list[int] | None = None, stop=None, limits: list[int] | None = None, follow_up=None,
                  max_context: int | None = None) -> list[Completion]:
-        """One Completion per prompt, in order, as the naive generator returns: one engine call for the
-        prompts, then one for the follow-ups their completions asked for, and so on (`stop` is not
-        asked: a stop signal takes effect after the call). Each request samples from its own seed
-        (`backend.check_request`), not from the batch it was scheduled in nor the process-wide RNG;
-        each token comes with its log-prob under the processed distribution it was sampled from
-        (temperature, top-k, top-p), comparable with the trainer's `process_logits`."""
+        """`backend.RolloutBackend.generate` in engine calls: one for the prompts, then one for the follow-ups
+        their completions asked for, and so on (`stop` is not asked: a signal takes effect after the call).
+        Each request samples from its own seed, not from its batch nor the process-wide RNG."""
         seeds = check_request(prompts, params, self.vocab_size, seeds)
         limits = check_limits(limits, len(prompts), params.max_new_tokens)
         if not self.has_weights:
@@ -166,13 +151,9 @@ class VLLMGenerator:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
-        """Load every parameter, (our name, FULL tensor), into the engine, then drop cached prefixes.
-
-        Names are ours (HF minus `model.`); a tied model has no `lm_head.weight`, and vLLM ties its
-        output layer to the embedding itself. vLLM collects a module's tensors until the module is
-        complete (q, k and v for the fused qkv), so send them in model order, as named_parameters
-        does, to hold at most one module's tensors at a time. Every parameter must come exactly once.
-        """
+        """Load every parameter, (our name, FULL tensor), exactly once, into the engine, then drop cached
+        prefixes. vLLM collects a module's tensors until it is complete (q, k and v for the fused qkv):
+        model order, as named_parameters gives it, holds at most one module's tensors at a time."""
         self._wake(["weights"])
         self.has_weights = False  # until the whole set has arrived
         self.llm.collective_rpc("reload_weights", kwargs={
