@@ -9,6 +9,7 @@ the batch's longest, which is what a continuous batch of rows of very different 
 """
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,26 @@ def compiled_flex_decode():
     """flex_decode compiled into FlexAttention's decoding kernel (Triton): static shapes, which that kernel
     wants, except for the cache width (marked dynamic at each call): one compile per batch size."""
     return torch.compile(flex_decode, dynamic=False)
+
+
+@functools.cache
+def flex_decode_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FlexAttention's decoding kernel compiles here and agrees with SDPA, checked once on a
+    small cache. Where it does not (a GPU or torch its Triton kernels fail on), a one-token step reads
+    the whole cache through SDPA instead: slower on rows of very different lengths, never wrong."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(device, dtype) for shape in
+               [(2, 4, 1, 64), (2, 2, 2 * FLEX_BLOCK, 64), (2, 2, 2 * FLEX_BLOCK, 64)])  # [B, H(kv), S, Hd]
+    pos = torch.tensor([[3], [2 * FLEX_BLOCK - 1]], device=device)  # [B, 1]: one row per block count
+    try:
+        out = compiled_flex_decode()(q, k, v, *decode_blocks(pos, k.shape[2]), pos)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(pos, k.shape[2], dtype), enable_gqa=True)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        return True
+    except Exception as e:  # noqa: BLE001 (any failure of the kernel means: do not use it)
+        print(f"warning: FlexAttention decoding does not work on {device} ({type(e).__name__}: {str(e)[:200]}); "
+              "decode steps read the whole cache through SDPA", file=sys.stderr, flush=True)
+        return False
 
 
 @torch.compiler.disable

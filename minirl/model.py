@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from minirl.attention import AttnMeta, kernel_ops, varlen_attention
-from minirl.kvcache import KVCache, cached_attention, decode_blocks, decode_mask
+from minirl.kvcache import KVCache, cached_attention, decode_blocks, decode_mask, flex_decode_works
 from minirl.logprobs import token_logprobs
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -305,7 +305,8 @@ class Transformer(nn.Module):
         """
         h = self.embed_tokens(tokens)  # [B, S, D]
         cos, sin = rope_cos_sin(self.cfg, input_pos, h.dtype)  # [B, S, Hd]
-        if kv_len is None and tokens.is_cuda and tokens.shape[1] == 1:
+        one_token_on_gpu = tokens.is_cuda and tokens.shape[1] == 1
+        if kv_len is None and one_token_on_gpu and flex_decode_works(tokens.device, h.dtype):
             mask = decode_blocks(input_pos, cache.k.shape[3])  # ([B, 1, 1], [B, 1, 1, blocks])
         else:
             mask = decode_mask(input_pos, kv_len or cache.k.shape[3], h.dtype)  # [B, 1, S, kv_len]

@@ -15,7 +15,7 @@ from minirl.fused import fuse_projections
 from minirl.generate import (Completion, Generator, Rows, SamplingParams, batch_sizes, compact, draw_uniforms,
                              generate, sample)
 from minirl.hf import load_model
-from minirl.kvcache import KVCache, rows_for_memory
+from minirl.kvcache import KVCache, flex_decode_works, rows_for_memory
 from minirl.logprobs import process_logits
 from minirl.model import ModelConfig
 
@@ -387,6 +387,7 @@ def test_continuous_batching_on_cuda_matches_static(model):
     limits = [24, 5, 17, 24, 1, 12, 20, 8, 24, 3, 14, 24, 9, 24, 2, 24, 11, 24, 6, 24, 16]
     params, eos = SamplingParams(24, temperature=0.9, seed=3), list(range(0, VOCAB, 16))
     gpu = cuda_copy(model)
+    assert all(flex_decode_works(torch.device("cuda"), dt) for dt in (torch.float32, torch.bfloat16))
     seeds = [sample_seed(params.seed, 0, i, 0) for i in range(len(prompts))]
     alone = [generate(gpu, [p], params, eos, 0, seeds=[s], limits=[n])[0] for p, s, n in zip(prompts, seeds, limits)]
     for batch in (3, 16):
