@@ -41,7 +41,8 @@ from minirl.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # train.py's settings that rollout.py takes, by config section.
-FIELDS = {"data": ("task", "model", "data", "prompt_field", "answer_field", "chat_template", "max_prompt_len", "reward"),
+FIELDS = {"data": ("task", "model", "data", "prompt_field", "answer_field", "chat_template", "max_prompt_len",
+                   "reward"),
           "rollout": ("backend", "n_samples", "temperature", "top_p", "top_k", "max_new_tokens", "gen_batch_size",
                       "vllm_memory", "env", "max_turns", "episode_tokens"),
           "run": ("seed",), "parallel": ("timeout_s", "trace_collectives")}

@@ -234,7 +234,8 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
             kind = dict(action=argparse.BooleanOptionalAction) if yes_no else dict(type=type(default))
             group.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, dest=f.name,
                                help=f.metadata["help"] + f" ({'; '.join([*notes, f'default: {shown}'])})", **kind)
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none", help=argparse.SUPPRESS)
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_const", const="none",
+                   help=argparse.SUPPRESS)
     return p
 
 
@@ -291,7 +292,8 @@ def validate(cfg: TrainConfig):
         (rc.backend not in ("naive", "vllm"), f"unknown --backend {rc.backend!r}: naive or vllm"),
         (rc.backend == "vllm" and importlib.util.find_spec("vllm") is None,
          "--backend vllm needs vLLM, which is not installed: pip install vllm"),
-        (cfg.optim.schedule not in ("constant", "cosine"), f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
+        (cfg.optim.schedule not in ("constant", "cosine"),
+         f"unknown --schedule {cfg.optim.schedule!r}: constant or cosine"),
         (cfg.parallel.checkpointing not in CHECKPOINTING, f"--checkpointing: one of {', '.join(CHECKPOINTING)}"),
         (cfg.parallel.attn_backend not in ("", *BACKENDS),
          f"unknown --attn-backend {cfg.parallel.attn_backend!r}: one of {', '.join(BACKENDS)}"),

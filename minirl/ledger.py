@@ -18,10 +18,11 @@ Two sources fill the same files. "dispatch" (the default) is a TorchDispatchMode
 (`dist.all_reduce`, FSDP2's all-gathers, functional collectives) passes through `__torch_dispatch__`,
 and so does every other op, which is the cost of turning it on (measured in scripts/README.md); it
 knows each collective's phase and call site. torch.compile compiles with the mode off and runs the
-compiled code with it on, so compiled code's collectives pass through it too. "flight_recorder" reads torch's flight recorder instead (gloo and NCCL record every collective
-there, compiled or not, once TORCH_FR_BUFFER_SIZE is set before the process group: see
-`flight_recorder_env`), at each `check_step`, from the stall watcher, and at the end: no per-op
-cost, but one dump of the recorder per read, and no phase or call site. Off, nothing of it runs.
+compiled code with it on, so compiled code's collectives pass through it too. "flight_recorder" reads
+torch's flight recorder instead (gloo and NCCL record every collective there, compiled or not, once
+TORCH_FR_BUFFER_SIZE is set before the process group: see `flight_recorder_env`), at each `check_step`,
+from the stall watcher, and at the end: no per-op cost, but one dump of the recorder per read, and no
+phase or call site. Off, nothing of it runs.
 
 The phase of a collective: "forward" outside autograd's backward; inside it, "recompute" while a
 module's forward runs (a checkpointed region being rebuilt; global module hooks count the depth,

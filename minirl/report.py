@@ -137,7 +137,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError:  # the last line of a run killed mid-write
                 continue
-            if row.get("step", 0) <= last_step:
+            if isinstance(row, dict) and row.get("step", 0) <= last_step:  # a row, not stray JSON
                 kept.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w") as fh:
         fh.writelines(kept)

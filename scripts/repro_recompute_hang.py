@@ -189,37 +189,6 @@ def run_all(args) -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=SCENARIOS)
-    p.add_argument("--mode", choices=MODES, default="naive",
-                   help="naive: all_gather position_ids in every attention call (re-run in recompute); "
-                        "pregather: document boundaries computed once before the model call")
-    p.add_argument("--no-early-stop", action="store_true", help="recompute whole checkpointed regions")
-    p.add_argument("--all-experts", action="store_true", help="fsdp_moe: run idle experts on zero tokens")
-    p.add_argument("--reduce-unused", action="store_true",
-                   help="fsdp_moe: FSDP2 reduce-scatters zero gradients for unused parameters")
-    p.add_argument("--timeout", type=float, default=20.0, help="collective timeout in seconds")
-    p.add_argument("--detail", action="store_true",
-                   help="TORCH_DISTRIBUTED_DEBUG=DETAIL: check every collective across ranks before it runs")
-    p.add_argument("--out-dir", default=None, help="ledgers (and NCCL dumps); default: a new temp dir")
-    p.add_argument("--nproc", type=int, default=2, help="ranks, when this script launches torchrun")
-    p.add_argument("--all", action="store_true", help="run every case and print a table")
-    p.add_argument("--jobs", type=int, default=1, help="with --all: launches at a time")
-    args = p.parse_args(argv)
-    if not args.all and args.scenario is None:
-        p.error("give --scenario (or --all)")
-    if args.reduce_unused and not HAS_REDUCE_UNUSED:
-        p.error(f"--reduce-unused needs FSDPModule.set_reduce_scatter_unused_params, "
-                f"which torch {torch.__version__} lacks")
-    if int(os.environ.get("WORLD_SIZE", args.nproc)) not in (2, 4):
-        p.error("run on 2 or 4 ranks: all ranks form one SP group over the model's 4 attention heads")
-    return args
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", help=f"one of {', '.join(SCENARIOS)} (several, comma-separated, run in one launch)")
     p.add_argument("--mode", default="naive",
                    help="naive (fails) or its fix: pregather (count, tail_skew, fsdp_moe: document boundaries "
