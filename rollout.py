@@ -3,17 +3,13 @@
     python rollout.py --model DIR --data prompts.jsonl --n-samples 4 --reward math --out rollouts.jsonl
     torchrun --nproc-per-node 8 rollout.py ...   # data parallel: rank r takes prompts r, r+8, r+16, ...
 
-The flags are train.py's of the same names (same defaults, same --config files); the output file,
---dtype, --kv-cache-gib and the log-prob check are rollout.py's own. Without --model it runs the built-in
-task's model on its prompts. Each output line is one completion, in prompt order (and sample order within
-a prompt), written and flushed chunk by chunk (4 x --gen-batch-size rows, or 1,024): an interrupted run
-(Ctrl-C, SIGTERM) keeps everything finished so far. Under torchrun each rank writes OUT.rank<r> and rank 0
-merges them into OUT at the end, so OUT appears only complete (an earlier run's is removed at the start).
-
---check-logprobs recomputes the completions' log-probs with the trainer's packed forward (in
---check-dtype, same temperature/top-k/top-p) and reports how far the generator's are. The per-sequence
-sum of (generator - trainer) log-probs is the log of the importance ratio that truncated importance
-sampling corrects; its mean estimates KL(generator || trainer).
+The flags are train.py's (same names, defaults, --config files), plus the output file, --dtype,
+--kv-cache-gib and the log-prob check. One output line per completion, in prompt and sample order, flushed
+chunk by chunk (4 x --gen-batch-size rows, or 1,024): Ctrl-C or SIGTERM keeps what is finished. Under
+torchrun each rank writes OUT.rank<r>, merged into OUT at the end (OUT appears only complete).
+--check-logprobs scores the completions with the trainer's packed forward (--check-dtype) and reports
+how far the generator's log-probs are: a sequence's summed difference is the log of the importance ratio
+that truncated importance sampling corrects, and its mean estimates KL(generator || trainer).
 """
 
 import heapq

@@ -1,33 +1,22 @@
 """A ledger of every collective a process issues, to find where ranks parted when a job hangs.
 
-A data-parallel job hangs when its ranks issue DIFFERENT collectives: one rank runs an extra
-all-gather, or a reduce-scatter of another size, and every process group matches collectives by
-order, so the ranks wait for each other until the collective timeout. The stack trace printed then
-blames whatever each rank was waiting in, which is rarely the collective that diverged (on NCCL
-the host even blocks somewhere later). What does tell is the sequence of collectives each rank
-issued. So each rank appends every collective (op, process group, shapes, dtype, phase, call site)
-to `DIR/rank{r}.jsonl`, one line per collective, flushed BEFORE the collective is issued: after a
-timeout, an abort or a kill the files still show each rank's last step, and comparing them gives
-the first collective on which the ranks disagree.
+Ranks hang when they issue different collectives (an extra all-gather, a reduce-scatter of another
+size): each group matches collectives by order, and the stacks printed at the timeout blame whatever
+each rank waited in. So each rank appends every collective (op, group, shapes, dtype, phase, call
+site) to `DIR/rank{r}.jsonl`, flushed BEFORE it is issued; comparing the files after a timeout, an
+abort or a kill gives the first collective the ranks disagree on (`minirl/divergence.py`).
 
     with Ledger("out/ledger", rank):            # or: ledger = start("out/ledger") ... ledger.stop()
         train()                                 # any PyTorch program; gloo or NCCL
     python -m minirl.ledger out/ledger          # after the fact: the first divergence per group
 
-Two sources fill the same files. "dispatch" (the default) is a TorchDispatchMode: every c10d op
-(`dist.all_reduce`, FSDP2's all-gathers, functional collectives) passes through `__torch_dispatch__`,
-and so does every other op, which is the cost of turning it on (measured in scripts/README.md); it
-knows each collective's phase and call site. torch.compile compiles with the mode off and runs the
-compiled code with it on, so compiled code's collectives pass through it too. "flight_recorder" reads
-torch's flight recorder instead (gloo and NCCL record every collective there, compiled or not, once
-TORCH_FR_BUFFER_SIZE is set before the process group: see `flight_recorder_env`), at each `check_step`,
-from the stall watcher, and at the end: no per-op cost, but one dump of the recorder per read, and no
-phase or call site. Off, nothing of it runs.
-
-The phase of a collective: "forward" outside autograd's backward; inside it, "recompute" while a
-module's forward runs (a checkpointed region being rebuilt; global module hooks count the depth,
-per thread, as autograd may run on threads of its own) and "backward" otherwise (gradient
-all-to-alls, FSDP's backward all-gathers and reduce-scatters).
+Two sources fill the same files. "dispatch" (default) is a TorchDispatchMode: every op passes through
+`__torch_dispatch__` (its cost: scripts/README.md), compiled code's too (torch compiles with the mode off
+and runs the code with it on), and it knows each collective's phase: "forward" outside autograd's
+backward; inside it "recompute" while a module's forward runs (a checkpointed region rebuilt; global
+module hooks count the depth per thread) and "backward" otherwise. "flight_recorder" reads torch's flight
+recorder (every collective, gloo or NCCL, once TORCH_FR_BUFFER_SIZE is set before the process group:
+`flight_recorder_env`) at each `check_step`, stall and exit: no per-op cost, no phase or call site.
 """
 
 import faulthandler

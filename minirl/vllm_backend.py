@@ -1,16 +1,12 @@
 """Rollouts with vLLM, colocated in the trainer's own torchrun processes (`--backend vllm`).
 
 The same interface as the naive `generate.Generator` (`backend.RolloutBackend`), vLLM sampling:
-- One engine per process, built with `distributed_executor_backend="external_launcher"`: vLLM starts no
-  workers or engine process of its own, it runs inside this process and joins the process group torchrun
-  (and the trainer) already set up. Consecutive blocks of `tp` ranks form one tensor-parallel group and
-  serve one replica (world 8 with tp 2 is 4 replicas). The ranks of a group call `generate` with the same
-  prompts and parameters, in lockstep: they run identical schedulers, whose collectives must pair up.
-- Weights go in place, with no file in between: `update_weights` feeds the FULL tensors (every rank,
-  also under TP: vLLM cuts its own shard) under HF names to the worker's `reload_weights`, which fuses
-  q/k/v and gate/up and repacks for its kernels (as the CPU backend needs: `load_weights` is not enough).
-- With sleep mode (GPU only), `release` frees the weights and the KV cache while the trainer runs;
-  `update_weights` reallocates the weights, and the next `generate` the KV cache.
+- One engine per process (`distributed_executor_backend="external_launcher"`): no workers of its own, it
+  joins the process group torchrun set up. Each block of `tp` consecutive ranks is one tensor-parallel
+  replica; its ranks call `generate` with the same prompts in lockstep (their collectives must pair up).
+- `update_weights` feeds the FULL tensors under HF names to the worker's `reload_weights` (no file; vLLM
+  cuts its own TP shard, fuses q/k/v and gate/up, and repacks for its kernels, which the CPU backend needs).
+- With sleep mode (GPU only), `release` frees weights and KV cache while the trainer runs.
 vLLM is imported here and nowhere else, so the rest of minirl runs without it.
 """
 
