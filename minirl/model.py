@@ -209,22 +209,39 @@ class MLP(nn.Module):
 
 
 @functools.cache
+def _collectives() -> list:
+    """Ulysses' all-to-all (ulysses.py), the functional op that eager and compiled code both call."""
+    return [torch.ops._c10d_functional.all_to_all_single.default]
+
+
+@functools.cache
 def _kept_ops() -> list:
-    return [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, *kernel_ops()]
+    return [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, *kernel_ops(), *_collectives()]
 
 
 def keep_matmuls_and_attention():
-    """Selective checkpointing's contexts: the outputs of matmuls (nn.Linear is mm, or addmm with a bias)
-    and of the attention kernels are saved; every other op in the block is recomputed in backward."""
+    """Selective checkpointing's contexts: the outputs of matmuls (nn.Linear is mm, or addmm with a bias),
+    of the attention kernels and of the all-to-alls are saved; every other op is recomputed in backward."""
     return create_selective_checkpoint_contexts(_kept_ops())
+
+
+def keep_collectives():
+    """Full checkpointing's contexts: everything is recomputed but the all-to-alls, whose outputs are saved.
+
+    A compiled block never recomputes a collective (torch's partitioner keeps them), so an eager one must
+    not either: a rank whose block runs eagerly (a graph break, dynamo's recompile limit) would issue an
+    all-to-all in backward that the compiled ranks do not, and the job would hang (scripts/README.md,
+    compile_reorder). The price, with sp > 1 only: the all-to-alls' outputs stay in memory."""
+    return create_selective_checkpoint_contexts(_collectives())
 
 
 class Block(nn.Module):
     """One decoder layer, with activation checkpointing by `self.checkpointing` (one of CHECKPOINTING):
 
     - "none":      backward reads every activation forward saved (the most memory);
-    - "full":      forward keeps only the block's input and backward runs the block again (the least
-                   memory, a second forward of every matmul and of attention);
+    - "full":      forward keeps only the block's input (and the all-to-alls' outputs, see keep_collectives)
+                   and backward runs the block again (the least memory, a second forward of every matmul
+                   and of attention);
     - "selective": forward keeps the outputs of the matmuls and of attention, backward recomputes only
                    what lies between them (norms, RoPE, SwiGLU, residual adds): memory-bound work that
                    costs a few % of the step, so the step runs near "none"'s speed in less memory.
@@ -249,8 +266,8 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, meta: AttnMeta):
         if self.checkpointing == "none" or not torch.is_grad_enabled():
             return self._forward(x, cos, sin, meta)
-        keep = {"context_fn": keep_matmuls_and_attention} if self.checkpointing == "selective" else {}
-        return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False, **keep)
+        keep = keep_matmuls_and_attention if self.checkpointing == "selective" else keep_collectives
+        return checkpoint(self._forward, x, cos, sin, meta, use_reentrant=False, context_fn=keep)
 
     def forward_step(self, x, cos, sin, input_pos, k_cache, v_cache, mask):
         x = x + self.self_attn.forward_step(self.input_layernorm(x), cos, sin, input_pos, k_cache, v_cache, mask)

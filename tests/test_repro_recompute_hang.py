@@ -117,8 +117,8 @@ def test_count_one_gather_per_layer_in_forward_and_recompute(results, mode):
     for ledger in ledgers:
         assert [position_gathers(ledger, p) for p in repro.PHASES] == [want, want, 0]
         recompute = [e for e in ledger if e.get("phase") == "recompute"]
-        want_ops = {"all_to_all_single", "_allgather_base_"} if want else {"all_to_all_single"}
-        assert {e["op"] for e in recompute} == want_ops
+        # The Ulysses all-to-alls' outputs are kept (model.keep_collectives): recompute issues none of them.
+        assert {e["op"] for e in recompute} == ({"_allgather_base_"} if want else set())
 
 
 def test_count_naive_and_pregather_compute_the_same_loss(results):
@@ -143,7 +143,10 @@ def test_tail_skew_fixes_recompute_the_same_collectives(results):
     for name in ("pregather", "naive --no-early-stop"):
         ledgers = case_ledgers(results, "tail_skew", name)
         recompute = [without_time(e for e in ledger if e.get("phase") == "recompute") for ledger in ledgers]
-        assert recompute[0] == recompute[1] and recompute[0], name
+        assert recompute[0] == recompute[1], name
+        # pregather leaves no collective in the checkpointed region (the all-to-alls' outputs are kept);
+        # the naive gather still runs again in every recompute, now on every rank alike.
+        assert bool(recompute[0]) == (name != "pregather"), name
 
 
 @pytest.mark.parametrize("mode", repro.MODES)
