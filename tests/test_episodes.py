@@ -26,7 +26,7 @@ from minirl.packing import micro_logprobs, pack
 from minirl.rollouts import Sample, complete
 from minirl.tokenizer import Tokenizer
 
-from helpers_dist import REPO, torchrun
+from helpers_dist import REPO, gpus, torchrun
 from helpers_models import save_hf_model
 from helpers_tokenizer import make_test_tokenizer
 
@@ -149,16 +149,28 @@ def test_turns_through_two_slots_make_the_same_episodes(task, parts):
     turns of other numbers (continuous batching); with 64, every first turn starts at once. The
     episodes are the same, the third turn's limit (what is left of the budget) included: each turn
     samples from its own seed."""
+    assert_two_slots_same_as_wide(task, parts, "cpu")
+
+
+@gpus(1)
+def test_turns_through_two_slots_make_the_same_episodes_on_cuda(task, parts):
+    """The same on a GPU: CUDA graphs, and FlexAttention's decode over each row's own length."""
+    assert_two_slots_same_as_wide(task, parts, "cuda", atol=1e-4)  # as test_generate's GPU equality
+
+
+def assert_two_slots_same_as_wide(task, parts, device, atol=1e-5):
     tok, model, gen, prompts = parts
-    two = Generator(gen.cfg, tok.eos_ids, tok.pad_id, dtype=torch.float32, max_batch_size=2)
-    two.update_weights(model.named_parameters())
-    wide, _ = rollout(task, parts, episode_tokens=22)
+    wide_gen, two = (Generator(gen.cfg, tok.eos_ids, tok.pad_id, device, torch.float32, max_batch_size=b)
+                     for b in (0, 2))
+    for g in (wide_gen, two):
+        g.update_weights(model.named_parameters())
+    wide, _ = rollout(task, (tok, model, wide_gen, prompts), episode_tokens=22)
     narrow, _ = rollout(task, (tok, model, two, prompts), episode_tokens=22)
     assert all(s.turns == 3 and s.finish_reason == "length" and len(s.completion_ids) == 22 for s in wide)
     for a, b in zip(wide, narrow):
         assert (a.completion_ids, a.mask, a.turns, a.finish_reason, a.reward) == \
             (b.completion_ids, b.mask, b.turns, b.finish_reason, b.reward)
-        torch.testing.assert_close(torch.tensor(a.gen_logprobs), torch.tensor(b.gen_logprobs), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(a.gen_logprobs), torch.tensor(b.gen_logprobs), rtol=0, atol=atol)
 
 
 def test_trainer_logprobs_match_the_generator_across_turns(task, parts):
