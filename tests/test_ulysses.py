@@ -70,8 +70,9 @@ def test_gather_tokens(nproc, sp):
 def test_collective_ledger():
     """dp2 x sp2, checkpointing on, one forward+backward per rank, recorded by minirl.ledger.
 
-    The sp group sees 2 all-to-alls per layer in forward (q, k, v together; o), 2 again in recompute
-    and 2 reversed in backward, and nothing else: the document boundaries were computed before the model call. Every
+    The sp group sees 2 all-to-alls per layer in forward (q, k, v together; o) and 2 reversed in backward,
+    none in recompute (their outputs are kept) and nothing else: the document boundaries were computed
+    before the model call. Every
     rank issues the same sequence of collectives. (The peers' in-layer gather, and what it adds,
     is in scripts/repro_recompute_hang.py and its test.)
     """
