@@ -175,15 +175,10 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def _sections(cfg: TrainConfig):
-    for sec in fields(cfg):
-        yield sec.name, getattr(cfg, sec.name)
-
-
 def apply_overrides(cfg: TrainConfig, values: dict, source: str):
     """Set fields from a flat {"lr": ...} or nested {"optim": {"lr": ...}} dict, naming `source` in errors.
     Unknown keys and values of the wrong type are errors (a JSON `"export": "false"` would read as True)."""
-    sections = dict(_sections(cfg))
+    sections = vars(cfg)
     known = {f.name: (section, f.type) for section in sections.values() for f in fields(section)}
     flat = {}
     for k, v in values.items():
@@ -220,7 +215,7 @@ def build_parser(cfg: TrainConfig, description: str, only: dict[str, tuple[str, 
     bare = read_config_file(os.path.join(DEFAULT_TASK, "train_config.json"))
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", default="", help="JSON file of settings (flat or by section); flags override it")
-    for name, section in _sections(cfg):
+    for name, section in vars(cfg).items():
         group = p.add_argument_group(name)
         for f in fields(section):
             if only is not None and f.name not in only.get(name, ()):
@@ -278,7 +273,7 @@ def read_config_file(path: str) -> dict:
 def validate(cfg: TrainConfig):
     """Every number in its range (NaN and inf in none), and batch sizes and choices that would otherwise fail
     or do harm mid-run: one clear ValueError at start-up. (`dist.check_parallel_or_exit`: the layout.)"""
-    for _, section in _sections(cfg):
+    for section in vars(cfg).values():
         for f in fields(section):
             if (spec := f.metadata["range"]) and not in_range(value := getattr(section, f.name), spec):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be {'' if spec[0] == '0' else 'in '}{spec}, "

@@ -102,12 +102,10 @@ def _shard_files(model_dir: str) -> list[str]:
 
 
 def _ours(hf_name: str, cfg: ModelConfig) -> str | None:
-    """Our name for a stored tensor, or None for one we do not load."""
-    if "rotary_emb." in hf_name:  # a RoPE buffer some exporters save; recomputed, not loaded
-        return None
-    if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:  # a copy of the embedding
-        return None
-    return hf_name.removeprefix("model.")
+    """Our name for a stored tensor, or None for one we do not load: a RoPE buffer some exporters save
+    (recomputed), a tied lm_head (a copy of the embedding)."""
+    skip = "rotary_emb." in hf_name or hf_name == "lm_head.weight" and cfg.tie_word_embeddings
+    return None if skip else hf_name.removeprefix("model.")
 
 
 def _stored(model_dir: str, tensors: bool) -> dict:
@@ -184,20 +182,18 @@ def _shards(named_tensors, max_shard_bytes: int):
     shard, size = {}, 0
     for name, tensor in named_tensors:
         tensor = tensor.detach().to("cpu").contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
+        if shard and size + tensor.nbytes > max_shard_bytes:
             yield shard
             shard, size = {}, 0
         shard[name] = tensor
-        size += nbytes
+        size += tensor.nbytes
     if shard:
         yield shard
 
 
 def _write_checkpoint(out_dir: str, cfg: ModelConfig, named_tensors, max_shard_bytes: int):
     """The shards under HF's file names (+ the index when several), then config.json."""
-    tensor_shapes, shard_of = {}, {}  # our name -> shape; HF name -> shard number
-    total_bytes, dtype = 0, None
+    tensor_shapes, shard_of, total_bytes, dtype = {}, {}, 0, None  # our name -> shape; HF name -> shard number
     for i, shard in enumerate(_shards(named_tensors, max_shard_bytes)):
         # Numbered provisionally: HF's names need the shard count, known only at the end.
         save_file({ours_to_hf(n): t for n, t in shard.items()}, os.path.join(out_dir, f"shard-{i}.safetensors"),
@@ -205,7 +201,7 @@ def _write_checkpoint(out_dir: str, cfg: ModelConfig, named_tensors, max_shard_b
         for name, tensor in shard.items():
             tensor_shapes[name] = tensor.shape
             shard_of[ours_to_hf(name)] = i
-            total_bytes += tensor.numel() * tensor.element_size()
+            total_bytes += tensor.nbytes
             dtype = tensor.dtype if dtype is None else dtype
     check_state_dict(tensor_shapes, expected_shapes(cfg), "tensors given to save_model")
 

@@ -56,17 +56,14 @@ class Tokenizer:
         special_tokens = _special_tokens(config, _read_json(path, "special_tokens_map.json"))
 
         def token_id(name: str) -> int | None:  # of special token `name` (eos_token, ...); None if unnamed
-            token = special_tokens.get(name)
-            if token is None:
+            if (token := special_tokens.get(name)) is None:
                 return None
-            found = backend.token_to_id(token)
-            if found is None:
+            if (found := backend.token_to_id(token)) is None:
                 raise ValueError(f"{name} {token!r} of {path} is not in the vocabulary of its tokenizer.json")
             return found
 
         generation_eos = generation_config.get("eos_token_id")
-        if not isinstance(generation_eos, list):
-            generation_eos = [generation_eos]
+        generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         # The tokenizer's own EOS first, then generation_config's, without duplicates.
         eos_ids = list(dict.fromkeys(int(i) for i in [token_id("eos_token"), *generation_eos] if i is not None))
         if not eos_ids:
@@ -148,12 +145,8 @@ def _token_text(value) -> str | None:
 def _special_tokens(config: dict, special_tokens_map: dict) -> dict[str, str]:
     """Named special tokens ("bos_token", "eos_token", model-specific "*_token"s), which chat
     templates read as variables. tokenizer_config.json wins over the older special_tokens_map.json."""
-    tokens = {}
-    for source in (special_tokens_map, config):
-        for key, value in source.items():
-            if key.endswith("_token") and _token_text(value) is not None:
-                tokens[key] = _token_text(value)
-    return tokens
+    return {key: text for source in (special_tokens_map, config) for key, value in source.items()
+            if key.endswith("_token") and (text := _token_text(value)) is not None}
 
 
 def _chat_template(path: str, config: dict) -> str | None:

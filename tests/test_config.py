@@ -5,7 +5,7 @@ from dataclasses import fields
 
 import pytest
 
-from minirl.config import (DEFAULT_TASK, TASKS, RolloutConfig, TrainConfig, _sections, build_parser, compiled_blocks,
+from minirl.config import (DEFAULT_TASK, TASKS, RolloutConfig, TrainConfig, build_parser, compiled_blocks,
                            loss_config, parse_config, sample_budget, sampling_params, validate)
 
 TASK = ["--model", "/some/model", "--data", "d.jsonl"]
@@ -68,7 +68,7 @@ def test_validate_rejects(flags, message):
 
 
 def numeric_fields():
-    return [(section, f) for _, section in _sections(TrainConfig()) for f in fields(section)
+    return [(section, f) for section in vars(TrainConfig()).values() for f in fields(section)
             if f.type in (int, float)]
 
 
