@@ -228,10 +228,11 @@ def keep_matmuls_and_attention():
 def keep_collectives():
     """Full checkpointing's contexts: everything is recomputed but the all-to-alls, whose outputs are saved.
 
-    A compiled block never recomputes a collective (torch's partitioner keeps them), so an eager one must
-    not either: a rank whose block runs eagerly (a graph break, dynamo's recompile limit) would issue an
-    all-to-all in backward that the compiled ranks do not, and the job would hang (scripts/README.md,
-    compile_reorder). The price, with sp > 1 only: the all-to-alls' outputs stay in memory."""
+    From torch 2.14 a compiled block never recomputes a collective (the partitioner keeps them), so an eager
+    one must not either: a rank whose block runs eagerly (a graph break, dynamo's recompile limit) would
+    issue an all-to-all in backward that the compiled ranks do not, and the job would hang (scripts/README.md,
+    compile_reorder). Named in the policy, it is kept by eager and compiled blocks on every torch. The price,
+    with sp > 1 only: the all-to-alls' outputs stay in memory."""
     return create_selective_checkpoint_contexts(_collectives())
 
 
