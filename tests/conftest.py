@@ -51,6 +51,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on CUDA GPUs only; the GPU tier is `python -m pytest -m gpu tests`")
 
 
+@pytest.fixture
+def gloo_rank():
+    """A one-rank gloo process group in this process (collectives that in-process tests call), and its Dist."""
+    import torch.distributed as dist
+    from minirl.dist import build_dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield build_dist(1)
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def task(tmp_path_factory):
     """TASK/model (a tiny random Qwen3 with the test tokenizer), TASK/train.jsonl (12 sums) and

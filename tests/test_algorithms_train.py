@@ -21,14 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from helpers_dist import torchrun
 
 import train
 from minirl.config import derive, parse_config
 from minirl.data import PromptDataset
-from minirl.dist import build_dist
 from minirl.hf import load_state_dict_from_dir, read_config
 from minirl.rollouts import make_generator, rollout_groups
 from minirl.tokenizer import Tokenizer
@@ -165,13 +163,6 @@ def test_gspo_with_token_mean_warns(tmp_path, capsys):
     assert "warning: --loss-agg token-mean under GSPO" in err and len(err.strip().splitlines()) == 1
     train.load_inputs(parse_config(["--out-dir", str(tmp_path), "--ratio-level", "sequence"]))
     assert "GSPO" not in capsys.readouterr().err
-
-
-@pytest.fixture
-def gloo_rank():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield build_dist(1)
-    dist.destroy_process_group()
 
 
 def test_dynamic_sampling_draws_are_reproducible_and_resume_exactly(gloo_rank):

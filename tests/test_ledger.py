@@ -107,16 +107,7 @@ class Layer(torch.nn.Module):
         return Collective.apply(x).sin()
 
 
-@pytest.fixture
-def one_rank_group():
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_phases_call_sites_and_end_line(one_rank_group, tmp_path):
+def test_phases_call_sites_and_end_line(gloo_rank, tmp_path):
     x = torch.ones(3, requires_grad=True)
     with Ledger(str(tmp_path), rank=0) as ledger:
         checkpoint(Layer(), x, use_reentrant=False).sum().backward()
@@ -128,7 +119,7 @@ def test_phases_call_sites_and_end_line(one_rank_group, tmp_path):
     assert read_ledgers(str(tmp_path))[0][-1]["end"] == "completed"
 
 
-def test_a_failure_ends_the_ledger_and_prints_the_report(one_rank_group, tmp_path, capsys):
+def test_a_failure_ends_the_ledger_and_prints_the_report(gloo_rank, tmp_path, capsys):
     with pytest.raises(ValueError), Ledger(str(tmp_path), rank=0):
         dist.all_reduce(torch.zeros(2))
         raise ValueError("boom")

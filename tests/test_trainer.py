@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from helpers_dist import REPO, free_port, torchrun
 
@@ -26,7 +25,6 @@ from minirl.config import TrainConfig, derive
 from minirl.data import Prompt
 from minirl.packing import pack_mini_batch, split_mini_batches
 from minirl.rollouts import Sample
-from minirl.dist import build_dist
 from minirl.model import ModelConfig, Transformer, init_weights
 
 
@@ -165,14 +163,7 @@ def test_missing_model_on_two_ranks_is_one_line_from_rank_0(launched):
 # The old-log-prob pass, in process (one gloo rank)
 
 
-@pytest.fixture
-def one_rank():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield build_dist(1)
-    dist.destroy_process_group()
-
-
-def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(one_rank):
+def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(gloo_rank):
     """With TIS on and one optimizer step per RL step, `update` takes the old log-probs from its own
     forward: the update (metrics, weights) equals the one fed by the separate pass, in float64."""
     assert not trainer.old_logprobs_needed(1, 1)
@@ -190,7 +181,7 @@ def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(one_
                               (-4 * torch.rand(7, generator=g, dtype=torch.float64)).tolist(), "length",
                               reward=float(i % 3)) for i in range(8)]
     minis = split_mini_batches(len(samples), 1)
-    batches = [pack_mini_batch(samples, mb, one_rank, 40, 0, "sdpa") for mb in minis]
+    batches = [pack_mini_batch(samples, mb, gloo_rank, 40, 0, "sdpa") for mb in minis]
     for mbs in batches:  # the packed floats follow the model (float64)
         for mb in mbs:
             mb.gen_logprobs, mb.mask = mb.gen_logprobs.double(), mb.mask.double()
@@ -206,7 +197,7 @@ def test_one_update_per_step_skips_the_old_logprob_pass_and_trains_the_same(one_
         trainer.logprobs_before_update(policy, batches, with_pass, 1.0, progress=False)
         old = [mb.old_logprobs for mb in batches[0] if mb.old_logprobs is not None]
         assert bool(old) == with_pass
-        sums = trainer.update(policy, samples, minis, batches, one_rank, derive(cfg, None), 1.0, 1, progress=False)
+        sums = trainer.update(policy, samples, minis, batches, gloo_rank, derive(cfg, None), 1.0, 1, progress=False)
         return {k: v.item() for k, v in sums.items()}, torch.cat([p.detach().flatten() for p in m.parameters()])
 
     (with_pass, weights_a), (skipped, weights_b) = one_update(True), one_update(False)
